@@ -1,0 +1,5 @@
+import sys
+
+from opsapi.cli import main
+
+sys.exit(main())

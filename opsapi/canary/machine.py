@@ -1,0 +1,519 @@
+"""The rollout state machine: pure, no I/O.
+
+`decide(rollout, event, now)` returns either a `Transition` (the new rollout and the effects the
+caller must carry out) or a `Refusal` (why the event cannot apply; nothing changes). The caller
+owns the clock, the database and the routers.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
+from typing import Any
+
+from opsapi.durations import format_duration
+
+
+class State(enum.StrEnum):
+    PROGRESSING = "progressing"
+    PAUSED = "paused"
+    AWAITING_PROMOTION = "awaiting_promotion"
+    BAKING = "baking"
+    SUCCEEDED = "succeeded"
+    ROLLED_BACK = "rolled_back"
+
+
+TERMINAL_STATES = frozenset({State.SUCCEEDED, State.ROLLED_BACK})
+OPEN_STATES = frozenset(State) - TERMINAL_STATES
+
+
+class Trigger(enum.StrEnum):
+    USER = "user"
+    CONTROLLER = "controller"
+    PAGERDUTY = "pagerduty"
+    SYSTEM = "system"
+
+
+class GatePhase(enum.StrEnum):
+    PENDING = "pending"  # configured, not measured yet in this step
+    PASS = "pass"
+    FAIL = "fail"
+    NO_DATA = "no_data"
+
+
+@dataclass(frozen=True)
+class Step:
+    weight: int
+    wait: timedelta
+
+
+@dataclass(frozen=True)
+class GateStatus:
+    """The latest judgement of one gate, as the gate evaluator reports it."""
+
+    name: str
+    phase: GatePhase = GatePhase.PENDING
+    value: float | None = None
+    threshold: float | None = None
+    failing_since: datetime | None = None
+    breached: bool = False
+    detail: str | None = None
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """A rollout's decision-relevant state (the storage layer maps it to a row)."""
+
+    service: str
+    canary_version: str
+    stable_version: str | None
+    steps: tuple[Step, ...]
+    state: State
+    step_index: int
+    desired_weight: int
+    step_started_at: datetime
+    triggered_by: Trigger
+    auto_promote: bool = False
+    paused_at: datetime | None = None
+    paused_for: timedelta = timedelta(0)
+    reason: str | None = None
+    gates: tuple[GateStatus, ...] = ()
+    finished_at: datetime | None = None
+
+    @property
+    def step(self) -> Step:
+        return self.steps[self.step_index]
+
+    @property
+    def is_open(self) -> bool:
+        return self.state in OPEN_STATES
+
+
+# Events ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Actor:
+    triggered_by: Trigger
+    name: str
+
+
+CONTROLLER = Actor(Trigger.CONTROLLER, "controller")
+
+
+@dataclass(frozen=True)
+class Start:
+    service: str
+    canary_version: str
+    stable_version: str | None
+    steps: tuple[Step, ...]
+    actor: Actor
+    auto_promote: bool = False
+    gate_names: tuple[str, ...] = ()
+    target_percent: int | None = None
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class Promote:
+    actor: Actor
+    force: bool = False
+    target_percent: int | None = None
+    from_percent: int | None = None
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class Rollback:
+    reason: str
+    actor: Actor
+
+
+@dataclass(frozen=True)
+class Pause:
+    actor: Actor
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class Resume:
+    actor: Actor
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class GateResults:
+    results: tuple[GateStatus, ...]
+
+
+@dataclass(frozen=True)
+class Tick:
+    pass
+
+
+Event = Start | Promote | Rollback | Pause | Resume | GateResults | Tick
+
+
+# Outcomes -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SetWeight:
+    weight: int
+
+
+@dataclass(frozen=True)
+class Notify:
+    kind: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Audit:
+    action: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+Effect = SetWeight | Notify | Audit
+
+
+@dataclass(frozen=True)
+class Transition:
+    rollout: Rollout
+    effects: tuple[Effect, ...] = ()
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.effects)
+
+
+class RefusalCode(enum.StrEnum):
+    NO_ROLLOUT = "no_rollout"
+    OPEN_ROLLOUT = "open_rollout"
+    TERMINAL = "terminal"
+    NOT_READY = "not_ready"
+    STALE = "stale"
+    PAUSED = "paused"
+    NOT_PAUSED = "not_paused"
+    INVALID_TARGET = "invalid_target"
+
+
+@dataclass(frozen=True)
+class Refusal:
+    code: RefusalCode
+    detail: str
+    time_left: timedelta | None = None
+    failing_gates: tuple[str, ...] = ()
+
+
+Decision = Transition | Refusal
+
+
+# Readiness ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Readiness:
+    ready: bool
+    waited: timedelta
+    time_left: timedelta
+    ready_at: datetime | None
+    blocking_gates: tuple[str, ...]
+
+
+def waited(rollout: Rollout, now: datetime) -> timedelta:
+    """Time spent waiting in the current step, paused time excluded."""
+    paused = rollout.paused_for
+    if rollout.paused_at is not None:
+        paused += now - rollout.paused_at
+    return max(timedelta(0), now - rollout.step_started_at - paused)
+
+
+def readiness(rollout: Rollout, now: datetime) -> Readiness:
+    """Whether the current step is ready: its wait is over and every gate's latest phase is pass."""
+    spent = waited(rollout, now)
+    left = max(timedelta(0), rollout.step.wait - spent)
+    blocking = tuple(gate.name for gate in rollout.gates if gate.phase != GatePhase.PASS)
+    ready_at = None if rollout.paused_at is not None else now + left
+    ready = rollout.is_open and left == timedelta(0) and not blocking
+    return Readiness(ready, spent, left, ready_at, blocking)
+
+
+def next_due(rollout: Rollout, now: datetime, interval: timedelta) -> datetime | None:
+    """When the controller should look at this rollout again (None once it is finished)."""
+    if not rollout.is_open:
+        return None
+    due = now + interval
+    state = readiness(rollout, now)
+    if state.ready_at is not None and state.time_left > timedelta(0):
+        due = min(due, state.ready_at)
+    return due
+
+
+# The machine ----------------------------------------------------------------------------------
+
+
+def decide(rollout: Rollout | None, event: Event, now: datetime) -> Decision:
+    """Apply `event` to `rollout` at `now`."""
+    if isinstance(event, Start):
+        if rollout is not None and rollout.is_open:
+            return Refusal(
+                RefusalCode.OPEN_ROLLOUT,
+                f"{rollout.service} already has an open rollout of {rollout.canary_version}",
+            )
+        return _start(event, now)
+    if rollout is None:
+        return Refusal(RefusalCode.NO_ROLLOUT, "there is no rollout")
+    if not rollout.is_open:
+        if isinstance(event, GateResults | Tick):
+            return Transition(rollout)  # a finished rollout absorbs the controller's events
+        return Refusal(
+            RefusalCode.TERMINAL,
+            f"the latest rollout of {rollout.service} has already {_finished_verb(rollout.state)}",
+        )
+    match event:
+        case Promote():
+            return _promote(rollout, event, now)
+        case Rollback():
+            return _rollback(rollout, event.reason, event.actor, now)
+        case Pause():
+            return _pause(rollout, event, now)
+        case Resume():
+            return _resume(rollout, event, now)
+        case GateResults():
+            return _gate_results(rollout, event, now)
+        case Tick():
+            return _settle(rollout, now)
+
+
+def _finished_verb(state: State) -> str:
+    return "succeeded" if state == State.SUCCEEDED else "been rolled back"
+
+
+def _step_index_for(steps: Sequence[Step], weight: int) -> int | None:
+    for index, step in enumerate(steps):
+        if step.weight == weight:
+            return index
+    return None
+
+
+def _start(event: Start, now: datetime) -> Decision:
+    index = 0
+    if event.target_percent is not None:
+        found = _step_index_for(event.steps, event.target_percent)
+        if found is None:
+            return Refusal(
+                RefusalCode.INVALID_TARGET,
+                f"{event.target_percent}% is not a step of this policy ({_weights(event.steps)})",
+            )
+        index = found
+    step = event.steps[index]
+    rollout = Rollout(
+        service=event.service,
+        canary_version=event.canary_version,
+        stable_version=event.stable_version,
+        steps=event.steps,
+        state=State.BAKING if step.weight == 100 else State.PROGRESSING,
+        step_index=index,
+        desired_weight=step.weight,
+        step_started_at=now,
+        triggered_by=event.actor.triggered_by,
+        auto_promote=event.auto_promote,
+        reason=event.reason,
+        gates=tuple(GateStatus(name) for name in event.gate_names),
+    )
+    details: dict[str, Any] = {"to_state": rollout.state.value, "to_weight": step.weight}
+    if event.target_percent is not None:
+        details["target_percent"] = event.target_percent
+    return Transition(
+        rollout, (SetWeight(step.weight), Audit("rollout.started", details), Notify("started"))
+    )
+
+
+def _weights(steps: Sequence[Step]) -> str:
+    return ", ".join(f"{step.weight}%" for step in steps)
+
+
+def _promote(rollout: Rollout, event: Promote, now: datetime) -> Decision:
+    if event.from_percent is not None and event.from_percent != rollout.desired_weight:
+        return Refusal(
+            RefusalCode.STALE,
+            f"the rollout is at {rollout.desired_weight}%, not {event.from_percent}%",
+        )
+    if rollout.state == State.PAUSED:
+        return Refusal(RefusalCode.PAUSED, "the rollout is paused; resume it first")
+    target = rollout.step_index + 1
+    if event.target_percent is not None:
+        found = _step_index_for(rollout.steps, event.target_percent)
+        if found is None or found <= rollout.step_index:
+            return Refusal(
+                RefusalCode.INVALID_TARGET,
+                f"target {event.target_percent}% is not a later step than "
+                f"{rollout.desired_weight}% ({_weights(rollout.steps)})",
+            )
+        target = found
+    state = readiness(rollout, now)
+    if not state.ready and not event.force:
+        return _not_ready(rollout, state)
+    if rollout.state == State.BAKING:
+        return _succeed(rollout, event.actor, now, forced=event.force and not state.ready)
+    return _advance(rollout, target, event.actor, now, forced=event.force and not state.ready)
+
+
+def _not_ready(rollout: Rollout, state: Readiness) -> Refusal:
+    reasons = []
+    if state.time_left > timedelta(0):
+        what = "bake" if rollout.step.weight == 100 else "wait"
+        left = timedelta(seconds=math.ceil(state.time_left.total_seconds()))
+        reasons.append(f"{format_duration(left)} left in its {what}")
+    if state.blocking_gates:
+        reasons.append("gates not passing: " + ", ".join(state.blocking_gates))
+    return Refusal(
+        RefusalCode.NOT_READY,
+        f"step {rollout.desired_weight}% is not ready: " + "; ".join(reasons),
+        time_left=state.time_left,
+        failing_gates=state.blocking_gates,
+    )
+
+
+def _advance(
+    rollout: Rollout, target: int, actor: Actor, now: datetime, *, forced: bool
+) -> Decision:
+    step = rollout.steps[target]
+    advanced = replace(
+        rollout,
+        state=State.BAKING if step.weight == 100 else State.PROGRESSING,
+        step_index=target,
+        desired_weight=step.weight,
+        step_started_at=now,
+        paused_at=None,
+        paused_for=timedelta(0),
+        triggered_by=actor.triggered_by,
+        gates=tuple(GateStatus(gate.name) for gate in rollout.gates),
+    )
+    details: dict[str, Any] = {
+        "from_weight": rollout.desired_weight,
+        "to_weight": step.weight,
+        "from_state": rollout.state.value,
+        "to_state": advanced.state.value,
+        "forced": forced,
+    }
+    if target != rollout.step_index + 1:
+        details["jumped"] = True
+    return Transition(
+        advanced, (SetWeight(step.weight), Audit("rollout.promoted", details), Notify("promoted"))
+    )
+
+
+def _succeed(rollout: Rollout, actor: Actor, now: datetime, *, forced: bool) -> Decision:
+    done = replace(
+        rollout,
+        state=State.SUCCEEDED,
+        stable_version=rollout.canary_version,
+        triggered_by=actor.triggered_by,
+        paused_at=None,
+        finished_at=now,
+    )
+    details = {"from_state": rollout.state.value, "to_state": done.state.value, "forced": forced}
+    return Transition(done, (Audit("rollout.succeeded", details), Notify("succeeded")))
+
+
+def _rollback(rollout: Rollout, reason: str, actor: Actor, now: datetime) -> Decision:
+    rolled_back = replace(
+        rollout,
+        state=State.ROLLED_BACK,
+        desired_weight=0,
+        paused_at=None,
+        triggered_by=actor.triggered_by,
+        reason=reason,
+        finished_at=now,
+    )
+    details = {
+        "from_state": rollout.state.value,
+        "from_weight": rollout.desired_weight,
+        "to_weight": 0,
+        "reason": reason,
+    }
+    return Transition(
+        rolled_back,
+        (SetWeight(0), Audit("rollout.rolled_back", details), Notify("rolled_back", details)),
+    )
+
+
+def _pause(rollout: Rollout, event: Pause, now: datetime) -> Decision:
+    if rollout.state == State.PAUSED:
+        return Refusal(RefusalCode.PAUSED, "the rollout is already paused")
+    paused = replace(
+        rollout, state=State.PAUSED, paused_at=now, triggered_by=event.actor.triggered_by
+    )
+    details = {"from_state": rollout.state.value, "to_state": paused.state.value}
+    return Transition(paused, (Audit("rollout.paused", details),))
+
+
+def _resume(rollout: Rollout, event: Resume, now: datetime) -> Decision:
+    if rollout.state != State.PAUSED or rollout.paused_at is None:
+        return Refusal(RefusalCode.NOT_PAUSED, "the rollout is not paused")
+    resumed = replace(
+        rollout,
+        state=State.BAKING if rollout.step.weight == 100 else State.PROGRESSING,
+        paused_for=rollout.paused_for + (now - rollout.paused_at),
+        paused_at=None,
+        triggered_by=event.actor.triggered_by,
+    )
+    details = {"from_state": rollout.state.value, "to_state": resumed.state.value}
+    settled = _settle(resumed, now)
+    assert isinstance(settled, Transition)
+    return Transition(settled.rollout, (Audit("rollout.resumed", details), *settled.effects))
+
+
+def _gate_results(rollout: Rollout, event: GateResults, now: datetime) -> Decision:
+    latest = {result.name: result for result in event.results}
+    gates = tuple(latest.pop(gate.name, gate) for gate in rollout.gates) + tuple(latest.values())
+    measured = replace(rollout, gates=gates)
+    # Look at every result, not only the merged latest ones: a batch that reports the same gate
+    # twice must not hide a breach behind a later, non-breached result.
+    breach = next((gate for gate in (*event.results, *gates) if gate.breached), None)
+    if breach is not None:
+        # Safety never pauses: a breach rolls back from every open state, paused included.
+        return _rollback(measured, _breach_reason(breach), CONTROLLER, now)
+    settled = _settle(measured, now)
+    assert isinstance(settled, Transition)
+    return settled
+
+
+def _breach_reason(gate: GateStatus) -> str:
+    reason = f"gate {gate.name} breached: value {gate.value} against threshold {gate.threshold}"
+    return f"{reason} ({gate.detail})" if gate.detail else reason
+
+
+def _settle(rollout: Rollout, now: datetime) -> Decision:
+    """The time-based transitions: wait over, bake over, readiness lost."""
+    state = readiness(rollout, now)
+    if rollout.state == State.BAKING and state.ready:
+        return _succeed(rollout, CONTROLLER, now, forced=False)
+    if rollout.state in (State.PROGRESSING, State.AWAITING_PROMOTION) and state.ready:
+        if rollout.auto_promote:
+            return _advance(rollout, rollout.step_index + 1, CONTROLLER, now, forced=False)
+        if rollout.state == State.PROGRESSING:
+            awaiting = replace(
+                rollout, state=State.AWAITING_PROMOTION, triggered_by=Trigger.CONTROLLER
+            )
+            details: dict[str, Any] = {
+                "from_state": rollout.state.value,
+                "to_state": awaiting.state.value,
+            }
+            return Transition(
+                awaiting, (Audit("rollout.ready", details), Notify("awaiting_promotion"))
+            )
+    if rollout.state == State.AWAITING_PROMOTION and not state.ready:
+        back = replace(rollout, state=State.PROGRESSING, triggered_by=Trigger.CONTROLLER)
+        details = {
+            "from_state": rollout.state.value,
+            "to_state": back.state.value,
+            "blocking_gates": list(state.blocking_gates),
+        }
+        return Transition(back, (Audit("rollout.not_ready", details),))
+    return Transition(rollout)

@@ -1,0 +1,73 @@
+"""Tables of the canary domain: service policies and rollouts."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlmodel import Field, SQLModel
+
+from opsapi.storage.types import JSONDocument, UTCDateTime
+
+OPEN_STATES_SQL = "state NOT IN ('succeeded', 'rolled_back')"
+
+
+class ServiceRecord(SQLModel, table=True):
+    """A service's stored policy and its current stable version."""
+
+    __tablename__ = "service"
+
+    name: str = Field(primary_key=True, max_length=63)
+    policy: dict[str, Any] = Field(sa_type=JSONDocument)
+    stable_version: str | None = Field(default=None, max_length=128)
+    updated_at: datetime = Field(sa_type=UTCDateTime)
+    updated_by: str = Field(max_length=255)
+
+
+class RolloutRecord(SQLModel, table=True):
+    """One attempt to move a service from its stable version to a canary version."""
+
+    __tablename__ = "rollout"
+    __table_args__ = (
+        # At most one open rollout per service, enforced by the database itself.
+        sa.Index(
+            "uq_rollout_open_service",
+            "service",
+            unique=True,
+            postgresql_where=sa.text(OPEN_STATES_SQL),
+            sqlite_where=sa.text(OPEN_STATES_SQL),
+        ),
+        sa.Index("ix_rollout_service_id", "service", "id"),
+        sa.Index(
+            "ix_rollout_due",
+            "next_evaluation_at",
+            postgresql_where=sa.text("next_evaluation_at IS NOT NULL"),
+            sqlite_where=sa.text("next_evaluation_at IS NOT NULL"),
+        ),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    service: str = Field(max_length=63)
+    state: str = Field(max_length=32)
+    canary_version: str = Field(max_length=128)
+    stable_version: str | None = Field(default=None, max_length=128)
+    steps: list[dict[str, Any]] = Field(sa_type=JSONDocument)
+    step_index: int
+    desired_weight: int
+    applied_weight: int | None = None
+    step_started_at: datetime = Field(sa_type=UTCDateTime)
+    paused_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    paused_seconds: float = 0.0
+    auto_promote: bool = False
+    interval_seconds: float = 60.0
+    router: dict[str, Any] = Field(sa_type=JSONDocument)
+    gates: list[dict[str, Any]] = Field(default_factory=list, sa_type=JSONDocument)
+    triggered_by: str = Field(max_length=32)
+    reason: str | None = Field(default=None, max_length=2000)
+    created_by: str = Field(max_length=255)
+    created_at: datetime = Field(sa_type=UTCDateTime)
+    updated_at: datetime = Field(sa_type=UTCDateTime)
+    finished_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    next_evaluation_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    router_error: str | None = Field(default=None, max_length=2000)

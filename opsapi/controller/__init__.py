@@ -1,0 +1,1 @@
+"""The controller: the loop that carries out time-based transitions."""

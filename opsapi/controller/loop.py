@@ -1,0 +1,82 @@
+"""Claims due rollouts and lets the state machine act on the passage of time."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from opsapi.audit import service as audit
+from opsapi.audit.models import Outcome, Source
+from opsapi.canary import machine, service
+from opsapi.clock import Clock
+from opsapi.metrics import Metrics
+from opsapi.storage.db import SessionFactory
+
+log = logging.getLogger("opsapi.controller")
+ACTOR = "controller"
+
+
+class Controller:
+    """One replica's controller; several may run against one database (SKIP LOCKED claims)."""
+
+    def __init__(
+        self,
+        sessions: SessionFactory,
+        clock: Clock,
+        metrics: Metrics,
+        *,
+        batch_size: int = 100,
+        poll_seconds: float = 1.0,
+    ) -> None:
+        self.sessions = sessions
+        self.clock = clock
+        self.metrics = metrics
+        self.batch_size = batch_size
+        self.poll_seconds = poll_seconds
+
+    async def run_once(self) -> int:
+        """Handle every rollout due now; return how many transitions happened."""
+        now = self.clock()
+        transitions = 0
+        async with self.sessions() as session, session.begin():
+            due = await service.claim_due(now=now, limit=self.batch_size, session=session)
+            if due:
+                oldest = min(r.next_evaluation_at or now for r in due)
+                self.metrics.controller_lag.set(max(0.0, (now - oldest).total_seconds()))
+            else:
+                self.metrics.controller_lag.set(0.0)
+            for record in due:
+                async with session.begin_nested():
+                    applied = await service.apply_event(
+                        record, machine.Tick(), now=now, session=session
+                    )
+                    for effect in applied.transition.effects:
+                        if not isinstance(effect, machine.Audit):
+                            continue
+                        transitions += 1
+                        self.metrics.transitions.labels(effect.action, record.triggered_by).inc()
+                        audit.record(
+                            session=session,
+                            at=now,
+                            actor=ACTOR,
+                            source=Source.CONTROLLER,
+                            action=effect.action,
+                            outcome=Outcome.SUCCESS,
+                            service=record.service,
+                            rollout_id=record.id,
+                            details={**effect.details, "triggered_by": record.triggered_by},
+                        )
+        return transitions
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Run passes until `stop` is set; an error in one pass never ends the loop."""
+        while not stop.is_set():
+            try:
+                await self.run_once()
+                self.metrics.controller_ticks.labels("ok").inc()
+            except Exception:
+                self.metrics.controller_ticks.labels("error").inc()
+                log.exception("controller pass failed; retrying")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=self.poll_seconds)

@@ -1,0 +1,1 @@
+"""The HTTP layer: request pipeline, problem responses, the application."""

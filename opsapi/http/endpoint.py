@@ -1,0 +1,402 @@
+"""The one path every API request takes: authenticate, authorise, parse, run, audit, answer.
+
+Handlers are plain async functions of a `Call`; `endpoint()` wraps them so that every request
+that reaches a handler, or is refused on the way, writes exactly one audit event, and the
+state change and that event commit in one transaction.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+from sqlalchemy.exc import IntegrityError
+from sqlmodel.ext.asyncio.session import AsyncSession
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from opsapi.audit import service as audit
+from opsapi.audit.models import Outcome, Source
+from opsapi.auth.identity import AuthError, Identity, Role
+from opsapi.canary.policy import is_service_name
+from opsapi.errors import (
+    BadRequest,
+    Forbidden,
+    PayloadTooLarge,
+    Problem,
+    Unauthorized,
+    Unprocessable,
+    UnsupportedMediaType,
+)
+from opsapi.http.runtime import Runtime
+from opsapi.storage.idempotency import IdempotencyRecord
+
+log = logging.getLogger("opsapi.http")
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+_IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
+ANONYMOUS = "anonymous"
+
+BodyT = TypeVar("BodyT", bound=BaseModel)
+
+
+@dataclass
+class Call:
+    """One request as a handler sees it; the handler fills in what the audit event says."""
+
+    request: Request
+    runtime: Runtime
+    identity: Identity
+    session: AsyncSession
+    now: datetime
+    request_id: str
+    body: BaseModel | None
+    service: str | None = None
+    rollout_id: int | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+    action: str = ""
+
+    def body_as(self, model: type[BodyT]) -> BodyT:
+        """The parsed body, typed."""
+        assert isinstance(self.body, model)
+        return self.body
+
+    def require(self, role: Role, what: str) -> None:
+        """Refuse (403) unless the caller holds `role`; `what` names the privileged part."""
+        if not self.identity.has(role):
+            raise Forbidden(f"{what} requires the {role.value} role")
+
+
+Handler = Callable[[Call], Awaitable[Response]]
+
+
+def problem_response(problem: Problem, headers: dict[str, str] | None = None) -> JSONResponse:
+    """An RFC 9457 problem+json response."""
+    return JSONResponse(
+        problem.body(),
+        status_code=problem.status,
+        media_type="application/problem+json",
+        headers=headers,
+    )
+
+
+def _outcome_for(status: int) -> Outcome:
+    if status < 400:
+        return Outcome.SUCCESS
+    if status in (401, 403):
+        return Outcome.DENIED
+    if status == 409:
+        return Outcome.CONFLICT
+    return Outcome.ERROR
+
+
+def endpoint(
+    *,
+    action: str,
+    role: Role,
+    body: type[BaseModel] | None = None,
+    mutating: bool = False,
+) -> Callable[[Handler], Callable[[Request], Awaitable[Response]]]:
+    """Wrap a handler with authentication, authorisation, parsing, idempotency and audit."""
+
+    def wrap(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
+        async def run(request: Request) -> Response:
+            runtime: Runtime = request.app.state.runtime
+            return await _Request(runtime, request, action, role, body, mutating).serve(handler)
+
+        run.__name__ = handler.__name__
+        run.__doc__ = handler.__doc__
+        return run
+
+    return wrap
+
+
+class _Request:
+    def __init__(
+        self,
+        runtime: Runtime,
+        request: Request,
+        action: str,
+        role: Role,
+        body_model: type[BaseModel] | None,
+        mutating: bool,
+    ) -> None:
+        self.runtime = runtime
+        self.request = request
+        self.action = action
+        self.role = role
+        self.body_model = body_model
+        self.mutating = mutating
+        supplied = request.headers.get("x-request-id", "")
+        self.request_id = supplied if _REQUEST_ID.fullmatch(supplied) else uuid.uuid4().hex
+        self.client_address = request.client.host if request.client else None
+        self.identity: Identity | None = None
+        self.service = _audit_service(request.path_params.get("service"))
+
+    async def serve(self, handler: Handler) -> Response:
+        response = await self._serve(handler)
+        response.headers["X-Request-Id"] = self.request_id
+        return response
+
+    async def _serve(self, handler: Handler) -> Response:
+        now = self.runtime.clock()
+        try:
+            self.identity = await self._authenticate()
+            if not self.identity.has(self.role):
+                raise Forbidden(f"this action requires the {self.role.value} role")
+            raw, parsed = await self._parse_body()
+        except Problem as problem:
+            return await self._refuse(problem, now, {})
+        key = self.request.headers.get("idempotency-key") if self.mutating else None
+        if key is not None and not _IDEMPOTENCY_KEY.fullmatch(key):
+            return await self._refuse(
+                BadRequest("Idempotency-Key must be 1-255 visible ASCII characters"), now, {}
+            )
+        request_hash = hashlib.sha256(
+            self.request.method.encode() + b" " + self.request.url.path.encode() + b"\n" + raw
+        ).hexdigest()
+        if key is not None:
+            replay = await self._replay(key, request_hash, now)
+            if replay is not None:
+                return replay
+        async with self.runtime.sessions() as session:
+            call = Call(
+                request=self.request,
+                runtime=self.runtime,
+                identity=self.identity,
+                session=session,
+                now=now,
+                request_id=self.request_id,
+                body=parsed,
+                service=self.service,
+                action=self.action,
+            )
+            try:
+                async with session.begin():
+                    response = await handler(call)
+                    self._audit(call, response.status_code, session)
+                    if key is not None:
+                        self._remember(key, request_hash, response, now, session)
+                return response
+            except Problem as problem:
+                details = dict(call.details)
+                self.service = _audit_service(call.service)
+                return await self._refuse(
+                    problem, now, details, key=key, request_hash=request_hash, call=call
+                )
+            except IntegrityError:
+                if key is not None:
+                    replay = await self._replay(key, request_hash, now)
+                    if replay is not None:
+                        return replay
+                log.exception("integrity error in %s", self.action)
+                return await self._refuse(_internal_error(), now, {}, call=call)
+            except Exception:
+                log.exception("unhandled error in %s", self.action)
+                return await self._refuse(_internal_error(), now, {}, call=call)
+
+    async def _authenticate(self) -> Identity:
+        header = self.request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise Unauthorized("a bearer token is required")
+        try:
+            return await self.runtime.verifier.verify(token.strip())
+        except AuthError as error:
+            raise Unauthorized(f"invalid bearer token: {error}") from None
+
+    async def _parse_body(self) -> tuple[bytes, BaseModel | None]:
+        if self.body_model is None:
+            return b"", None
+        raw = await _read_limited(self.request, self.runtime.settings.max_body_bytes)
+        # curl's default form content type is tolerated; the body must still be JSON.
+        content_type = self.request.headers.get("content-type", "")
+        if content_type.startswith("multipart/"):
+            raise UnsupportedMediaType("the request body must be application/json")
+        try:
+            document = json.loads(raw or b"{}")
+        except (ValueError, UnicodeDecodeError):
+            raise BadRequest("the request body is not valid JSON") from None
+        if isinstance(document, dict) and self.service is None:
+            self.service = _audit_service(document.get("service"))
+        try:
+            return raw, self.body_model.model_validate(document)
+        except ValidationError as error:
+            raise Unprocessable(
+                "the request body is invalid", errors=validation_errors(error)
+            ) from None
+
+    async def _replay(self, key: str, request_hash: str, now: datetime) -> Response | None:
+        assert self.identity is not None
+        async with self.runtime.sessions() as session:
+            stored = await session.get(IdempotencyRecord, (self.identity.subject, key))
+        if stored is None:
+            return None
+        if stored.request_hash != request_hash:
+            return await self._refuse(
+                Unprocessable("this Idempotency-Key was already used for a different request"),
+                now,
+                {"idempotency_key": key},
+            )
+        async with self.runtime.sessions() as session, session.begin():
+            audit.record(
+                session=session,
+                at=now,
+                actor=self.identity.subject,
+                roles=self.identity.roles,
+                source=Source.API,
+                action=self.action,
+                outcome=_outcome_for(stored.status_code),
+                service=self.service,
+                request_id=self.request_id,
+                client_address=self.client_address,
+                details={"idempotent_replay": True, "status": stored.status_code},
+            )
+        content_type = "application/problem+json" if stored.status_code >= 400 else None
+        return Response(
+            stored.response_body,
+            status_code=stored.status_code,
+            media_type=content_type or "application/json",
+            headers={"Idempotent-Replayed": "true"},
+        )
+
+    def _remember(
+        self,
+        key: str,
+        request_hash: str,
+        response: Response,
+        now: datetime,
+        session: AsyncSession,
+    ) -> None:
+        assert self.identity is not None
+        session.add(
+            IdempotencyRecord(
+                subject=self.identity.subject,
+                key=key,
+                method=self.request.method,
+                path=self.request.url.path[:512],
+                request_hash=request_hash,
+                status_code=response.status_code,
+                response_body=bytes(response.body).decode(),
+                created_at=now,
+            )
+        )
+
+    def _audit(self, call: Call, status: int, session: AsyncSession) -> None:
+        audit.record(
+            session=session,
+            at=call.now,
+            actor=call.identity.subject,
+            roles=call.identity.roles,
+            source=Source.API,
+            action=call.action,
+            outcome=_outcome_for(status),
+            service=_audit_service(call.service),
+            rollout_id=call.rollout_id,
+            request_id=self.request_id,
+            client_address=self.client_address,
+            details={"status": status, **call.details},
+        )
+
+    async def _refuse(
+        self,
+        problem: Problem,
+        now: datetime,
+        details: dict[str, Any],
+        *,
+        key: str | None = None,
+        request_hash: str | None = None,
+        call: Call | None = None,
+    ) -> Response:
+        """Answer with `problem`; audit the refusal in a transaction of its own."""
+        headers = {"WWW-Authenticate": 'Bearer realm="opsapi"'} if problem.status == 401 else None
+        response = problem_response(problem, headers)
+        identity = self.identity
+        audit_details = {
+            **details,
+            "status": problem.status,
+            "detail": problem.detail,
+            **{k: v for k, v in problem.extra.items() if k != "errors"},
+        }
+        if "errors" in problem.extra:
+            audit_details["errors"] = problem.extra["errors"]
+        try:
+            async with self.runtime.sessions() as session, session.begin():
+                audit.record(
+                    session=session,
+                    at=now,
+                    actor=identity.subject if identity else ANONYMOUS,
+                    roles=identity.roles if identity else (),
+                    source=Source.API,
+                    action=call.action if call else self.action,
+                    outcome=_outcome_for(problem.status),
+                    service=self.service if self.service else None,
+                    rollout_id=(call.rollout_id if call else None)
+                    or problem.extra.get("rollout_id"),
+                    request_id=self.request_id,
+                    client_address=self.client_address,
+                    details=audit_details,
+                )
+                if key is not None and request_hash is not None and problem.status < 500:
+                    self._remember(key, request_hash, response, now, session)
+        except IntegrityError:
+            # A concurrent request with the same Idempotency-Key won; answer what it answered.
+            if key is not None and request_hash is not None:
+                replay = await self._replay(key, request_hash, now)
+                if replay is not None:
+                    return replay
+            raise
+        except Exception:
+            # Never let a failing audit write turn into a silent success: the caller sees 503.
+            log.exception("could not write the audit event for %s", self.action)
+            return problem_response(
+                _Unavailable("the audit log could not be written; nothing was done")
+            )
+        return response
+
+
+class _Unavailable(Problem):
+    status = 503
+    title = "Service Unavailable"
+
+
+def _audit_service(name: Any) -> str | None:
+    # Only a valid name goes into the indexed column; anything else stays out of the log.
+    return name if isinstance(name, str) and is_service_name(name) else None
+
+
+def _internal_error() -> Problem:
+    return Problem("an internal error occurred; nothing was changed")
+
+
+async def _read_limited(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"the request body is larger than {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"the request body is larger than {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def validation_errors(error: ValidationError) -> list[dict[str, Any]]:
+    """Pydantic errors as field errors a client can act on (no input echoed back)."""
+    return [
+        {
+            "field": ".".join(str(part) for part in item["loc"]) or "body",
+            "message": item["msg"],
+        }
+        for item in error.errors(include_url=False, include_input=False)
+    ]

@@ -1,0 +1,73 @@
+"""The OpenAPI 3.1 document, built from the same body models the handlers validate with."""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import Any
+
+from pydantic import BaseModel
+
+from opsapi import __version__
+from opsapi.canary.policy import Policy
+from opsapi.canary.views import PauseBody, PromoteBody, RollbackBody
+
+# (method, path, role, summary, body model)
+OPERATIONS: list[tuple[str, str, str, str, type[BaseModel] | None]] = [
+    ("post", "/canary/promote", "operator (force, target_percent: admin)",
+     "Start a rollout or advance it one step", PromoteBody),
+    ("post", "/canary/rollback", "operator", "Roll back to 0 % now", RollbackBody),
+    ("post", "/canary/pause", "operator", "Freeze the wait clock", PauseBody),
+    ("post", "/canary/resume", "operator", "Unfreeze the wait clock", PauseBody),
+    ("get", "/canary", "viewer", "Open rollouts", None),
+    ("get", "/canary/{service}", "viewer", "The service's latest rollout", None),
+    ("get", "/canary/{service}/history", "viewer", "The service's rollouts, newest first", None),
+    ("get", "/canary/{service}/weight", "viewer", "The canary percentage to apply now", None),
+    ("get", "/services/{service}", "viewer", "The service's policy", None),
+    ("put", "/services/{service}", "admin", "Replace the service's policy", Policy),
+]  # fmt: skip
+
+_PROBLEM = {"description": "Problem", "content": {"application/problem+json": {"schema": {
+    "type": "object",
+    "properties": {"type": {"type": "string"}, "title": {"type": "string"},
+                   "status": {"type": "integer"}, "detail": {"type": "string"}},
+}}}}  # fmt: skip
+
+
+@cache
+def openapi_document(prefix: str) -> dict[str, Any]:
+    """The API description served at `{prefix}/openapi.json`."""
+    paths: dict[str, dict[str, Any]] = {}
+    for method, path, role, summary, body in OPERATIONS:
+        operation: dict[str, Any] = {
+            "summary": summary,
+            "description": f"Role: {role}.",
+            "security": [{"bearer": []}],
+            "responses": {
+                "200": {"description": "OK", "content": {"application/json": {}}},
+                **{code: _PROBLEM for code in ("400", "401", "403", "404", "409", "422")},
+            },
+        }
+        if "{service}" in path:
+            operation["parameters"] = [
+                {"name": "service", "in": "path", "required": True, "schema": {"type": "string"}}
+            ]
+        if method != "get":
+            operation["parameters"] = [
+                *operation.get("parameters", []),
+                {"name": "Idempotency-Key", "in": "header", "schema": {"type": "string"}},
+            ]
+        if body is not None:
+            schema = body.model_json_schema(by_alias=True)
+            operation["requestBody"] = {
+                "required": True,
+                "content": {"application/json": {"schema": schema}},
+            }
+        paths.setdefault(prefix + path, {})[method] = operation
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "opsapi", "version": __version__},
+        "paths": paths,
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+    }

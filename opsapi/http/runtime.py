@@ -1,0 +1,23 @@
+"""What a running server holds: settings, database, token verifier, clock, metrics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from opsapi.auth.tokens import TokenVerifier
+from opsapi.clock import Clock
+from opsapi.config import Settings
+from opsapi.metrics import Metrics
+from opsapi.storage.db import SessionFactory
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    engine: AsyncEngine
+    sessions: SessionFactory
+    verifier: TokenVerifier
+    clock: Clock
+    metrics: Metrics

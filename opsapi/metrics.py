@@ -1,0 +1,46 @@
+"""The product's own Prometheus metrics (served at /metrics)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class Metrics:
+    """One registry per application, so that tests can run several apps in one process."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "opsapi_http_requests",
+            "API requests by route, method and status",
+            ["route", "method", "status"],
+            registry=self.registry,
+        )
+        self.request_seconds = Histogram(
+            "opsapi_http_request_duration_seconds",
+            "API request latency",
+            ["route", "method"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+            registry=self.registry,
+        )
+        self.transitions = Counter(
+            "opsapi_rollout_transitions",
+            "Rollout transitions by kind and trigger",
+            ["transition", "triggered_by"],
+            registry=self.registry,
+        )
+        self.open_rollouts = Gauge("opsapi_open_rollouts", "Open rollouts", registry=self.registry)
+        self.rollout_weight = Gauge(
+            "opsapi_rollout_desired_weight",
+            "Desired canary weight of each open rollout",
+            ["service"],
+            registry=self.registry,
+        )
+        self.controller_ticks = Counter(
+            "opsapi_controller_ticks", "Controller passes", ["result"], registry=self.registry
+        )
+        self.controller_lag = Gauge(
+            "opsapi_controller_tick_lag_seconds",
+            "How late the controller handled the most overdue rollout of its last pass",
+            registry=self.registry,
+        )

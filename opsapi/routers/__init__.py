@@ -1,0 +1,1 @@
+"""Traffic routers: apply a canary percentage, read back the applied one."""

@@ -1,0 +1,1 @@
+"""Storage: engine and sessions, column types, migrations."""

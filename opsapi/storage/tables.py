@@ -1,0 +1,7 @@
+"""Every table, imported in one place so that SQLModel.metadata knows them all."""
+
+from opsapi.audit.models import AuditEvent
+from opsapi.canary.models import RolloutRecord, ServiceRecord
+from opsapi.storage.idempotency import IdempotencyRecord
+
+__all__ = ["AuditEvent", "IdempotencyRecord", "RolloutRecord", "ServiceRecord"]
