@@ -103,7 +103,7 @@ class TestIdP:
         header: Mapping[str, Any] | None = None,
         **claim_overrides: Any,
     ) -> str:
-        """A signed token; `header` overrides header fields (alg defaults to RS256, kid to the key's)."""
+        """A signed token; `header` overrides fields (alg defaults to RS256, kid to the key's)."""
         key = key or self.current_key
         full_header: dict[str, Any] = {"alg": "RS256", "kid": key.kid, **(header or {})}
         full_header = {k: v for k, v in full_header.items() if v is not None}
@@ -123,7 +123,7 @@ class TestIdP:
         idp = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 (http.server naming)
+            def do_GET(self) -> None:
                 if self.path != "/jwks.json":
                     self.send_error(404)
                     return
@@ -140,7 +140,7 @@ class TestIdP:
                 self.end_headers()
                 self.wfile.write(body)
 
-            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+            def log_message(self, format: str, *args: Any) -> None:
                 pass  # keep test output quiet
 
         return Handler

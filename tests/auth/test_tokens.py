@@ -112,8 +112,20 @@ async def rejected(verifier: Any, token: str) -> str:
     ("header", "claims", "roles_claim", "expected_roles"),
     [
         pytest.param({}, {}, "roles", {Role.OPERATOR}, id="rs256-list"),
-        pytest.param({"alg": "PS256"}, {"roles": "admin auditor"}, "roles", {Role.ADMIN, Role.AUDITOR}, id="ps256-string"),
-        pytest.param({"alg": "RS512"}, {"roles": ["opsapi:viewer", "x"]}, "roles", {Role.VIEWER}, id="rs512-prefixed"),
+        pytest.param(
+            {"alg": "PS256"},
+            {"roles": "admin auditor"},
+            "roles",
+            {Role.ADMIN, Role.AUDITOR},
+            id="ps256-string",
+        ),
+        pytest.param(
+            {"alg": "RS512"},
+            {"roles": ["opsapi:viewer", "x"]},
+            "roles",
+            {Role.VIEWER},
+            id="rs512-prefixed",
+        ),
         pytest.param(
             {},
             {"roles": None, "realm_access": {"roles": ["opsapi-admin", "offline_access"]}},
@@ -135,7 +147,11 @@ async def test_valid_token_gives_identity_with_mapped_roles(
     expected_roles: set[Role],
 ) -> None:
     verifier = JwksVerifier(
-        jwks_url=idp.jwks_url, issuer=ISSUER, audience=AUDIENCE, roles_claim=roles_claim, clock=clock
+        jwks_url=idp.jwks_url,
+        issuer=ISSUER,
+        audience=AUDIENCE,
+        roles_claim=roles_claim,
+        clock=clock,
     )
     token = idp.token(clock.now, header=header, **claims)
     identity = await verifier.verify(token)
@@ -203,7 +219,12 @@ def _signed_by_hand(idp: TestIdP, header: dict[str, Any], claims: dict[str, Any]
 
 
 def _unknown_crit_header(idp: TestIdP, now: float) -> str:
-    header = {"alg": "RS256", "kid": idp.current_key.kid, "crit": ["x-must-understand"], "x-must-understand": 1}
+    header = {
+        "alg": "RS256",
+        "kid": idp.current_key.kid,
+        "crit": ["x-must-understand"],
+        "x-must-understand": 1,
+    }
     return _signed_by_hand(idp, header, idp.claims(now))
 
 
@@ -214,20 +235,42 @@ def _unknown_header(idp: TestIdP, now: float) -> str:
 
 def _jwe_shaped(idp: TestIdP, now: float) -> str:
     header = {"alg": "RSA-OAEP", "enc": "A256GCM", "kid": idp.current_key.kid}
-    return ".".join([b64json(header), b64url(b"k" * 256), b64url(b"iv"), b64url(b"ct"), b64url(b"tag")])
+    return ".".join(
+        [b64json(header), b64url(b"k" * 256), b64url(b"iv"), b64url(b"ct"), b64url(b"tag")]
+    )
 
 
 ATTACKS: list[Any] = [
     pytest.param(lambda idp, now: idp.token(now, exp=int(now) - 60), "token expired", id="expired"),
-    pytest.param(lambda idp, now: idp.token(now, nbf=int(now) + 120), "token not yet valid", id="nbf-future"),
-    pytest.param(lambda idp, now: idp.token(now, iat=int(now) + 120), "token not yet valid", id="iat-future"),
-    pytest.param(lambda idp, now: idp.token(now, iss="https://evil.test"), "invalid issuer", id="wrong-issuer"),
-    pytest.param(lambda idp, now: idp.token(now, iss=None), "missing claim: iss", id="missing-issuer"),
-    pytest.param(lambda idp, now: idp.token(now, aud="other-api"), "invalid audience", id="wrong-audience"),
-    pytest.param(lambda idp, now: idp.token(now, aud=["a", "b"]), "invalid audience", id="audience-list-without-us"),
-    pytest.param(lambda idp, now: idp.token(now, aud=None), "missing claim: aud", id="missing-audience"),
+    pytest.param(
+        lambda idp, now: idp.token(now, nbf=int(now) + 120), "token not yet valid", id="nbf-future"
+    ),
+    pytest.param(
+        lambda idp, now: idp.token(now, iat=int(now) + 120), "token not yet valid", id="iat-future"
+    ),
+    pytest.param(
+        lambda idp, now: idp.token(now, iss="https://evil.test"),
+        "invalid issuer",
+        id="wrong-issuer",
+    ),
+    pytest.param(
+        lambda idp, now: idp.token(now, iss=None), "missing claim: iss", id="missing-issuer"
+    ),
+    pytest.param(
+        lambda idp, now: idp.token(now, aud="other-api"), "invalid audience", id="wrong-audience"
+    ),
+    pytest.param(
+        lambda idp, now: idp.token(now, aud=["a", "b"]),
+        "invalid audience",
+        id="audience-list-without-us",
+    ),
+    pytest.param(
+        lambda idp, now: idp.token(now, aud=None), "missing claim: aud", id="missing-audience"
+    ),
     pytest.param(lambda idp, now: idp.token(now, exp=None), "missing claim: exp", id="missing-exp"),
-    pytest.param(lambda idp, now: idp.token(now, exp="9999999999"), "invalid claim: exp", id="exp-not-number"),
+    pytest.param(
+        lambda idp, now: idp.token(now, exp="9999999999"), "invalid claim: exp", id="exp-not-number"
+    ),
     pytest.param(lambda idp, now: idp.token(now, sub=None), "missing claim: sub", id="missing-sub"),
     pytest.param(lambda idp, now: idp.token(now, sub=""), "invalid subject", id="empty-sub"),
     pytest.param(lambda idp, now: idp.token(now, sub=42), "invalid subject", id="sub-not-string"),
@@ -289,7 +332,9 @@ async def test_garbage_is_rejected_with_auth_error(verifier: JwksVerifier, token
 
 
 @pytest.mark.asyncio
-async def test_mutated_tokens_only_ever_raise_auth_error(idp: TestIdP, verifier: JwksVerifier) -> None:
+async def test_mutated_tokens_only_ever_raise_auth_error(
+    idp: TestIdP, verifier: JwksVerifier
+) -> None:
     token = idp.token(T0)
     rng = random.Random(1234)
     alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.=+/ "
@@ -298,16 +343,17 @@ async def test_mutated_tokens_only_ever_raise_auth_error(idp: TestIdP, verifier:
         for _ in range(rng.randint(1, 3)):
             chars[rng.randrange(len(chars))] = rng.choice(alphabet)
         mutated = "".join(chars)
-        if mutated == token:
-            continue
+        outcome: Identity | AuthError
         try:
-            identity = await verifier.verify(mutated)
+            outcome = await verifier.verify(mutated)
         except AuthError as error:
-            assert str(error) in SAFE_MESSAGES
+            outcome = error
+        if isinstance(outcome, AuthError):
+            assert str(outcome) in SAFE_MESSAGES
         else:
-            # Only base64 padding-insensitive changes in the last char may survive; the
-            # identity must then be exactly the original one.
-            assert identity.subject == "alice@example.test"
+            # Only changes that decode to the same bytes (e.g. unused low bits of the last
+            # base64 character) may survive, and then the identity is the original one.
+            assert outcome == Identity("alice@example.test", frozenset({Role.OPERATOR}))
 
 
 # --- JWKS caching, rotation and refetch limits ----------------------------------------------
@@ -325,7 +371,9 @@ async def test_jwks_is_cached(idp: TestIdP, verifier: JwksVerifier, clock: FakeC
 
 
 @pytest.mark.asyncio
-async def test_concurrent_first_verifications_share_one_fetch(idp: TestIdP, verifier: JwksVerifier) -> None:
+async def test_concurrent_first_verifications_share_one_fetch(
+    idp: TestIdP, verifier: JwksVerifier
+) -> None:
     identities = await asyncio.gather(*(verifier.verify(idp.token(T0)) for _ in range(10)))
     assert {i.subject for i in identities} == {"alice@example.test"}
     assert idp.fetches == 1
@@ -383,10 +431,14 @@ async def test_spraying_random_kids_refetches_at_most_once(
     await verifier.verify(idp.token(clock.now))
     clock.advance(11)
     stranger = spare_key("sprayer")
-    sprayed = [idp.token(clock.now, key=stranger, header={"kid": secrets.token_hex(8)}) for _ in range(20)]
+    sprayed = [
+        idp.token(clock.now, key=stranger, header={"kid": secrets.token_hex(8)}) for _ in range(20)
+    ]
 
     if concurrent:
-        results = await asyncio.gather(*(verifier.verify(t) for t in sprayed), return_exceptions=True)
+        results = await asyncio.gather(
+            *(verifier.verify(t) for t in sprayed), return_exceptions=True
+        )
         assert all(type(r) is AuthError and str(r) == "unknown signing key" for r in results)
     else:
         for token in sprayed:
@@ -411,7 +463,9 @@ def _closed_port_url() -> str:
 
 @pytest.mark.asyncio
 async def test_idp_refusing_connections_gives_auth_error(idp: TestIdP, clock: FakeClock) -> None:
-    verifier = JwksVerifier(jwks_url=_closed_port_url(), issuer=ISSUER, audience=AUDIENCE, clock=clock)
+    verifier = JwksVerifier(
+        jwks_url=_closed_port_url(), issuer=ISSUER, audience=AUDIENCE, clock=clock
+    )
     assert await rejected(verifier, idp.token(clock.now)) == "identity provider unavailable"
 
 
@@ -452,9 +506,18 @@ async def test_cached_keys_outlive_a_short_idp_outage(
     ("claims", "roles_claim", "expected"),
     [
         pytest.param({"roles": ["admin", "viewer"]}, "roles", {Role.ADMIN, Role.VIEWER}, id="list"),
-        pytest.param({"roles": "admin viewer"}, "roles", {Role.ADMIN, Role.VIEWER}, id="space-string"),
-        pytest.param({"roles": "admin,auditor"}, "roles", {Role.ADMIN, Role.AUDITOR}, id="comma-string"),
-        pytest.param({"roles": " admin ,  operator "}, "roles", {Role.ADMIN, Role.OPERATOR}, id="mixed-string"),
+        pytest.param(
+            {"roles": "admin viewer"}, "roles", {Role.ADMIN, Role.VIEWER}, id="space-string"
+        ),
+        pytest.param(
+            {"roles": "admin,auditor"}, "roles", {Role.ADMIN, Role.AUDITOR}, id="comma-string"
+        ),
+        pytest.param(
+            {"roles": " admin ,  operator "},
+            "roles",
+            {Role.ADMIN, Role.OPERATOR},
+            id="mixed-string",
+        ),
         pytest.param({"roles": "operator"}, "roles", {Role.OPERATOR}, id="single-string"),
         pytest.param(
             {"realm_access": {"roles": ["operator", "uma_authorization"]}},
@@ -474,16 +537,42 @@ async def test_cached_keys_outlive_a_short_idp_outage(
             {Role.ADMIN},
             id="literal-dotted-claim-name",
         ),
-        pytest.param({"roles": ["root", "superuser", "admins", ""]}, "roles", set(), id="unknown-names"),
-        pytest.param({"roles": ["opsapi:admin", "opsapi-auditor"]}, "roles", {Role.ADMIN, Role.AUDITOR}, id="prefixed"),
-        pytest.param({"roles": "opsapi:operator opsapi-viewer"}, "roles", {Role.OPERATOR, Role.VIEWER}, id="prefixed-string"),
-        pytest.param({"roles": ["opsapi:opsapi:admin", "other:admin", "opsapiadmin"]}, "roles", set(), id="bad-prefixes"),
-        pytest.param({"roles": ["Admin", "OPSAPI-Viewer"]}, "roles", {Role.ADMIN, Role.VIEWER}, id="case-insensitive"),
-        pytest.param({"roles": ["admin", 7, None, {"x": 1}]}, "roles", {Role.ADMIN}, id="non-strings-ignored"),
+        pytest.param(
+            {"roles": ["root", "superuser", "admins", ""]}, "roles", set(), id="unknown-names"
+        ),
+        pytest.param(
+            {"roles": ["opsapi:admin", "opsapi-auditor"]},
+            "roles",
+            {Role.ADMIN, Role.AUDITOR},
+            id="prefixed",
+        ),
+        pytest.param(
+            {"roles": "opsapi:operator opsapi-viewer"},
+            "roles",
+            {Role.OPERATOR, Role.VIEWER},
+            id="prefixed-string",
+        ),
+        pytest.param(
+            {"roles": ["opsapi:opsapi:admin", "other:admin", "opsapiadmin"]},
+            "roles",
+            set(),
+            id="bad-prefixes",
+        ),
+        pytest.param(
+            {"roles": ["Admin", "OPSAPI-Viewer"]},
+            "roles",
+            {Role.ADMIN, Role.VIEWER},
+            id="case-insensitive",
+        ),
+        pytest.param(
+            {"roles": ["admin", 7, None, {"x": 1}]}, "roles", {Role.ADMIN}, id="non-strings-ignored"
+        ),
         pytest.param({}, "roles", set(), id="missing"),
         pytest.param({"roles": 42}, "roles", set(), id="wrong-type"),
         pytest.param({"roles": {"admin": True}}, "roles", set(), id="object"),
-        pytest.param({"realm_access": ["admin"]}, "realm_access.roles", set(), id="path-through-list"),
+        pytest.param(
+            {"realm_access": ["admin"]}, "realm_access.roles", set(), id="path-through-list"
+        ),
         pytest.param({"realm_access": {}}, "realm_access.roles", set(), id="path-missing-leaf"),
     ],
 )
@@ -500,9 +589,11 @@ async def test_local_key_file_is_private_and_reloads(tmp_path: Path) -> None:
     signer = LocalSigner.load_or_create(path)
 
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    assert sorted(p.name for p in path.parent.iterdir()) == ["signing-key.json"]  # no temp files left
+    # No temp file left behind.
+    assert sorted(p.name for p in path.parent.iterdir()) == ["signing-key.json"]
     stored = json.loads(path.read_text())
-    assert stored["kty"] == "EC" and stored["crv"] == "P-256" and "d" in stored
+    assert (stored["kty"], stored["crv"]) == ("EC", "P-256")
+    assert "d" in stored  # the private part
     assert stored["kid"] == signer.kid
 
     token = signer.mint(subject="ops-admin", roles=[Role.ADMIN, "auditor"])
@@ -514,19 +605,22 @@ async def test_local_key_file_is_private_and_reloads(tmp_path: Path) -> None:
 
 def test_local_token_claims(tmp_path: Path) -> None:
     signer = LocalSigner.load_or_create(tmp_path / "key.json")
-    token = signer.mint(subject="bob", roles=["viewer", Role.VIEWER, "operator"], ttl_seconds=60, now=T0)
+    token = signer.mint(
+        subject="bob", roles=["viewer", Role.VIEWER, "operator"], ttl_seconds=60, now=T0
+    )
     decoded = jwt.decode(token, ECKey.import_key(json.loads((tmp_path / "key.json").read_text())))
     assert decoded.header == {"alg": "ES256", "kid": signer.kid, "typ": "JWT"}
     claims = decoded.claims
-    assert claims["iss"] == LOCAL_ISSUER and claims["aud"] == LOCAL_AUDIENCE
+    assert (claims["iss"], claims["aud"], claims["sub"]) == (LOCAL_ISSUER, LOCAL_AUDIENCE, "bob")
     assert (claims["iat"], claims["nbf"], claims["exp"]) == (int(T0), int(T0), int(T0) + 60)
     assert claims["roles"] == ["operator", "viewer"]
-    assert claims["sub"] == "bob" and isinstance(claims["jti"], str) and claims["jti"]
+    assert isinstance(claims["jti"], str)
+    assert len(claims["jti"]) >= 16
 
 
 def test_local_mint_refuses_unknown_roles(tmp_path: Path) -> None:
     signer = LocalSigner.load_or_create(tmp_path / "key.json")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="root"):
         signer.mint(subject="bob", roles=["root"])
 
 
@@ -534,13 +628,19 @@ def test_local_mint_refuses_unknown_roles(tmp_path: Path) -> None:
 async def test_token_from_another_local_signer_is_rejected(tmp_path: Path) -> None:
     ours = LocalSigner.load_or_create(tmp_path / "ours.json")
     theirs = LocalSigner.load_or_create(tmp_path / "theirs.json")
-    assert await rejected(ours.verifier(), theirs.mint(subject="eve", roles=["admin"])) == "unknown signing key"
+    assert (
+        await rejected(ours.verifier(), theirs.mint(subject="eve", roles=["admin"]))
+        == "unknown signing key"
+    )
 
     # Same kid, different key: the signature, not the kid, decides.
     impostor = LocalSigner(
         ECKey.generate_key("P-256", parameters={"kid": ours.kid, "alg": "ES256", "use": "sig"})
     )
-    assert await rejected(ours.verifier(), impostor.mint(subject="eve", roles=["admin"])) == "invalid signature"
+    assert (
+        await rejected(ours.verifier(), impostor.mint(subject="eve", roles=["admin"]))
+        == "invalid signature"
+    )
 
 
 @pytest.mark.asyncio
@@ -551,7 +651,9 @@ async def test_token_from_another_local_signer_is_rejected(tmp_path: Path) -> No
         pytest.param(T0 + 3600, 60, "token not yet valid", id="not-yet-valid"),
     ],
 )
-async def test_local_token_time_limits(tmp_path: Path, mint_at: float, ttl: int, message: str) -> None:
+async def test_local_token_time_limits(
+    tmp_path: Path, mint_at: float, ttl: int, message: str
+) -> None:
     signer = LocalSigner.load_or_create(tmp_path / "key.json")
     token = signer.mint(subject="bob", roles=["viewer"], ttl_seconds=ttl, now=mint_at)
     assert await rejected(signer.verifier(clock=FakeClock(T0)), token) == message

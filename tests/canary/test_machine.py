@@ -592,6 +592,27 @@ def test_gate_results_for_an_unknown_gate_are_kept_and_count() -> None:
     assert readiness(rollout, T0 + HOUR).blocking_gates == ("surprise",)
 
 
+def test_a_partial_report_keeps_the_other_gates_latest_status() -> None:
+    rollout = run(None, start_event(gates=(GATE, "latency")), T0)
+    rollout = run(rollout, GateResults((gate(GatePhase.FAIL, name="latency"),)), T0 + MIN)
+    rollout = run(rollout, GateResults((gate(GatePhase.PASS),)), T0 + 2 * MIN)
+    assert [(status.name, status.phase) for status in rollout.gates] == [
+        (GATE, GatePhase.PASS),
+        ("latency", GatePhase.FAIL),
+    ]
+    assert readiness(rollout, T0 + HOUR).blocking_gates == ("latency",)
+    assert run(rollout, Tick(), T0 + HOUR).state == State.PROGRESSING
+
+
+def test_the_time_left_is_shown_in_whole_units() -> None:
+    rollout = run(None, start_event(gates=()), T0)
+    refusal = decide(rollout, Promote(USER), T0 + timedelta(seconds=0.25))
+    assert isinstance(refusal, Refusal)
+    assert "ms" not in refusal.detail
+    assert "30m left" in refusal.detail
+    assert refusal.time_left == 30 * MIN - timedelta(seconds=0.25)
+
+
 def test_pause_freezes_the_wait_clock() -> None:
     rollout = run(None, start_event(gates=()), T0)
     rollout = run(rollout, Pause(USER), T0 + 10 * MIN)
@@ -823,6 +844,16 @@ def test_a_breach_rolls_back_naming_the_gate_value_and_threshold(scenario: str) 
     assert "10.0" in after.reason
     assert SetWeight(0) in decision.effects
     assert _audit(decision).details["reason"] == after.reason
+
+
+def test_a_breach_is_not_hidden_by_a_later_result_for_the_same_gate() -> None:
+    rollout, now = _progressing_at(10 * MIN)
+    batch = GateResults((gate(GatePhase.FAIL, 3.5, breached=True), gate(GatePhase.PASS)))
+    after = run(rollout, batch, now)
+    assert after.state == State.ROLLED_BACK
+    assert after.triggered_by == Trigger.CONTROLLER
+    assert after.reason is not None
+    assert GATE in after.reason
 
 
 def test_a_failing_gate_without_a_breach_only_blocks() -> None:

@@ -1,0 +1,74 @@
+"""Shared fixtures: real PostgreSQL and SQLite databases, the app harness."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from opsapi.storage.db import create_engine
+from opsapi.storage.migrate import upgrade
+from tests.support.app import Harness, running_app
+from tests.support.databases import (
+    PG_ADMIN_DSN,
+    TABLES,
+    create_pg_database,
+    drop_pg_database,
+)
+
+
+@pytest.fixture(scope="session")
+def key_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("keys") / "signing-key.json"
+
+
+@pytest.fixture(scope="session")
+async def pg_database() -> AsyncIterator[tuple[str, str]]:
+    """One migrated PostgreSQL database for the whole session."""
+    name, url = await create_pg_database()
+    engine = create_engine(url)
+    await upgrade(engine)
+    await engine.dispose()
+    yield name, url
+    await drop_pg_database(name)
+
+
+@pytest.fixture
+async def pg_url(pg_database: tuple[str, str]) -> str:
+    """The session's PostgreSQL database, emptied before the test."""
+    name, url = pg_database
+    dsn = PG_ADMIN_DSN.rsplit("/", 1)[0] + f"/{name}"
+    connection = await asyncpg.connect(dsn)
+    try:
+        await connection.execute(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY")
+    finally:
+        await connection.close()
+    return url
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite+aiosqlite:///{tmp_path / 'opsapi.db'}"
+
+
+@pytest.fixture(params=["postgres", "sqlite"])
+def db_url(request: pytest.FixtureRequest) -> str:
+    """Both databases: the test runs once on each."""
+    fixture = "pg_url" if request.param == "postgres" else "sqlite_url"
+    return str(request.getfixturevalue(fixture))
+
+
+@pytest.fixture
+async def api(pg_url: str, key_file: Path) -> AsyncIterator[Harness]:
+    """The application on PostgreSQL with a manual clock and no background controller."""
+    async with running_app(pg_url, key_file) as harness:
+        yield harness
+
+
+@pytest.fixture
+async def api_any_db(db_url: str, key_file: Path) -> AsyncIterator[Harness]:
+    """The application on PostgreSQL and on SQLite."""
+    async with running_app(db_url, key_file) as harness:
+        yield harness

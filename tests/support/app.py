@@ -1,0 +1,103 @@
+"""Run the real application in-process against a real database, with a hand-moved clock."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+from asgi_lifespan import LifespanManager
+from sqlmodel import col, select
+from starlette.applications import Starlette
+
+from opsapi.audit.models import AuditEvent
+from opsapi.auth.identity import Role
+from opsapi.auth.tokens import LocalSigner
+from opsapi.canary.models import RolloutRecord
+from opsapi.config import Settings
+from opsapi.http.app import create_app
+from opsapi.http.runtime import Runtime
+from tests.support.clock import ManualClock
+
+API = "/internal/ops"
+
+
+@dataclass
+class Harness:
+    app: Starlette
+    client: httpx.AsyncClient
+    clock: ManualClock
+    signer: LocalSigner
+
+    @property
+    def runtime(self) -> Runtime:
+        return self.app.state.runtime  # type: ignore[no-any-return]
+
+    def token(self, role: Role | str, subject: str | None = None) -> str:
+        role = Role(role)
+        return self.signer.mint(subject=subject or f"{role.value}-user", roles=[role])
+
+    def auth(self, role: Role | str, subject: str | None = None) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token(role, subject)}"}
+
+    async def post(
+        self,
+        path: str,
+        body: Any,
+        role: Role | str = Role.OPERATOR,
+        subject: str | None = None,
+        **headers: str,
+    ) -> httpx.Response:
+        auth = self.auth(role, subject)
+        return await self.client.post(API + path, json=body, headers={**auth, **headers})
+
+    async def get(self, path: str, role: Role | str = Role.VIEWER) -> httpx.Response:
+        return await self.client.get(API + path, headers=self.auth(role))
+
+    async def put(self, path: str, body: Any, role: Role | str = Role.ADMIN) -> httpx.Response:
+        return await self.client.put(API + path, json=body, headers=self.auth(role))
+
+    async def tick(self) -> int:
+        """One controller pass at the clock's current time."""
+        return await self.app.state.controller.run_once()  # type: ignore[no-any-return]
+
+    async def audit_events(self, **where: Any) -> list[AuditEvent]:
+        async with self.runtime.sessions() as session:
+            query = select(AuditEvent).order_by(col(AuditEvent.id))
+            for name, value in where.items():
+                query = query.where(getattr(AuditEvent, name) == value)
+            return list((await session.exec(query)).all())
+
+    async def rollouts(self, service: str) -> list[RolloutRecord]:
+        async with self.runtime.sessions() as session:
+            query = select(RolloutRecord).where(RolloutRecord.service == service)
+            return list((await session.exec(query.order_by(col(RolloutRecord.id)))).all())
+
+
+def settings_for(database_url: str, key_file: Path, **overrides: Any) -> Settings:
+    return Settings(
+        database_url=database_url,
+        local_key_file=key_file,
+        controller_enabled=False,
+        env="test",
+        **overrides,
+    )
+
+
+@contextlib.asynccontextmanager
+async def running_app(
+    database_url: str,
+    key_file: Path,
+    *,
+    clock: ManualClock | None = None,
+    **overrides: Any,
+) -> AsyncIterator[Harness]:
+    clock = clock or ManualClock()
+    app = create_app(settings_for(database_url, key_file, **overrides), clock=clock)
+    async with LifespanManager(app) as manager:
+        transport = httpx.ASGITransport(app=manager.app, client=("198.51.100.7", 40000))
+        async with httpx.AsyncClient(transport=transport, base_url="http://opsapi") as client:
+            yield Harness(app, client, clock, LocalSigner.load_or_create(key_file))
