@@ -16,6 +16,7 @@ from tests.support.databases import (
     TABLES,
     create_pg_database,
     drop_pg_database,
+    in_ci,
 )
 
 
@@ -72,3 +73,13 @@ async def api_any_db(db_url: str, key_file: Path) -> AsyncIterator[Harness]:
     """The application on PostgreSQL and on SQLite."""
     async with running_app(db_url, key_file) as harness:
         yield harness
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> object:
+    """In CI a skipped test is a failure: real components must be there, never skipped."""
+    report = yield
+    if in_ci() and report.skipped and not hasattr(report, "wasxfail"):
+        report.outcome = "failed"
+        report.longrepr = f"skipped in CI, which must run every test: {report.longrepr}"
+    return report

@@ -28,9 +28,8 @@ def redact(value: Any) -> Any:
     return value
 
 
-def record(
+def event_row(
     *,
-    session: AsyncSession,
     at: datetime,
     actor: str,
     source: Source,
@@ -42,20 +41,25 @@ def record(
     request_id: str | None = None,
     client_address: str | None = None,
     details: Mapping[str, Any] | None = None,
-) -> AuditEvent:
-    """Add one audit event to the session's current transaction."""
-    event = AuditEvent(
-        at=at,
-        actor=actor[:255],
-        roles=sorted(roles),
-        source=source.value,
-        action=action,
-        service=service,
-        rollout_id=rollout_id,
-        outcome=outcome.value,
-        request_id=request_id,
-        client_address=client_address,
-        details=redact(dict(details or {})),
-    )
+) -> dict[str, Any]:
+    """The column values of one audit event, secrets redacted."""
+    return {
+        "at": at,
+        "actor": actor[:255],
+        "roles": sorted(roles),
+        "source": source.value,
+        "action": action,
+        "service": service,
+        "rollout_id": rollout_id,
+        "outcome": outcome.value,
+        "request_id": request_id,
+        "client_address": client_address,
+        "details": redact(dict(details or {})),
+    }
+
+
+def record(*, session: AsyncSession, **fields: Any) -> AuditEvent:
+    """Add one audit event (`event_row` fields) to the session's current transaction."""
+    event = AuditEvent(**event_row(**fields))
     session.add(event)
     return event

@@ -15,6 +15,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 
+from opsapi.audit.writer import AuditWriter
+from opsapi.auth.cache import CachedVerifier
 from opsapi.auth.tokens import JwksVerifier, LocalSigner, TokenVerifier
 from opsapi.canary import service as canary_service
 from opsapi.canary import views as canary_views
@@ -61,14 +63,17 @@ def create_app(
         engine = create_engine(settings.database_url)
         if settings.migrate_on_start:
             await upgrade(engine)
+        sessions = session_factory(engine)
         runtime = Runtime(
             settings=settings,
             engine=engine,
-            sessions=session_factory(engine),
-            verifier=verifier or build_verifier(settings),
+            sessions=sessions,
+            verifier=CachedVerifier(verifier or build_verifier(settings)),
             clock=clock,
             metrics=Metrics(),
+            audit_writer=AuditWriter(engine),
         )
+        runtime.audit_writer.start()
         app.state.runtime = runtime
         controller = Controller(
             runtime.sessions,
@@ -86,6 +91,7 @@ def create_app(
             stop.set()
             if task is not None:
                 await task
+            await runtime.audit_writer.stop()
             await engine.dispose()
 
     api_routes = [*canary_views.routes, Route("/openapi.json", openapi, methods=["GET"])]

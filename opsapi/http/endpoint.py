@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import re
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from opsapi.audit import service as audit
-from opsapi.audit.models import Outcome, Source
+from opsapi.audit.models import AuditEvent, Outcome, Source
 from opsapi.auth.identity import AuthError, Identity, Role
 from opsapi.canary.policy import is_service_name
 from opsapi.errors import (
@@ -142,8 +143,14 @@ class _Request:
         self.service = _audit_service(request.path_params.get("service"))
 
     async def serve(self, handler: Handler) -> Response:
+        started = time.perf_counter()
         response = await self._serve(handler)
         response.headers["X-Request-Id"] = self.request_id
+        metrics = self.runtime.metrics
+        metrics.requests.labels(self.action, self.request.method, response.status_code).inc()
+        metrics.request_seconds.labels(self.action, self.request.method).observe(
+            time.perf_counter() - started
+        )
         return response
 
     async def _serve(self, handler: Handler) -> Response:
@@ -155,7 +162,9 @@ class _Request:
             raw, parsed = await self._parse_body()
         except Problem as problem:
             return await self._refuse(problem, now, {})
-        key = self.request.headers.get("idempotency-key") if self.mutating else None
+        if not self.mutating:
+            return await self._serve_read(handler, parsed, now)
+        key = self.request.headers.get("idempotency-key")
         if key is not None and not _IDEMPOTENCY_KEY.fullmatch(key):
             return await self._refuse(
                 BadRequest("Idempotency-Key must be 1-255 visible ASCII characters"), now, {}
@@ -168,29 +177,17 @@ class _Request:
             if replay is not None:
                 return replay
         async with self.runtime.sessions() as session:
-            call = Call(
-                request=self.request,
-                runtime=self.runtime,
-                identity=self.identity,
-                session=session,
-                now=now,
-                request_id=self.request_id,
-                body=parsed,
-                service=self.service,
-                action=self.action,
-            )
+            call = self._call(session, parsed, now)
             try:
                 async with session.begin():
                     response = await handler(call)
-                    self._audit(call, response.status_code, session)
+                    audit.record(session=session, **self._audit_fields(call, response))
                     if key is not None:
                         self._remember(key, request_hash, response, now, session)
                 return response
             except Problem as problem:
-                details = dict(call.details)
-                self.service = _audit_service(call.service)
                 return await self._refuse(
-                    problem, now, details, key=key, request_hash=request_hash, call=call
+                    problem, now, call.details, key=key, request_hash=request_hash, call=call
                 )
             except IntegrityError:
                 if key is not None:
@@ -202,6 +199,41 @@ class _Request:
             except Exception:
                 log.exception("unhandled error in %s", self.action)
                 return await self._refuse(_internal_error(), now, {}, call=call)
+
+    async def _serve_read(
+        self, handler: Handler, parsed: BaseModel | None, now: datetime
+    ) -> Response:
+        """A request that changes nothing: answer, but only once its audit event is durable."""
+        async with self.runtime.sessions() as session:
+            call = self._call(session, parsed, now)
+            try:
+                response = await handler(call)
+            except Problem as problem:
+                return await self._refuse(problem, now, call.details, call=call)
+            except Exception:
+                log.exception("unhandled error in %s", self.action)
+                return await self._refuse(_internal_error(), now, {}, call=call)
+        try:
+            await self.runtime.audit_writer.write(
+                audit.event_row(**self._audit_fields(call, response))
+            )
+        except Exception:
+            return _audit_unavailable()
+        return response
+
+    def _call(self, session: AsyncSession, parsed: BaseModel | None, now: datetime) -> Call:
+        assert self.identity is not None
+        return Call(
+            request=self.request,
+            runtime=self.runtime,
+            identity=self.identity,
+            session=session,
+            now=now,
+            request_id=self.request_id,
+            body=parsed,
+            service=self.service,
+            action=self.action,
+        )
 
     async def _authenticate(self) -> Identity:
         header = self.request.headers.get("authorization", "")
@@ -246,20 +278,22 @@ class _Request:
                 now,
                 {"idempotency_key": key},
             )
-        async with self.runtime.sessions() as session, session.begin():
-            audit.record(
-                session=session,
-                at=now,
-                actor=self.identity.subject,
-                roles=self.identity.roles,
-                source=Source.API,
-                action=self.action,
-                outcome=_outcome_for(stored.status_code),
-                service=self.service,
-                request_id=self.request_id,
-                client_address=self.client_address,
-                details={"idempotent_replay": True, "status": stored.status_code},
-            )
+        row = audit.event_row(
+            at=now,
+            actor=self.identity.subject,
+            roles=self.identity.roles,
+            source=Source.API,
+            action=self.action,
+            outcome=_outcome_for(stored.status_code),
+            service=self.service,
+            request_id=self.request_id,
+            client_address=self.client_address,
+            details={"idempotent_replay": True, "status": stored.status_code},
+        )
+        try:
+            await self.runtime.audit_writer.write(row)
+        except Exception:
+            return _audit_unavailable()
         content_type = "application/problem+json" if stored.status_code >= 400 else None
         return Response(
             stored.response_body,
@@ -290,21 +324,20 @@ class _Request:
             )
         )
 
-    def _audit(self, call: Call, status: int, session: AsyncSession) -> None:
-        audit.record(
-            session=session,
-            at=call.now,
-            actor=call.identity.subject,
-            roles=call.identity.roles,
-            source=Source.API,
-            action=call.action,
-            outcome=_outcome_for(status),
-            service=_audit_service(call.service),
-            rollout_id=call.rollout_id,
-            request_id=self.request_id,
-            client_address=self.client_address,
-            details={"status": status, **call.details},
-        )
+    def _audit_fields(self, call: Call, response: Response) -> dict[str, Any]:
+        return {
+            "at": call.now,
+            "actor": call.identity.subject,
+            "roles": call.identity.roles,
+            "source": Source.API,
+            "action": call.action,
+            "outcome": _outcome_for(response.status_code),
+            "service": _audit_service(call.service),
+            "rollout_id": call.rollout_id,
+            "request_id": self.request_id,
+            "client_address": self.client_address,
+            "details": {"status": response.status_code, **call.details},
+        }
 
     async def _refuse(
         self,
@@ -316,50 +349,45 @@ class _Request:
         request_hash: str | None = None,
         call: Call | None = None,
     ) -> Response:
-        """Answer with `problem`; audit the refusal in a transaction of its own."""
+        """Answer with `problem`; the refusal's audit event is committed first."""
         headers = {"WWW-Authenticate": 'Bearer realm="opsapi"'} if problem.status == 401 else None
         response = problem_response(problem, headers)
+        if call is not None:
+            self.service = _audit_service(call.service)
         identity = self.identity
-        audit_details = {
-            **details,
-            "status": problem.status,
-            "detail": problem.detail,
-            **{k: v for k, v in problem.extra.items() if k != "errors"},
-        }
-        if "errors" in problem.extra:
-            audit_details["errors"] = problem.extra["errors"]
+        row = audit.event_row(
+            at=now,
+            actor=identity.subject if identity else ANONYMOUS,
+            roles=identity.roles if identity else (),
+            source=Source.API,
+            action=call.action if call else self.action,
+            outcome=_outcome_for(problem.status),
+            service=self.service,
+            rollout_id=(call.rollout_id if call else None) or problem.extra.get("rollout_id"),
+            request_id=self.request_id,
+            client_address=self.client_address,
+            details={**details, "status": problem.status, "detail": problem.detail,
+                     **problem.extra},
+        )  # fmt: skip
+        remember = key is not None and request_hash is not None and problem.status < 500
         try:
+            if not remember:
+                await self.runtime.audit_writer.write(row)
+                return response
+            assert key is not None
+            assert request_hash is not None
             async with self.runtime.sessions() as session, session.begin():
-                audit.record(
-                    session=session,
-                    at=now,
-                    actor=identity.subject if identity else ANONYMOUS,
-                    roles=identity.roles if identity else (),
-                    source=Source.API,
-                    action=call.action if call else self.action,
-                    outcome=_outcome_for(problem.status),
-                    service=self.service if self.service else None,
-                    rollout_id=(call.rollout_id if call else None)
-                    or problem.extra.get("rollout_id"),
-                    request_id=self.request_id,
-                    client_address=self.client_address,
-                    details=audit_details,
-                )
-                if key is not None and request_hash is not None and problem.status < 500:
-                    self._remember(key, request_hash, response, now, session)
+                session.add(AuditEvent(**row))
+                self._remember(key, request_hash, response, now, session)
         except IntegrityError:
             # A concurrent request with the same Idempotency-Key won; answer what it answered.
-            if key is not None and request_hash is not None:
-                replay = await self._replay(key, request_hash, now)
-                if replay is not None:
-                    return replay
-            raise
+            assert key is not None
+            assert request_hash is not None
+            replay = await self._replay(key, request_hash, now)
+            return replay if replay is not None else _audit_unavailable()
         except Exception:
-            # Never let a failing audit write turn into a silent success: the caller sees 503.
             log.exception("could not write the audit event for %s", self.action)
-            return problem_response(
-                _Unavailable("the audit log could not be written; nothing was done")
-            )
+            return _audit_unavailable()
         return response
 
 
@@ -371,6 +399,11 @@ class _Unavailable(Problem):
 def _audit_service(name: Any) -> str | None:
     # Only a valid name goes into the indexed column; anything else stays out of the log.
     return name if isinstance(name, str) and is_service_name(name) else None
+
+
+def _audit_unavailable() -> Response:
+    # Never let a failing audit write pass as a silent success.
+    return problem_response(_Unavailable("the audit log could not be written; nothing was done"))
 
 
 def _internal_error() -> Problem:

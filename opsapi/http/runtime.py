@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from opsapi.audit.writer import AuditWriter
 from opsapi.auth.tokens import TokenVerifier
 from opsapi.clock import Clock
 from opsapi.config import Settings
@@ -21,3 +22,4 @@ class Runtime:
     verifier: TokenVerifier
     clock: Clock
     metrics: Metrics
+    audit_writer: AuditWriter

@@ -11,13 +11,17 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 SessionFactory = async_sessionmaker[AsyncSession]
 
 
-def create_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
+def create_engine(url: str, *, pool_size: int = 20) -> AsyncEngine:
     """An async engine; on SQLite every transaction takes the write lock up front."""
     if url.startswith("sqlite"):
         engine = create_async_engine(url, connect_args={"timeout": 30})
         _serialize_sqlite(engine)
         return engine
-    return create_async_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+    # Overflow connections are closed on return; a pool big enough for the usual concurrency
+    # avoids reconnecting under load (each connect is several round trips).
+    return create_async_engine(
+        url, pool_size=pool_size, max_overflow=pool_size // 2, pool_recycle=300
+    )
 
 
 def _serialize_sqlite(engine: AsyncEngine) -> None:

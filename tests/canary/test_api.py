@@ -249,7 +249,9 @@ async def test_history_pages_newest_first(api: Harness) -> None:
         await api.post("/canary/rollback", {"service": "checkout", "reason": "test"})
 
     first = (await api.get("/canary/checkout/history?limit=2")).json()
-    second = (await api.get(f"/canary/checkout/history?limit=2&cursor={first['next_cursor']}")).json()
+    second = (
+        await api.get(f"/canary/checkout/history?limit=2&cursor={first['next_cursor']}")
+    ).json()
 
     versions = [r["canary_version"] for r in first["items"] + second["items"]]
     assert versions == ["v3", "v2", "v1"]

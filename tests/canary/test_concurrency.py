@@ -16,7 +16,10 @@ async def test_fifty_concurrent_promotes_advance_exactly_once(api: Harness) -> N
 
     # when 50 operators promote at the same moment
     responses = await asyncio.gather(
-        *(api.post("/canary/promote", {"service": "checkout"}, subject=f"op-{i}") for i in range(50))
+        *(
+            api.post("/canary/promote", {"service": "checkout"}, subject=f"op-{i}")
+            for i in range(50)
+        )
     )
 
     # then exactly one advanced, 49 were told why not, and all 50 were audited

@@ -142,7 +142,9 @@ def _paused_baking() -> tuple[Rollout, datetime]:
     return rollout, T0 + 3 * HOUR
 
 
-def _baking_at(offset: timedelta, *, gate_phase: GatePhase = GatePhase.PASS) -> tuple[Rollout, datetime]:
+def _baking_at(
+    offset: timedelta, *, gate_phase: GatePhase = GatePhase.PASS
+) -> tuple[Rollout, datetime]:
     rollout = run(None, start_event(target=100), T0)
     rollout = run(rollout, GateResults((gate(gate_phase),)), T0 + MIN)
     assert rollout.state == State.BAKING
@@ -269,7 +271,11 @@ STALE_AT = {
 ROWS: list[tuple[str, str, Moves | Stays | Refused]] = [
     # No rollout yet: only Start applies.
     ("none", "start", Moves(State.PROGRESSING, 10, Trigger.USER, ("weight:10", *STARTED))),
-    ("none", "start-target-50", Moves(State.PROGRESSING, 50, Trigger.USER, ("weight:50", *STARTED))),
+    (
+        "none",
+        "start-target-50",
+        Moves(State.PROGRESSING, 50, Trigger.USER, ("weight:50", *STARTED)),
+    ),
     ("none", "start-target-100", Moves(State.BAKING, 100, Trigger.USER, ("weight:100", *STARTED))),
     ("none", "start-target-30", refused(RefusalCode.INVALID_TARGET, "30%", "10%, 25%, 50%")),
     *(
@@ -303,10 +309,18 @@ ROWS: list[tuple[str, str, Moves | Stays | Refused]] = [
     ("progressing-wait-over", "promote-from-10", promoted_to(25)),
     ("progressing-wait-over", "promote-stale", STALE_AT[10]),
     ("progressing-wait-over", "rollback", USER_ROLLBACK),
-    ("progressing-wait-over", "gates-pass", Moves(State.AWAITING_PROMOTION, 10, Trigger.CONTROLLER, READY)),
+    (
+        "progressing-wait-over",
+        "gates-pass",
+        Moves(State.AWAITING_PROMOTION, 10, Trigger.CONTROLLER, READY),
+    ),
     ("progressing-wait-over", "gates-fail", Stays()),
     ("progressing-wait-over", "gates-breach", BREACH_ROLLBACK),
-    ("progressing-wait-over", "tick", Moves(State.AWAITING_PROMOTION, 10, Trigger.CONTROLLER, READY)),
+    (
+        "progressing-wait-over",
+        "tick",
+        Moves(State.AWAITING_PROMOTION, 10, Trigger.CONTROLLER, READY),
+    ),
     ("progressing-wait-over-auto", "tick", promoted_to(25, Trigger.CONTROLLER)),
     ("progressing-wait-over-auto", "gates-pass", promoted_to(25, Trigger.CONTROLLER)),
     ("progressing-wait-over-auto", "gates-fail", Stays()),
@@ -356,9 +370,7 @@ ROWS: list[tuple[str, str, Moves | Stays | Refused]] = [
     (
         "paused-when-ready",
         "resume",
-        Moves(
-            State.AWAITING_PROMOTION, 10, Trigger.CONTROLLER, ("audit:rollout.resumed", *READY)
-        ),
+        Moves(State.AWAITING_PROMOTION, 10, Trigger.CONTROLLER, ("audit:rollout.resumed", *READY)),
     ),
     ("paused-when-ready", "promote", IS_PAUSED),
     ("paused-when-ready", "tick", Stays()),
@@ -393,14 +405,26 @@ ROWS: list[tuple[str, str, Moves | Stays | Refused]] = [
     ("baking-over", "rollback", USER_ROLLBACK),
     ("baking-over-gate-failing", "tick", Stays()),
     ("baking-over-gate-failing", "promote", refused(RefusalCode.NOT_READY, "gates not passing")),
-    ("baking-over-gate-failing", "gates-pass", Moves(State.SUCCEEDED, 100, Trigger.CONTROLLER, SUCCEEDED)),
+    (
+        "baking-over-gate-failing",
+        "gates-pass",
+        Moves(State.SUCCEEDED, 100, Trigger.CONTROLLER, SUCCEEDED),
+    ),
     # Terminal rollouts: Start opens a new one; user events are refused; controller events absorbed.
     *(
         row
         for terminal, verb in (("succeeded", "succeeded"), ("rolled_back", "been rolled back"))
         for row in (
-            (terminal, "start", Moves(State.PROGRESSING, 10, Trigger.USER, ("weight:10", *STARTED))),
-            (terminal, "start-target-100", Moves(State.BAKING, 100, Trigger.USER, ("weight:100", *STARTED))),
+            (
+                terminal,
+                "start",
+                Moves(State.PROGRESSING, 10, Trigger.USER, ("weight:10", *STARTED)),
+            ),
+            (
+                terminal,
+                "start-target-100",
+                Moves(State.BAKING, 100, Trigger.USER, ("weight:100", *STARTED)),
+            ),
             *(
                 (terminal, name, refused(RefusalCode.TERMINAL, SERVICE, verb))
                 for name in (
@@ -413,12 +437,18 @@ ROWS: list[tuple[str, str, Moves | Stays | Refused]] = [
                     "resume",
                 )
             ),
-            *((terminal, name, Stays()) for name in ("gates-pass", "gates-fail", "gates-breach", "tick")),
+            *(
+                (terminal, name, Stays())
+                for name in ("gates-pass", "gates-fail", "gates-breach", "tick")
+            ),
         )
     ),
 ]
 
-CASES = [pytest.param(scenario, event, expect, id=f"{scenario}:{event}") for scenario, event, expect in ROWS]
+CASES = [
+    pytest.param(scenario, event, expect, id=f"{scenario}:{event}")
+    for scenario, event, expect in ROWS
+]
 
 
 def test_the_table_covers_every_state_and_event() -> None:
@@ -426,10 +456,20 @@ def test_the_table_covers_every_state_and_event() -> None:
     assert len(covered) == len(ROWS), "duplicate rows"
     core = ["start", "promote", "promote-force", "promote-target-50", "promote-stale", "rollback"]
     core += ["pause", "resume", "gates-pass", "gates-fail", "gates-breach", "tick"]
-    for scenario in ("none", "progressing", "awaiting", "paused", "baking", "succeeded", "rolled_back"):
+    for scenario in (
+        "none",
+        "progressing",
+        "awaiting",
+        "paused",
+        "baking",
+        "succeeded",
+        "rolled_back",
+    ):
         missing = [event for event in core if (scenario, event) not in covered]
         assert not missing, f"{scenario} lacks {missing}"
-    states_reached = {SCENARIOS[scenario]()[0].state for scenario in SCENARIOS if scenario != "none"}  # type: ignore[union-attr]
+    states_reached = {
+        SCENARIOS[scenario]()[0].state for scenario in SCENARIOS if scenario != "none"
+    }  # type: ignore[union-attr]
     assert states_reached == set(State)
     # Ready and not-ready variants of the time-based events exist for each timed state.
     for scenario, event in [
@@ -539,7 +579,11 @@ def test_not_ready_detail_names_time_left_and_the_gates_not_passing() -> None:
     rollout = run(
         rollout,
         GateResults(
-            (gate(GatePhase.PASS), gate(GatePhase.NO_DATA, name="latency"), gate(GatePhase.FAIL, name="db"))
+            (
+                gate(GatePhase.PASS),
+                gate(GatePhase.NO_DATA, name="latency"),
+                gate(GatePhase.FAIL, name="db"),
+            )
         ),
         T0 + MIN,
     )
@@ -664,7 +708,10 @@ def test_resume_after_the_bake_is_over_succeeds() -> None:
     assert isinstance(decision, Transition)
     assert decision.rollout.state == State.SUCCEEDED
     assert decision.rollout.stable_version == "v2"
-    assert [describe(effect) for effect in decision.effects] == ["audit:rollout.resumed", *SUCCEEDED]
+    assert [describe(effect) for effect in decision.effects] == [
+        "audit:rollout.resumed",
+        *SUCCEEDED,
+    ]
 
 
 def test_a_double_promote_with_the_same_from_percent_advances_once() -> None:
