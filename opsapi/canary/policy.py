@@ -13,6 +13,8 @@ from pydantic import (
     ConfigDict,
     Field,
     PlainSerializer,
+    ValidationInfo,
+    field_validator,
     model_validator,
 )
 
@@ -112,28 +114,52 @@ class Policy(_Strict):
     router: RouterPolicy = Field(default_factory=RouterPolicy)
     pagerduty: PagerDutyPolicy | None = None
 
-    @model_validator(mode="after")
-    def _check(self) -> Policy:
-        weights = [step.weight for step in self.steps]
+    @model_validator(mode="before")
+    @classmethod
+    def _bake_alone_sets_the_last_wait(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "bake" in data and "steps" not in data:
+            steps = [step.model_dump() for step in DEFAULT_STEPS]
+            steps[-1] = {"weight": 100, "wait": data["bake"]}
+            return {**data, "steps": steps}
+        return data
+
+    @field_validator("steps")
+    @classmethod
+    def _steps_ascend_to_100(cls, steps: list[StepPolicy]) -> list[StepPolicy]:
+        weights = [step.weight for step in steps]
         if any(later <= earlier for earlier, later in itertools.pairwise(weights)):
             raise ValueError(f"step weights must be strictly ascending, got {weights}")
         if weights[-1] != 100:
             raise ValueError(f"the last step must be 100%, got {weights[-1]}%")
-        if self.bake is not None and self.bake != self.steps[-1].wait:
-            if "steps" in self.model_fields_set:
-                raise ValueError(
-                    f"bake {format_duration(self.bake)} disagrees with the 100% step's wait "
-                    f"{format_duration(self.steps[-1].wait)}"
-                )
-            # `bake` alone overrides the default steps' last wait.
-            last = StepPolicy(weight=100, wait=self.bake)
-            object.__setattr__(self, "steps", [*self.steps[:-1], last])
-        if self.interval < MIN_INTERVAL:
+        return steps
+
+    @field_validator("bake")
+    @classmethod
+    def _bake_agrees_with_last_step(
+        cls, bake: timedelta | None, info: ValidationInfo
+    ) -> timedelta | None:
+        steps = info.data.get("steps")
+        if bake is not None and steps and bake != steps[-1].wait:
+            raise ValueError(
+                f"bake {format_duration(bake)} disagrees with the 100% step's wait "
+                f"{format_duration(steps[-1].wait)}"
+            )
+        return bake
+
+    @field_validator("interval")
+    @classmethod
+    def _interval_at_least_1s(cls, interval: timedelta) -> timedelta:
+        if interval < MIN_INTERVAL:
             raise ValueError("interval must be at least 1s")
-        names = [gate.name for gate in self.gates]
+        return interval
+
+    @field_validator("gates")
+    @classmethod
+    def _gate_names_unique(cls, gates: list[GatePolicy]) -> list[GatePolicy]:
+        names = [gate.name for gate in gates]
         if len(names) != len(set(names)):
             raise ValueError("gate names must be unique")
-        return self
+        return gates
 
     def machine_steps(self) -> tuple[Step, ...]:
         """The steps as the state machine sees them."""

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -48,15 +50,13 @@ async def save_policy(
     service: str, policy: Policy, *, actor: str, now: datetime, session: AsyncSession
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Store `policy` for `service`; return the policy documents before and after."""
+    await _ensure_service_row(service, now=now, session=session)
     record = await session.get(ServiceRecord, service, with_for_update=True)
-    before = (Policy.model_validate(record.policy) if record else Policy()).document()
-    document = policy.model_dump(mode="json", by_alias=True, exclude_none=True)
-    if record is None:
-        record = ServiceRecord(name=service, policy=document, updated_at=now, updated_by=actor)
-    else:
-        record.policy = document
-        record.updated_at = now
-        record.updated_by = actor
+    assert record is not None
+    before = Policy.model_validate(record.policy).document()
+    record.policy = policy.model_dump(mode="json", by_alias=True, exclude_none=True)
+    record.updated_at = now
+    record.updated_by = actor
     session.add(record)
     await session.flush()
     return before, policy.document()
@@ -242,12 +242,24 @@ def _set_desired_weight(record: RolloutRecord, weight: int) -> None:
         record.router_error = None
 
 
+async def _ensure_service_row(service: str, *, now: datetime, session: AsyncSession) -> None:
+    # Concurrent first writers must not collide on the insert: create the row (with the default
+    # policy, stored as {}) if missing, then everyone locks the same row.
+    dialect = session.bind.dialect.name if session.bind else "postgresql"
+    insert = postgresql_insert if dialect == "postgresql" else sqlite_insert
+    await session.exec(
+        insert(ServiceRecord)
+        .values(name=service, policy={}, updated_at=now, updated_by="system")
+        .on_conflict_do_nothing(index_elements=["name"])
+    )
+
+
 async def _record_new_stable(
     record: RolloutRecord, *, now: datetime, session: AsyncSession
 ) -> None:
+    await _ensure_service_row(record.service, now=now, session=session)
     service = await session.get(ServiceRecord, record.service, with_for_update=True)
-    if service is None:
-        service = ServiceRecord(name=record.service, policy={}, updated_at=now, updated_by="system")
+    assert service is not None
     service.stable_version = record.canary_version
     session.add(service)
 

@@ -151,7 +151,8 @@ def _service_param(call: Call) -> str:
     name = str(call.request.path_params["service"])
     if not is_service_name(name):
         call.service = None
-        raise Unprocessable(f"service names match {SERVICE_NAME.pattern}")
+        message = f"service names match {SERVICE_NAME.pattern}"
+        raise Unprocessable(message, errors=[{"field": "service", "message": message}])
     return name
 
 

@@ -253,8 +253,10 @@ class _Request:
         content_type = self.request.headers.get("content-type", "")
         if content_type.startswith("multipart/"):
             raise UnsupportedMediaType("the request body must be application/json")
+        if not raw.strip():
+            raise BadRequest("a JSON request body is required")
         try:
-            document = json.loads(raw or b"{}")
+            document = json.loads(raw)
         except (ValueError, UnicodeDecodeError):
             raise BadRequest("the request body is not valid JSON") from None
         if isinstance(document, dict) and self.service is None:

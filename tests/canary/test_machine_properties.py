@@ -10,6 +10,7 @@ of DESIGN.md §2 are checked.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 
@@ -78,12 +79,6 @@ advances = st.one_of(
 )
 
 
-def percents(steps: tuple[Step, ...]) -> st.SearchStrategy[int]:
-    """Step weights mostly, sometimes a percentage that is not a step."""
-    weights = [step.weight for step in steps]
-    return st.one_of(st.sampled_from(weights), st.sampled_from([0, 30, 101]))
-
-
 def sometimes(strategy: st.SearchStrategy[int]) -> st.SearchStrategy[int | None]:
     return st.one_of(st.none(), st.none(), strategy)
 
@@ -98,56 +93,62 @@ gate_statuses = st.builds(
     threshold=st.just(1.0),
     breached=st.integers(0, 24).map(lambda n: n == 0),
 )
+ALL_PASS = GateResults(tuple(GateStatus(name, GatePhase.PASS, 0.1, 1.0) for name in GATE_NAMES))
 
 
-@st.composite
-def starts(draw: st.DrawFn, steps: tuple[Step, ...], *, valid: bool = False) -> Start:
-    targets = st.sampled_from([step.weight for step in steps]) if valid else percents(steps)
-    return Start(
-        service="checkout",
-        canary_version=draw(st.sampled_from(["v2", "v3"])),
-        stable_version="v1",
-        steps=steps,
-        actor=draw(st.sampled_from([USER, ADMIN, SYSTEM])),
-        auto_promote=draw(st.booleans()),
-        gate_names=draw(st.sampled_from([(), ("errors",), GATE_NAMES])),
-        target_percent=draw(sometimes(targets)),
+@functools.cache
+def starts(steps: tuple[Step, ...], *, valid: bool = False) -> st.SearchStrategy[Start]:
+    """Start events; with `valid`, only targets that are steps of the policy."""
+    weights = [step.weight for step in steps]
+    targets = st.sampled_from(weights) if valid else percents(steps)
+    return st.builds(
+        Start,
+        service=st.just("checkout"),
+        canary_version=st.sampled_from(["v2", "v3"]),
+        stable_version=st.just("v1"),
+        steps=st.just(steps),
+        actor=st.sampled_from([USER, ADMIN, SYSTEM]),
+        auto_promote=st.booleans(),
+        gate_names=st.sampled_from([(), ("errors",), GATE_NAMES]),
+        target_percent=sometimes(targets),
     )
 
 
-EVENT_KINDS = (
-    ["start", "rollback", "pause"]
-    + ["resume"] * 2
-    + ["promote"] * 4
-    + ["gates"] * 3
-    + ["all-pass"] * 3
-    + ["tick"] * 5
-)
+@functools.cache
+def percents(steps: tuple[Step, ...]) -> st.SearchStrategy[int]:
+    """Step weights mostly, sometimes a percentage that is not a step."""
+    weights = [step.weight for step in steps]
+    return st.one_of(st.sampled_from(weights), st.sampled_from([0, 30, 101]))
 
 
-@st.composite
-def events(draw: st.DrawFn, steps: tuple[Step, ...]) -> Event:
-    kind = draw(st.sampled_from(EVENT_KINDS))
-    if kind == "start":
-        return draw(starts(steps))
-    if kind == "promote":
-        return Promote(
-            actor=draw(st.sampled_from([USER, ADMIN])),
-            force=draw(st.integers(0, 3).map(lambda n: n == 0)),
-            target_percent=draw(sometimes(percents(steps))),
-            from_percent=draw(sometimes(percents(steps))),
-        )
-    if kind == "rollback":
-        return Rollback("random rollback", draw(st.sampled_from([USER, PAGERDUTY, CONTROLLER])))
-    if kind == "pause":
-        return Pause(USER)
-    if kind == "resume":
-        return Resume(USER)
-    if kind == "gates":
-        return GateResults(tuple(draw(st.lists(gate_statuses, max_size=3))))
-    if kind == "all-pass":
-        return GateResults(tuple(GateStatus(name, GatePhase.PASS, 0.1, 1.0) for name in GATE_NAMES))
-    return Tick()
+@functools.cache
+def events(steps: tuple[Step, ...]) -> st.SearchStrategy[Event]:
+    promotes = st.builds(
+        Promote,
+        actor=st.sampled_from([USER, ADMIN]),
+        force=st.integers(0, 3).map(lambda n: n == 0),
+        target_percent=sometimes(percents(steps)),
+        from_percent=sometimes(percents(steps)),
+    )
+    rollbacks = st.builds(
+        Rollback, st.just("random rollback"), st.sampled_from([USER, PAGERDUTY, CONTROLLER])
+    )
+    gate_results = st.lists(gate_statuses, max_size=3).map(
+        lambda results: GateResults(tuple(results))
+    )
+    weighted: list[tuple[int, st.SearchStrategy[Event]]] = [
+        (1, starts(steps)),
+        (1, rollbacks),
+        (1, st.just(Pause(USER))),
+        (2, st.just(Resume(USER))),
+        (4, promotes),
+        (3, gate_results),
+        (3, st.just(ALL_PASS)),
+        (5, st.just(Tick())),
+    ]
+    # sampled_from a weighted list of strategies, then draw from the chosen one.
+    choices = [strategy for weight, strategy in weighted for _ in range(weight)]
+    return st.sampled_from(choices).flatmap(lambda strategy: strategy)
 
 
 @dataclass(frozen=True)

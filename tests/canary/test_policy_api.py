@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.support.app import API, Harness
+from tests.support.app import API, Harness, running_app
 
 SERVICE = "checkout"
 PATH = f"/services/{SERVICE}"
@@ -223,24 +224,6 @@ INVALID: list[Any] = [
     pytest.param(PATH, {"gates": [{**_gate("g"), "op": "=="}]}, "gates.0.op", id="gate-bad-op"),
 ]
 
-# Errors the validator raises for the whole body ("field": "body") instead of the field.
-NAMES_BODY_NOT_FIELD = {
-    "steps-not-ascending",
-    "steps-repeated-weight",
-    "last-step-not-100",
-    "bake-disagrees",
-    "interval-below-1s",
-    "interval-zero",
-    "duplicate-gate-names",
-}
-# Path names refused without any `errors` list at all.
-NO_ERRORS_LIST = {
-    "name-uppercase-underscore",
-    "name-64-chars",
-    "name-semicolon",
-    "name-leading-dash",
-}
-
 
 @pytest.fixture
 async def with_previous_policy(api: Harness) -> Harness:
@@ -272,29 +255,7 @@ async def test_invalid_policy_is_422_and_changes_nothing(
 
 
 def _named_fields_cases() -> list[Any]:
-    cases = []
-    for case in INVALID:
-        case_id = case.id
-        marks = []
-        if case_id in NAMES_BODY_NOT_FIELD:
-            marks.append(
-                pytest.mark.xfail(
-                    strict=True,
-                    reason="BUG: Policy's model-level checks (steps order, last step, bake vs last "
-                    "step, interval minimum, unique gate names) report field 'body', not the "
-                    "offending field",
-                )
-            )
-        if case_id in NO_ERRORS_LIST:
-            marks.append(
-                pytest.mark.xfail(
-                    strict=True,
-                    reason="BUG: an invalid service name in the path is a 422 with no "
-                    "`errors` list (views._service_param raises Unprocessable without errors)",
-                )
-            )
-        cases.append(pytest.param(*case.values, id=case_id, marks=marks))
-    return cases
+    return [pytest.param(*case.values, id=case.id) for case in INVALID]
 
 
 @pytest.mark.parametrize(("path", "body", "field"), _named_fields_cases())
@@ -374,9 +335,7 @@ async def test_streamed_body_over_the_size_limit_is_413(with_previous_policy: Ha
     assert (await get_policy(api))["steps"] == PREVIOUS["steps"]
 
 
-async def test_size_limit_follows_the_setting(pg_url: str, key_file: Any) -> None:
-    from tests.support.app import running_app
-
+async def test_size_limit_follows_the_setting(pg_url: str, key_file: Path) -> None:
     async with running_app(pg_url, key_file, max_body_bytes=256) as api:
         small = json.dumps(PREVIOUS).encode()
         assert len(small) <= 256
@@ -465,12 +424,6 @@ async def test_a_policy_change_applies_to_the_next_rollout(api: Harness) -> None
 # --- concurrency -------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: concurrent first PUTs of a service's policy answer 500: save_policy's "
-    "SELECT ... FOR UPDATE locks no row when the service is new, so both insert and the "
-    "loser's IntegrityError becomes an internal error",
-)
 async def test_concurrent_first_puts_of_a_new_service_do_not_fail(api: Harness) -> None:
     for round_ in range(5):
         service = f"fresh-{round_}"
