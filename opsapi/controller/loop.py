@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from datetime import datetime, timedelta
+
+from sqlmodel import col, delete
 
 from opsapi.audit import service as audit
 from opsapi.audit.models import Outcome, Source
@@ -12,9 +15,11 @@ from opsapi.canary import machine, service
 from opsapi.clock import Clock
 from opsapi.metrics import Metrics
 from opsapi.storage.db import SessionFactory
+from opsapi.storage.idempotency import IdempotencyRecord
 
 log = logging.getLogger("opsapi.controller")
 ACTOR = "controller"
+DEFAULT_IDEMPOTENCY_TTL = timedelta(hours=24)
 
 
 class Controller:
@@ -28,12 +33,15 @@ class Controller:
         *,
         batch_size: int = 100,
         poll_seconds: float = 1.0,
+        idempotency_ttl: timedelta = DEFAULT_IDEMPOTENCY_TTL,
     ) -> None:
         self.sessions = sessions
         self.clock = clock
         self.metrics = metrics
         self.batch_size = batch_size
         self.poll_seconds = poll_seconds
+        self.idempotency_ttl = idempotency_ttl
+        self._next_purge: datetime | None = None
 
     async def run_once(self) -> int:
         """Handle every rollout due now; return how many transitions happened."""
@@ -69,11 +77,25 @@ class Controller:
                         )
         return transitions
 
+    async def purge_idempotency_keys(self) -> int:
+        """Forget stored first responses older than the TTL (at most once a minute)."""
+        now = self.clock()
+        if self._next_purge is not None and now < self._next_purge:
+            return 0
+        self._next_purge = now + timedelta(minutes=1)
+        cutoff = now - self.idempotency_ttl
+        async with self.sessions() as session, session.begin():
+            result = await session.exec(
+                delete(IdempotencyRecord).where(col(IdempotencyRecord.created_at) < cutoff)
+            )
+        return int(result.rowcount or 0)
+
     async def run(self, stop: asyncio.Event) -> None:
         """Run passes until `stop` is set; an error in one pass never ends the loop."""
         while not stop.is_set():
             try:
                 await self.run_once()
+                await self.purge_idempotency_keys()
                 self.metrics.controller_ticks.labels("ok").inc()
             except Exception:
                 self.metrics.controller_ticks.labels("error").inc()

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from datetime import timedelta
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
@@ -81,6 +82,7 @@ def create_app(
             runtime.metrics,
             batch_size=settings.controller_batch_size,
             poll_seconds=settings.controller_poll_seconds,
+            idempotency_ttl=timedelta(hours=settings.idempotency_ttl_hours),
         )
         app.state.controller = controller
         stop = asyncio.Event()
