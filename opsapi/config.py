@@ -32,6 +32,7 @@ class Settings(BaseSettings):
     controller_batch_size: int = Field(default=100, ge=1)
 
     prometheus_url: str | None = None
+    prometheus_timeout_seconds: float = Field(default=3.0, gt=0)
     pagerduty_webhook_secrets: str = ""
     pagerduty_events_url: str = "https://events.pagerduty.com"
     routers_file: Path | None = None

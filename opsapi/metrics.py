@@ -36,6 +36,18 @@ class Metrics:
             ["service"],
             registry=self.registry,
         )
+        self.evaluations = Counter(
+            "opsapi_gate_evaluations",
+            "Gate evaluations by resulting phase",
+            ["phase"],
+            registry=self.registry,
+        )
+        self.evaluation_seconds = Histogram(
+            "opsapi_gate_evaluation_duration_seconds",
+            "Time to measure all gates of one rollout",
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=self.registry,
+        )
         self.controller_ticks = Counter(
             "opsapi_controller_ticks", "Controller passes", ["result"], registry=self.registry
         )

@@ -63,6 +63,9 @@ class RolloutRecord(SQLModel, table=True):
     interval_seconds: float = 60.0
     router: dict[str, Any] = Field(sa_type=JSONDocument)
     gates: list[dict[str, Any]] = Field(default_factory=list, sa_type=JSONDocument)
+    # The gates and min_sample guard the rollout started with (a policy change applies to the
+    # next rollout, as its steps do).
+    gate_policy: dict[str, Any] = Field(default_factory=dict, sa_type=JSONDocument)
     triggered_by: str = Field(max_length=32)
     reason: str | None = Field(default=None, max_length=2000)
     created_by: str = Field(max_length=255)

@@ -172,4 +172,48 @@ class Policy(_Strict):
         return body
 
 
-DEFAULT_POLICY = Policy()
+# The release checklist's rollback triggers as gates over the metric conventions in
+# docs/metrics.md. Request-based gates hold on no data (a canary without traffic proves
+# nothing); webhook and database gates pass on no data, since many services have neither.
+_REQUESTS = 'http_requests_total{{service="{{service}}",version="{{canary_version}}"{extra}}}'
+_RATE = "sum(rate(" + _REQUESTS + "[5m]))"
+CHECKLIST_GATES = (
+    GatePolicy.model_validate({
+        "name": "p95-latency",
+        "query": 'histogram_quantile(0.95, sum by (le) (rate(http_request_duration_seconds_bucket'
+                 '{service="{service}",version="{canary_version}"}[5m])))',
+        "op": "<", "threshold": 10, "for": "5m", "on_no_data": "hold",
+    }),
+    GatePolicy.model_validate({
+        "name": "error-rate",
+        "query": _RATE.format(extra=',code=~"5.."') + " / " + _RATE.format(extra=""),
+        "op": "<", "threshold": 0.01, "for": "5m", "on_no_data": "hold",
+    }),
+    GatePolicy.model_validate({
+        "name": "success-rate",
+        "query": _RATE.format(extra=',code=~"[23].."') + " / " + _RATE.format(extra=""),
+        "op": ">=", "threshold": 0.95, "for": "5m", "on_no_data": "hold",
+    }),
+    GatePolicy.model_validate({
+        "name": "webhook-signature-verification",
+        "query": 'sum(rate(webhook_signature_verifications_total{service="{service}",'
+                 'version="{canary_version}",result="ok"}[5m])) / sum(rate('
+                 'webhook_signature_verifications_total{service="{service}",'
+                 'version="{canary_version}"}[5m]))',
+        "op": ">=", "threshold": 0.999, "for": "5m", "on_no_data": "pass",
+    }),
+    GatePolicy.model_validate({
+        "name": "db-connection-failures",
+        "query": 'sum(rate(db_connection_attempts_total{service="{service}",'
+                 'version="{canary_version}",result="error"}[2m])) / sum(rate('
+                 'db_connection_attempts_total{service="{service}",version="{canary_version}"}'
+                 "[2m]))",
+        "op": "<", "threshold": 0.05, "for": "2m", "on_no_data": "pass",
+    }),
+)  # fmt: skip
+
+
+def default_policy(*, with_gates: bool) -> Policy:
+    """The policy of a service never configured: the checklist's steps, and its gates when
+    a metrics backend is configured (without one, gates could only ever hold)."""
+    return Policy(gates=list(CHECKLIST_GATES)) if with_gates else Policy()

@@ -40,20 +40,33 @@ OPEN_STATE_VALUES = [state.value for state in machine.OPEN_STATES]
 # Policies -------------------------------------------------------------------------------------
 
 
-async def load_policy(service: str, *, session: AsyncSession) -> Policy:
-    """The service's stored policy, or the default policy for an unknown service."""
+async def load_policy(service: str, *, default: Policy, session: AsyncSession) -> Policy:
+    """The service's stored policy, or `default` for a service never configured."""
     record = await session.get(ServiceRecord, service)
-    return Policy.model_validate(record.policy) if record else Policy()
+    return _policy_of(record, default)
+
+
+def _policy_of(record: ServiceRecord | None, default: Policy) -> Policy:
+    # A row created only to hold a stable version stores {}: it has no policy of its own.
+    if record is None or not record.policy:
+        return default
+    return Policy.model_validate(record.policy)
 
 
 async def save_policy(
-    service: str, policy: Policy, *, actor: str, now: datetime, session: AsyncSession
+    service: str,
+    policy: Policy,
+    *,
+    default: Policy,
+    actor: str,
+    now: datetime,
+    session: AsyncSession,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Store `policy` for `service`; return the policy documents before and after."""
     await _ensure_service_row(service, now=now, session=session)
     record = await session.get(ServiceRecord, service, with_for_update=True)
     assert record is not None
-    before = Policy.model_validate(record.policy).document()
+    before = _policy_of(record, default).document()
     record.policy = policy.model_dump(mode="json", by_alias=True, exclude_none=True)
     record.updated_at = now
     record.updated_by = actor
@@ -270,12 +283,13 @@ async def start_rollout(
     *,
     actor: Actor,
     now: datetime,
+    default: Policy,
     session: AsyncSession,
     target_percent: int | None = None,
     reason: str | None = None,
 ) -> Applied:
     """Open a rollout of `version` at the policy's first step (or `target_percent`)."""
-    policy = await load_policy(service, session=session)
+    policy = await load_policy(service, default=default, session=session)
     service_record = await session.get(ServiceRecord, service)
     stable = service_record.stable_version if service_record else None
     if stable == version:
@@ -306,6 +320,9 @@ async def start_rollout(
         auto_promote=policy.auto_promote,
         interval_seconds=policy.interval.total_seconds(),
         router=policy.router.model_dump(mode="json"),
+        gate_policy=policy.model_dump(
+            mode="json", by_alias=True, include={"gates", "min_sample"}, exclude_none=True
+        ),
         triggered_by=actor.triggered_by.value,
         created_by=actor.name,
         created_at=now,

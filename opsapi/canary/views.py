@@ -80,6 +80,7 @@ async def promote(call: Call) -> Response:
             body.version,
             actor=_actor(call),
             now=call.now,
+            default=call.runtime.default_policy,
             session=call.session,
             target_percent=body.target_percent,
             reason=body.reason,
@@ -210,7 +211,9 @@ async def rollout_weight(call: Call) -> Response:
 async def get_policy(call: Call) -> Response:
     """The service's policy (the default policy for a service never configured)."""
     name = _service_param(call)
-    policy = await service.load_policy(name, session=call.session)
+    policy = await service.load_policy(
+        name, default=call.runtime.default_policy, session=call.session
+    )
     return JSONResponse(policy.document())
 
 
@@ -221,7 +224,12 @@ async def put_policy(call: Call) -> Response:
     policy = call.body_as(Policy)
     check_router(policy.router, call.runtime.settings)
     before, after = await service.save_policy(
-        name, policy, actor=call.identity.subject, now=call.now, session=call.session
+        name,
+        policy,
+        default=call.runtime.default_policy,
+        actor=call.identity.subject,
+        now=call.now,
+        session=call.session,
     )
     call.details.update(before=before, after=after)
     return JSONResponse(after)

@@ -1,18 +1,36 @@
-"""Claims due rollouts and lets the state machine act on the passage of time."""
+"""The controller: claims due rollouts, measures their gates, lets the state machine decide.
+
+One pass: (1) claim due rollouts with `FOR UPDATE SKIP LOCKED` and lease them by pushing their
+`next_evaluation_at` forward, so no other replica takes them while they are measured; (2)
+measure every gate concurrently, outside any transaction; (3) for each rollout, in its own
+transaction, lock the row again, judge the measurements against its stored gate statuses and
+apply the result to the state machine, storing the evaluations and the audit events with the
+change. A crash anywhere leaves the lease to expire and another pass to redo the work.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import time
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from sqlmodel import col, delete
+from sqlmodel.ext.asyncio.session import AsyncSession
 
 from opsapi.audit import service as audit
 from opsapi.audit.models import Outcome, Source
 from opsapi.canary import machine, service
+from opsapi.canary.machine import GateStatus
+from opsapi.canary.models import RolloutRecord
+from opsapi.canary.policy import GatePolicy, MinSample
 from opsapi.clock import Clock
+from opsapi.gates import judge
+from opsapi.gates.models import GateEvaluation
+from opsapi.gates.provider import GateProvider, Measurement, NoProvider
+from opsapi.gates.templates import TemplateValues, render
 from opsapi.metrics import Metrics
 from opsapi.storage.db import SessionFactory
 from opsapi.storage.idempotency import IdempotencyRecord
@@ -20,10 +38,31 @@ from opsapi.storage.idempotency import IdempotencyRecord
 log = logging.getLogger("opsapi.controller")
 ACTOR = "controller"
 DEFAULT_IDEMPOTENCY_TTL = timedelta(hours=24)
+LEASE = timedelta(seconds=30)
+
+
+@dataclass(frozen=True)
+class _Claim:
+    """What was read under the claim's lock: enough to measure without holding it."""
+
+    rollout_id: int
+    step_index: int
+    values: TemplateValues
+    gates: tuple[GatePolicy, ...]
+    min_sample: MinSample | None
+    overdue: float
+
+
+@dataclass(frozen=True)
+class _Measured:
+    claim: _Claim
+    at: datetime
+    gates: dict[str, Measurement]
+    sample_shortfall: str | None
 
 
 class Controller:
-    """One replica's controller; several may run against one database (SKIP LOCKED claims)."""
+    """One replica's controller; several may run against one database."""
 
     def __init__(
         self,
@@ -31,6 +70,7 @@ class Controller:
         clock: Clock,
         metrics: Metrics,
         *,
+        provider: GateProvider | None = None,
         batch_size: int = 100,
         poll_seconds: float = 1.0,
         idempotency_ttl: timedelta = DEFAULT_IDEMPOTENCY_TTL,
@@ -38,44 +78,140 @@ class Controller:
         self.sessions = sessions
         self.clock = clock
         self.metrics = metrics
+        self.provider: GateProvider = provider or NoProvider()
         self.batch_size = batch_size
         self.poll_seconds = poll_seconds
         self.idempotency_ttl = idempotency_ttl
         self._next_purge: datetime | None = None
 
     async def run_once(self) -> int:
-        """Handle every rollout due now; return how many transitions happened."""
-        now = self.clock()
+        """Handle every rollout due now (in batches); return how many transitions happened."""
         transitions = 0
+        while True:
+            claims = await self._claim()
+            if not claims:
+                return transitions
+            measured = await asyncio.gather(*(self._measure(claim) for claim in claims))
+            for result in measured:
+                transitions += await self._decide(result)
+            if len(claims) < self.batch_size:
+                return transitions
+
+    async def _claim(self) -> list[_Claim]:
+        now = self.clock()
         async with self.sessions() as session, session.begin():
             due = await service.claim_due(now=now, limit=self.batch_size, session=session)
-            if due:
-                oldest = min(r.next_evaluation_at or now for r in due)
-                self.metrics.controller_lag.set(max(0.0, (now - oldest).total_seconds()))
-            else:
-                self.metrics.controller_lag.set(0.0)
+            claims = []
             for record in due:
-                async with session.begin_nested():
-                    applied = await service.apply_event(
-                        record, machine.Tick(), now=now, session=session
-                    )
-                    for effect in applied.transition.effects:
-                        if not isinstance(effect, machine.Audit):
-                            continue
-                        transitions += 1
-                        self.metrics.transitions.labels(effect.action, record.triggered_by).inc()
-                        audit.record(
-                            session=session,
-                            at=now,
-                            actor=ACTOR,
-                            source=Source.CONTROLLER,
-                            action=effect.action,
-                            outcome=Outcome.SUCCESS,
-                            service=record.service,
-                            rollout_id=record.id,
-                            details={**effect.details, "triggered_by": record.triggered_by},
-                        )
-        return transitions
+                overdue = (now - (record.next_evaluation_at or now)).total_seconds()
+                record.next_evaluation_at = now + LEASE
+                session.add(record)
+                claims.append(_claim_of(record, overdue))
+        lag = max((claim.overdue for claim in claims), default=0.0)
+        self.metrics.controller_lag.set(max(0.0, lag))
+        return claims
+
+    async def _measure(self, claim: _Claim) -> _Measured:
+        at = self.clock()
+        if not claim.gates:
+            return _Measured(claim, at, {}, None)
+        started = time.perf_counter()
+        shortfall = None
+        if claim.min_sample is not None:
+            count = await self.provider.measure(render(claim.min_sample.query, claim.values))
+            shortfall = judge.below_min_sample(count, claim.min_sample.min)
+        results = await asyncio.gather(*(self._measure_gate(gate, claim) for gate in claim.gates))
+        self.metrics.evaluation_seconds.observe(time.perf_counter() - started)
+        return _Measured(claim, at, dict(zip([g.name for g in claim.gates], results, strict=True)),
+                         shortfall)  # fmt: skip
+
+    async def _measure_gate(self, gate: GatePolicy, claim: _Claim) -> Measurement:
+        canary = self.provider.measure(render(gate.query, claim.values))
+        if gate.baseline_query is None:
+            return await canary
+        stable = self.provider.measure(render(gate.baseline_query, claim.values))
+        canary_value, stable_value = await asyncio.gather(canary, stable)
+        return judge.gate_value(gate, canary_value, stable_value)
+
+    async def _decide(self, measured: _Measured) -> int:
+        claim = measured.claim
+        now = self.clock()
+        async with self.sessions() as session, session.begin():
+            record = await session.get(RolloutRecord, claim.rollout_id, with_for_update=True)
+            if record is None or record.state not in service.OPEN_STATE_VALUES:
+                return 0
+            if record.step_index != claim.step_index:
+                # Promoted while we measured: these numbers describe the previous step.
+                record.next_evaluation_at = now
+                session.add(record)
+                return 0
+            event: machine.Event = machine.Tick()
+            if claim.gates:
+                statuses = self._judge(measured, record)
+                self._store_evaluations(session, record, statuses, measured.at)
+                event = machine.GateResults(statuses)
+            applied = await service.apply_event(record, event, now=now, session=session)
+            return self._audit_transition(session, applied, now)
+
+    def _judge(self, measured: _Measured, record: RolloutRecord) -> tuple[GateStatus, ...]:
+        previous = {status.name: status for status in service.to_machine(record).gates}
+        statuses = []
+        for gate in measured.claim.gates:
+            before = previous.get(gate.name)
+            if measured.sample_shortfall is not None:
+                status = judge.insufficient_sample(gate, measured.sample_shortfall, before)
+            else:
+                status = judge.judge(gate, measured.gates[gate.name], before, measured.at)
+            self.metrics.evaluations.labels(status.phase.value).inc()
+            statuses.append(status)
+        return tuple(statuses)
+
+    def _store_evaluations(
+        self,
+        session: AsyncSession,
+        record: RolloutRecord,
+        statuses: tuple[GateStatus, ...],
+        at: datetime,
+    ) -> None:
+        assert record.id is not None
+        for status in statuses:
+            session.add(
+                GateEvaluation(
+                    rollout_id=record.id,
+                    at=at,
+                    gate=status.name,
+                    step_index=record.step_index,
+                    weight=record.desired_weight,
+                    phase=status.phase.value,
+                    value=status.value,
+                    threshold=status.threshold,
+                    breached=status.breached,
+                    detail=(status.detail or "")[:1000] or None,
+                )
+            )
+
+    def _audit_transition(
+        self, session: AsyncSession, applied: service.Applied, now: datetime
+    ) -> int:
+        record = applied.record
+        count = 0
+        for effect in applied.transition.effects:
+            if not isinstance(effect, machine.Audit):
+                continue
+            count += 1
+            self.metrics.transitions.labels(effect.action, record.triggered_by).inc()
+            audit.record(
+                session=session,
+                at=now,
+                actor=ACTOR,
+                source=Source.CONTROLLER,
+                action=effect.action,
+                outcome=Outcome.SUCCESS,
+                service=record.service,
+                rollout_id=record.id,
+                details={**effect.details, "triggered_by": record.triggered_by},
+            )
+        return count
 
     async def purge_idempotency_keys(self) -> int:
         """Forget stored first responses older than the TTL (at most once a minute)."""
@@ -102,3 +238,18 @@ class Controller:
                 log.exception("controller pass failed; retrying")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=self.poll_seconds)
+
+
+def _claim_of(record: RolloutRecord, overdue: float) -> _Claim:
+    assert record.id is not None
+    policy = record.gate_policy or {}
+    gates = tuple(GatePolicy.model_validate(gate) for gate in policy.get("gates", []))
+    min_sample = policy.get("min_sample")
+    return _Claim(
+        rollout_id=record.id,
+        step_index=record.step_index,
+        values=TemplateValues(record.service, record.canary_version, record.stable_version),
+        gates=gates,
+        min_sample=MinSample.model_validate(min_sample) if min_sample else None,
+        overdue=overdue,
+    )

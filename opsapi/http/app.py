@@ -21,10 +21,13 @@ from opsapi.auth.cache import CachedVerifier
 from opsapi.auth.tokens import JwksVerifier, LocalSigner, TokenVerifier
 from opsapi.canary import service as canary_service
 from opsapi.canary import views as canary_views
+from opsapi.canary.policy import default_policy
 from opsapi.clock import Clock, system_clock
 from opsapi.config import Settings
 from opsapi.controller.loop import Controller
 from opsapi.errors import Problem
+from opsapi.gates.prometheus import PrometheusProvider
+from opsapi.gates.provider import GateProvider, NoProvider
 from opsapi.http.endpoint import problem_response
 from opsapi.http.openapi import openapi_document
 from opsapi.http.runtime import Runtime
@@ -50,11 +53,21 @@ def build_verifier(settings: Settings) -> TokenVerifier:
     return LocalSigner.load_or_create(settings.signing_key_path).verifier()
 
 
+def build_provider(settings: Settings) -> GateProvider:
+    """Prometheus when configured; otherwise every gate query is no data."""
+    if settings.prometheus_url:
+        return PrometheusProvider(
+            settings.prometheus_url, timeout_seconds=settings.prometheus_timeout_seconds
+        )
+    return NoProvider()
+
+
 def create_app(
     settings: Settings | None = None,
     *,
     clock: Clock = system_clock,
     verifier: TokenVerifier | None = None,
+    gate_provider: GateProvider | None = None,
 ) -> Starlette:
     """Build the application; the database and controller start with its lifespan."""
     settings = settings or Settings()
@@ -73,13 +86,16 @@ def create_app(
             clock=clock,
             metrics=Metrics(),
             audit_writer=AuditWriter(engine),
+            default_policy=default_policy(with_gates=bool(settings.prometheus_url)),
         )
         runtime.audit_writer.start()
         app.state.runtime = runtime
+        provider = gate_provider or build_provider(settings)
         controller = Controller(
             runtime.sessions,
             clock,
             runtime.metrics,
+            provider=provider,
             batch_size=settings.controller_batch_size,
             poll_seconds=settings.controller_poll_seconds,
             idempotency_ttl=timedelta(hours=settings.idempotency_ttl_hours),
@@ -95,6 +111,8 @@ def create_app(
                 await task
             await runtime.audit_writer.stop()
             await engine.dispose()
+            if isinstance(provider, PrometheusProvider):
+                provider.close()
 
     api_routes = [*canary_views.routes, Route("/openapi.json", openapi, methods=["GET"])]
     return Starlette(

@@ -8,6 +8,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from opsapi.audit.writer import AuditWriter
 from opsapi.auth.tokens import TokenVerifier
+from opsapi.canary.policy import Policy
 from opsapi.clock import Clock
 from opsapi.config import Settings
 from opsapi.metrics import Metrics
@@ -23,3 +24,4 @@ class Runtime:
     clock: Clock
     metrics: Metrics
     audit_writer: AuditWriter
+    default_policy: Policy

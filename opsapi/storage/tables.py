@@ -2,6 +2,7 @@
 
 from opsapi.audit.models import AuditEvent
 from opsapi.canary.models import RolloutRecord, ServiceRecord
+from opsapi.gates.models import GateEvaluation
 from opsapi.storage.idempotency import IdempotencyRecord
 
-__all__ = ["AuditEvent", "IdempotencyRecord", "RolloutRecord", "ServiceRecord"]
+__all__ = ["AuditEvent", "GateEvaluation", "IdempotencyRecord", "RolloutRecord", "ServiceRecord"]

@@ -1,0 +1,1 @@
+"""SLO gates: query templates, measurement providers, and the pure judgement."""
