@@ -19,6 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8080)
     commands.add_parser("migrate", help="bring the database schema up to date")
+    commands.add_parser("controller", help="run only the controller loop (no HTTP API)")
     token = commands.add_parser("token", help="print a locally signed bearer token")
     token.add_argument("--role", required=True, choices=[role.value for role in Role])
     token.add_argument("--subject", required=True)
@@ -34,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
         return _serve(settings, args.host, args.port)
     if args.command == "migrate":
         return _migrate(settings)
+    if args.command == "controller":
+        return _controller(settings)
     return _token(settings, args.role, args.subject, args.ttl)
 
 
@@ -44,6 +47,41 @@ def _serve(settings: Settings, host: str, port: int) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     uvicorn.run(create_app(settings), host=host, port=port, access_log=False)
+    return 0
+
+
+def _controller(settings: Settings) -> int:
+    import signal
+
+    from opsapi.clock import system_clock
+    from opsapi.controller.loop import Controller
+    from opsapi.http.app import build_provider
+    from opsapi.metrics import Metrics
+    from opsapi.storage.db import create_engine, session_factory
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+
+    async def run() -> None:
+        engine = create_engine(settings.database_url)
+        provider = build_provider(settings)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        controller = Controller(
+            session_factory(engine),
+            system_clock,
+            Metrics(),
+            provider=provider,
+            batch_size=settings.controller_batch_size,
+            poll_seconds=settings.controller_poll_seconds,
+        )
+        try:
+            await controller.run(stop)
+        finally:
+            await engine.dispose()
+
+    asyncio.run(run())
     return 0
 
 

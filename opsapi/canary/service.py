@@ -33,6 +33,7 @@ from opsapi.canary.models import RolloutRecord, ServiceRecord
 from opsapi.canary.policy import Policy
 from opsapi.durations import format_duration
 from opsapi.errors import Conflict, NotFound, Problem, Unprocessable
+from opsapi.http.params import iso
 
 OPEN_STATE_VALUES = [state.value for state in machine.OPEN_STATES]
 
@@ -389,12 +390,13 @@ def rollout_view(record: RolloutRecord, now: datetime) -> dict[str, Any]:
         ],
         "desired_weight": record.desired_weight,
         "applied_weight": record.applied_weight,
-        "step_started_at": _iso(record.step_started_at),
+        "step_started_at": iso(record.step_started_at),
         "ready": bool(ready and ready.ready),
-        "ready_at": _iso(ready.ready_at) if ready and ready.ready_at else None,
+        "blocked_by": list(ready.blocking_gates) if ready else [],
+        "ready_at": iso(ready.ready_at) if ready and ready.ready_at else None,
         "time_left": format_duration(_whole_seconds(ready.time_left)) if ready else None,
         "waited": format_duration(ready.waited) if ready else None,
-        "paused_at": _iso(record.paused_at),
+        "paused_at": iso(record.paused_at),
         "paused_for": format_duration(rollout.paused_for),
         "auto_promote": record.auto_promote,
         "triggered_by": record.triggered_by,
@@ -404,7 +406,9 @@ def rollout_view(record: RolloutRecord, now: datetime) -> dict[str, Any]:
                 "phase": gate.phase.value,
                 "value": gate.value,
                 "threshold": gate.threshold,
-                "failing_since": _iso(gate.failing_since),
+                "failing_since": iso(gate.failing_since),
+                "breached": gate.breached,
+                "detail": gate.detail,
             }
             for gate in rollout.gates
         ],
@@ -412,17 +416,13 @@ def rollout_view(record: RolloutRecord, now: datetime) -> dict[str, Any]:
         "router": record.router,
         "router_error": record.router_error,
         "created_by": record.created_by,
-        "created_at": _iso(record.created_at),
-        "updated_at": _iso(record.updated_at),
-        "finished_at": _iso(record.finished_at),
-        "next_evaluation_at": _iso(record.next_evaluation_at),
+        "created_at": iso(record.created_at),
+        "updated_at": iso(record.updated_at),
+        "finished_at": iso(record.finished_at),
+        "next_evaluation_at": iso(record.next_evaluation_at),
     }
 
 
 def _whole_seconds(duration: timedelta) -> timedelta:
     # "29m59s975ms" helps nobody: round what is left up to whole seconds.
     return timedelta(seconds=math.ceil(duration.total_seconds()))
-
-
-def _iso(value: datetime | None) -> str | None:
-    return value.isoformat().replace("+00:00", "Z") if value else None

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
-from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -15,6 +14,7 @@ from opsapi.canary.machine import Actor, Trigger
 from opsapi.canary.policy import SERVICE_NAME, VERSION, Policy, is_service_name
 from opsapi.errors import Conflict, NotFound, Unprocessable
 from opsapi.http.endpoint import Call, endpoint
+from opsapi.http.params import int_param
 from opsapi.routers.registry import check_router
 
 ServiceName = Field(pattern=SERVICE_NAME.pattern, description="the service's name")
@@ -172,7 +172,7 @@ async def get_rollout(call: Call) -> Response:
 async def rollout_history(call: Call) -> Response:
     """The service's rollouts, newest first; `limit` (≤ 100) and an opaque `cursor`."""
     name = _service_param(call)
-    limit = _int_param(call.request, "limit", default=20, low=1, high=100)
+    limit = int_param(call.request, "limit", default=20, low=1, high=100)
     cursor = call.request.query_params.get("cursor")
     before_id = None
     if cursor:
@@ -233,15 +233,6 @@ async def put_policy(call: Call) -> Response:
     )
     call.details.update(before=before, after=after)
     return JSONResponse(after)
-
-
-def _int_param(request: Request, name: str, *, default: int, low: int, high: int) -> int:
-    raw = request.query_params.get(name)
-    if raw is None:
-        return default
-    if not raw.isdigit() or not low <= int(raw) <= high:
-        raise Unprocessable(f"{name} must be a whole number from {low} to {high}")
-    return int(raw)
 
 
 routes = [

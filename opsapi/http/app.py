@@ -26,6 +26,7 @@ from opsapi.clock import Clock, system_clock
 from opsapi.config import Settings
 from opsapi.controller.loop import Controller
 from opsapi.errors import Problem
+from opsapi.gates import views as gate_views
 from opsapi.gates.prometheus import PrometheusProvider
 from opsapi.gates.provider import GateProvider, NoProvider
 from opsapi.http.endpoint import problem_response
@@ -114,7 +115,11 @@ def create_app(
             if isinstance(provider, PrometheusProvider):
                 provider.close()
 
-    api_routes = [*canary_views.routes, Route("/openapi.json", openapi, methods=["GET"])]
+    api_routes = [
+        *canary_views.routes,
+        *gate_views.routes,
+        Route("/openapi.json", openapi, methods=["GET"]),
+    ]
     return Starlette(
         routes=[
             Mount(API_PREFIX, routes=api_routes),

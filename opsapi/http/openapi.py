@@ -22,6 +22,8 @@ OPERATIONS: list[tuple[str, str, str, str, type[BaseModel] | None]] = [
     ("get", "/canary/{service}", "viewer", "The service's latest rollout", None),
     ("get", "/canary/{service}/history", "viewer", "The service's rollouts, newest first", None),
     ("get", "/canary/{service}/weight", "viewer", "The canary percentage to apply now", None),
+    ("get", "/rollouts/{rollout_id}/evaluations", "viewer",
+     "Gate evaluations of a rollout, newest first", None),
     ("get", "/services/{service}", "viewer", "The service's policy", None),
     ("put", "/services/{service}", "admin", "Replace the service's policy", Policy),
 ]  # fmt: skip
@@ -47,10 +49,11 @@ def openapi_document(prefix: str) -> dict[str, Any]:
                 **{code: _PROBLEM for code in ("400", "401", "403", "404", "409", "422")},
             },
         }
-        if "{service}" in path:
-            operation["parameters"] = [
-                {"name": "service", "in": "path", "required": True, "schema": {"type": "string"}}
-            ]
+        for name in ("service", "rollout_id"):
+            if "{" + name + "}" in path:
+                operation["parameters"] = [
+                    {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+                ]
         if method != "get":
             operation["parameters"] = [
                 *operation.get("parameters", []),

@@ -35,6 +35,7 @@ RBAC: dict[tuple[str, str, str], tuple[int, int, int, int, int]] = {
     ("GET",  "/canary/checkout",              "started"):   (401,  200,   200,    200,  200),
     ("GET",  "/canary/checkout/history",      "started"):   (401,  200,   200,    200,  200),
     ("GET",  "/canary/checkout/weight",       "started"):   (401,  200,   200,    200,  200),
+    ("GET",  "/rollouts/1/evaluations",       "started"):   (401,  200,   200,    200,  200),
     ("GET",  "/services/checkout",            "nothing"):   (401,  200,   200,    200,  200),
     ("PUT",  "/services/checkout",            "nothing"):   (401,  403,   403,    200,  403),
     ("GET",  "/openapi.json",                 "nothing"):   (200,  200,   200,    200,  200),
@@ -178,7 +179,10 @@ async def test_matrix_covers_every_api_route(api: Harness) -> None:
         for route in mount.routes  # type: ignore[attr-defined]
         for method in route.methods - {"HEAD"}
     }
-    in_matrix = {(method, path.replace(f"/{SERVICE}", "/{service}")) for method, path, _ in RBAC}
+    in_matrix = {
+        (method, path.replace(f"/{SERVICE}", "/{service}").replace("/1/", "/{rollout_id}/"))
+        for method, path, _ in RBAC
+    }
     assert served == in_matrix
 
 
