@@ -238,7 +238,7 @@ def readiness(rollout: Rollout, now: datetime) -> Readiness:
     left = max(timedelta(0), rollout.step.wait - spent)
     blocking = tuple(gate.name for gate in rollout.gates if gate.phase != GatePhase.PASS)
     ready_at = None if rollout.paused_at is not None else now + left
-    ready = rollout.is_open and left == timedelta(0) and not blocking
+    ready = rollout.is_open and rollout.paused_at is None and left == timedelta(0) and not blocking
     return Readiness(ready, spent, left, ready_at, blocking)
 
 
@@ -403,6 +403,7 @@ def _advance(
     }
     if target != rollout.step_index + 1:
         details["jumped"] = True
+        details["target_percent"] = step.weight
     return Transition(
         advanced, (SetWeight(step.weight), Audit("rollout.promoted", details), Notify("promoted"))
     )
@@ -421,22 +422,39 @@ def _succeed(rollout: Rollout, actor: Actor, now: datetime, *, forced: bool) -> 
     return Transition(done, (Audit("rollout.succeeded", details), Notify("succeeded")))
 
 
-def _rollback(rollout: Rollout, reason: str, actor: Actor, now: datetime) -> Decision:
+def _rollback(
+    rollout: Rollout,
+    reason: str,
+    actor: Actor,
+    now: datetime,
+    breach: GateStatus | None = None,
+) -> Decision:
+    paused_for = rollout.paused_for
+    if rollout.paused_at is not None:
+        paused_for += now - rollout.paused_at
     rolled_back = replace(
         rollout,
         state=State.ROLLED_BACK,
         desired_weight=0,
         paused_at=None,
+        paused_for=paused_for,
         triggered_by=actor.triggered_by,
         reason=reason,
         finished_at=now,
     )
-    details = {
+    details: dict[str, Any] = {
         "from_state": rollout.state.value,
         "from_weight": rollout.desired_weight,
         "to_weight": 0,
         "reason": reason,
     }
+    if breach is not None:
+        details["breach"] = {
+            "gate": breach.name,
+            "value": breach.value,
+            "threshold": breach.threshold,
+            "failing_since": breach.failing_since.isoformat() if breach.failing_since else None,
+        }
     return Transition(
         rolled_back,
         (SetWeight(0), Audit("rollout.rolled_back", details), Notify("rolled_back", details)),
@@ -466,7 +484,11 @@ def _resume(rollout: Rollout, event: Resume, now: datetime) -> Decision:
     details = {"from_state": rollout.state.value, "to_state": resumed.state.value}
     settled = _settle(resumed, now)
     assert isinstance(settled, Transition)
-    return Transition(settled.rollout, (Audit("rollout.resumed", details), *settled.effects))
+    after = settled.rollout
+    if after.state == State.AWAITING_PROMOTION:
+        # The person's resume made the ready step visible; nothing else acted.
+        after = replace(after, triggered_by=event.actor.triggered_by)
+    return Transition(after, (Audit("rollout.resumed", details), *settled.effects))
 
 
 def _gate_results(rollout: Rollout, event: GateResults, now: datetime) -> Decision:
@@ -478,7 +500,7 @@ def _gate_results(rollout: Rollout, event: GateResults, now: datetime) -> Decisi
     breach = next((gate for gate in (*event.results, *gates) if gate.breached), None)
     if breach is not None:
         # Safety never pauses: a breach rolls back from every open state, paused included.
-        return _rollback(measured, _breach_reason(breach), CONTROLLER, now)
+        return _rollback(measured, _breach_reason(breach), CONTROLLER, now, breach)
     settled = _settle(measured, now)
     assert isinstance(settled, Transition)
     return settled

@@ -53,6 +53,8 @@ class PrometheusProvider:
 
 
 def _single_value(result: Any) -> Measurement:
+    if isinstance(result, list) and len(result) == 2 and isinstance(result[0], int | float):
+        result = [{"value": result}]  # a scalar query answers a bare [time, "value"] pair
     if not isinstance(result, list) or not result:
         return Measurement(None, "query returned no series")
     if len(result) > 1:

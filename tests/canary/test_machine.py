@@ -387,11 +387,12 @@ ROWS: list[Row] = [
     ("paused", "gates-fail", Stays()),
     ("paused", "gates-breach", BREACH_ROLLBACK),
     ("paused", "tick", Stays()),
-    # paused after the step became ready: resuming settles straight back to awaiting.
+    # paused after the step became ready: resuming settles straight back to awaiting, and the
+    # person who resumed is the trigger.
     (
         "paused-when-ready",
         "resume",
-        Moves(State.AWAITING_PROMOTION, 10, Trigger.CONTROLLER, ("audit:rollout.resumed", *READY)),
+        Moves(State.AWAITING_PROMOTION, 10, Trigger.USER, ("audit:rollout.resumed", *READY)),
     ),
     ("paused-when-ready", "promote", IS_PAUSED),
     ("paused-when-ready", "tick", Stays()),

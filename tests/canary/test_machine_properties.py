@@ -168,6 +168,11 @@ def scenarios(draw: st.DrawFn, *, min_size: int = 15, max_size: int = 50) -> Sce
 # The independent model --------------------------------------------------------------------
 
 
+def _as_resumed(rollout: Rollout, event: object) -> Rollout:
+    # A resume judges readiness on the rollout it unpauses.
+    return replace(rollout, paused_at=None) if isinstance(event, Resume) else rollout
+
+
 @dataclass
 class Model:
     """Un-paused time in the current step and each gate's latest phase, tracked from the events."""
@@ -176,8 +181,10 @@ class Model:
     gates: dict[str, GatePhase] = field(default_factory=dict)
 
     def ready(self, rollout: Rollout) -> bool:
+        # A paused rollout is never ready: promotion waits for the resume.
         wait_over = self.waited >= rollout.step.wait
-        return wait_over and all(phase == GatePhase.PASS for phase in self.gates.values())
+        passing = all(phase == GatePhase.PASS for phase in self.gates.values())
+        return wait_over and passing and rollout.paused_at is None
 
     def time_left(self, rollout: Rollout) -> timedelta:
         return max(timedelta(0), rollout.step.wait - self.waited)
@@ -340,7 +347,7 @@ def check_transition(
         else:
             assert isinstance(event, Tick | GateResults | Resume)
             assert before.auto_promote
-            assert model.ready(before)
+            assert model.ready(_as_resumed(before, event))
             assert after.triggered_by == Trigger.CONTROLLER
             assert after.step_index == before.step_index + 1
             assert audit.details["forced"] is False
@@ -386,15 +393,17 @@ def check_transition(
         assert after.finished_at == now
     if after.state == State.SUCCEEDED:
         assert before.state in (State.BAKING, State.PAUSED)
-        assert (isinstance(event, Promote) and event.force) or model.ready(before)
+        assert (isinstance(event, Promote) and event.force) or model.ready(
+            _as_resumed(before, event)
+        )
         assert after.finished_at == now
     if after.state == State.AWAITING_PROMOTION and before.state != State.AWAITING_PROMOTION:
-        assert model.ready(before)
+        assert model.ready(_as_resumed(before, event))
 
     # The controller's events (and a resume) leave an open rollout settled, unless they just
     # advanced it (the new step may itself be ready at once).
     if isinstance(event, Tick | GateResults | Resume) and not promoted and after.is_open:
-        ready = model.ready(before)
+        ready = model.ready(_as_resumed(before, event))
         if after.state in (State.PROGRESSING, State.BAKING):
             assert not ready
         if after.state == State.AWAITING_PROMOTION:
