@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import asyncpg
@@ -18,6 +18,8 @@ from tests.support.databases import (
     drop_pg_database,
     in_ci,
 )
+from tests.support.metrics_app import MetricsApp
+from tests.support.prometheus import PrometheusServer, require_prometheus, running_prometheus
 
 
 @pytest.fixture(scope="session")
@@ -83,3 +85,20 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         report.outcome = "failed"
         report.longrepr = f"skipped in CI, which must run every test: {report.longrepr}"
     return report
+
+
+@pytest.fixture(scope="session")
+def metrics_app() -> Iterator[MetricsApp]:
+    """A small app exposing the documented metric conventions; each test owns its services."""
+    with MetricsApp() as app:
+        yield app
+
+
+@pytest.fixture(scope="session")
+def prometheus(
+    metrics_app: MetricsApp, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[PrometheusServer]:
+    """A real Prometheus scraping `metrics_app` every second, shared by the session."""
+    require_prometheus()
+    with running_prometheus([metrics_app.target], tmp_path_factory.mktemp("prometheus")) as server:
+        yield server

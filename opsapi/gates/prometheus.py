@@ -41,11 +41,13 @@ class PrometheusProvider:
         except TimeoutError:
             return Measurement(None, "prometheus did not answer in time")
         except Exception as error:
-            return Measurement(None, f"prometheus unavailable: {_describe(error)}")
+            return Measurement(None, _describe(error))
         return _single_value(result)
 
     def _query(self, query: str) -> Any:
-        return self._client.custom_query(query, params={"timeout": f"{self._timeout}s"})
+        # Prometheus durations take no decimals: "3.0s" is refused, "3000ms" is not.
+        timeout = f"{max(1, round(self._timeout * 1000))}ms"
+        return self._client.custom_query(query, params={"timeout": timeout})
 
     def close(self) -> None:
         """Stop the worker threads."""
@@ -69,10 +71,10 @@ def _single_value(result: Any) -> Measurement:
 
 
 def _describe(error: Exception) -> str:
-    # Class name only: exception text can carry URLs with credentials.
+    # Connection errors' text can carry URLs with credentials: name the class only.
     name = type(error).__name__
-    if "ConnectionError" in name or "RetryError" in name:
-        return "connection failed"
     if "PrometheusApiClientException" in name:
-        return f"query rejected: {str(error)[:300]}"
-    return name
+        return f"prometheus rejected the query: {str(error)[:300]}"
+    if "ConnectionError" in name or "RetryError" in name:
+        return "prometheus unavailable: connection failed"
+    return f"prometheus unavailable: {name}"

@@ -87,7 +87,8 @@ class HaproxyRouter:
                 errors.append(
                     {"field": f"router.{key}", "message": "must match ^[A-Za-z0-9_.:-]{1,64}$"}
                 )
-        if params.get("stable_server") == params.get("canary_server") is not None:
+        stable, canary = params.get("stable_server"), params.get("canary_server")
+        if stable is not None and stable == canary:
             errors.append({"field": "router.canary_server", "message": "must differ from stable"})
         return errors
 

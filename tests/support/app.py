@@ -1,4 +1,4 @@
-"""Run the real application in-process against a real database, with a hand-moved clock."""
+"""Run the real application in-process against a real database (hand-moved or real clock)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from opsapi.audit.models import AuditEvent
 from opsapi.auth.identity import Role
 from opsapi.auth.tokens import LocalSigner
 from opsapi.canary.models import RolloutRecord
+from opsapi.clock import system_clock
 from opsapi.config import Settings
 from opsapi.http.app import create_app
 from opsapi.http.runtime import Runtime
@@ -29,7 +30,7 @@ API = "/internal/ops"
 class Harness:
     app: Starlette
     client: httpx.AsyncClient
-    clock: ManualClock
+    clock: ManualClock  # only meaningful when the app was started with the manual clock
     signer: LocalSigner
 
     @property
@@ -78,13 +79,8 @@ class Harness:
 
 
 def settings_for(database_url: str, key_file: Path, **overrides: Any) -> Settings:
-    return Settings(
-        database_url=database_url,
-        local_key_file=key_file,
-        controller_enabled=False,
-        env="test",
-        **overrides,
-    )
+    fields: dict[str, Any] = {"controller_enabled": False, "env": "test", **overrides}
+    return Settings(database_url=database_url, local_key_file=key_file, **fields)
 
 
 @contextlib.asynccontextmanager
@@ -93,10 +89,15 @@ async def running_app(
     key_file: Path,
     *,
     clock: ManualClock | None = None,
+    real_time: bool = False,
     **overrides: Any,
 ) -> AsyncIterator[Harness]:
+    """The app; with `real_time` it runs on the system clock and its own controller loop."""
     clock = clock or ManualClock()
-    app = create_app(settings_for(database_url, key_file, **overrides), clock=clock)
+    if real_time:
+        overrides = {"controller_enabled": True, "controller_poll_seconds": 0.2, **overrides}
+    settings = settings_for(database_url, key_file, **overrides)
+    app = create_app(settings, clock=system_clock if real_time else clock)
     async with LifespanManager(app) as manager:
         transport = httpx.ASGITransport(app=manager.app, client=("198.51.100.7", 40000))
         async with httpx.AsyncClient(transport=transport, base_url="http://opsapi") as client:
