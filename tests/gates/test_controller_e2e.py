@@ -106,6 +106,15 @@ async def test_healthy_canary_is_promoted_through_every_step_and_succeeds(
     assert {item["weight"] for item in evaluations["items"]} >= {10, 25, 50, 75, 100}
     assert all(item["phase"] in ("pass", "no_data") for item in evaluations["items"])
     assert (await rollout(live, "healthy"))["stable_version"] == "v2"
+    # and the product's own metrics count it
+    metrics = (await live.client.get("/metrics")).text
+    assert 'opsapi_gate_evaluations_total{phase="pass"}' in metrics
+    assert (
+        'opsapi_rollout_transitions_total{transition="rollout.promoted",triggered_by="controller"}'
+        in metrics
+    )
+    assert "opsapi_gate_evaluation_duration_seconds_count" in metrics
+    assert "opsapi_controller_tick_lag_seconds" in metrics
 
 
 async def test_errors_at_25_roll_back_within_for_plus_two_intervals(
