@@ -54,3 +54,5 @@ class AuditEvent(SQLModel, table=True):
     request_id: str | None = Field(default=None, max_length=64)
     client_address: str | None = Field(default=None, max_length=64)
     details: dict[str, Any] = Field(default_factory=dict, sa_type=JSONDocument)
+    prev_hash: str = Field(max_length=64)
+    hash: str = Field(max_length=64)

@@ -9,7 +9,8 @@ from typing import Any
 
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from opsapi.audit.models import AuditEvent, Outcome, Source
+from opsapi.audit import chain
+from opsapi.audit.models import Outcome, Source
 
 # Keys whose values never reach the audit log, whatever the caller passes.
 _SECRET_KEY = re.compile(r"(secret|token|password|signature|authorization|routing_key)", re.I)
@@ -58,8 +59,6 @@ def event_row(
     }
 
 
-def record(*, session: AsyncSession, **fields: Any) -> AuditEvent:
-    """Add one audit event (`event_row` fields) to the session's current transaction."""
-    event = AuditEvent(**event_row(**fields))
-    session.add(event)
-    return event
+async def record(*, session: AsyncSession, **fields: Any) -> None:
+    """Append one audit event (`event_row` fields) in the session's transaction; no commit."""
+    await chain.append(session, [event_row(**fields)])

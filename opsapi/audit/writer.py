@@ -11,10 +11,9 @@ import asyncio
 import logging
 from typing import Any
 
-from sqlalchemy import insert
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from opsapi.audit.models import AuditEvent
+from opsapi.audit import chain
 
 log = logging.getLogger("opsapi.audit")
 
@@ -45,7 +44,7 @@ class AuditWriter:
         """Commit one event (an `audit.service.event_row`); raises if it could not be."""
         if self._closing or self._task is None:
             async with self._engine.begin() as connection:
-                await connection.execute(insert(AuditEvent), [row])
+                await chain.append(connection, [row])
             return
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._pending.append((row, future))
@@ -66,7 +65,7 @@ class AuditWriter:
     async def _flush(self, batch: list[tuple[dict[str, Any], asyncio.Future[None]]]) -> None:
         try:
             async with self._engine.begin() as connection:
-                await connection.execute(insert(AuditEvent), [row for row, _ in batch])
+                await chain.append(connection, [row for row, _ in batch])
         except Exception as error:
             log.exception("audit batch of %d events failed", len(batch))
             for _, future in batch:

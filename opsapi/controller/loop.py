@@ -151,7 +151,7 @@ class Controller:
                 self._store_evaluations(session, record, statuses, measured.at)
                 event = machine.GateResults(statuses)
             applied = await service.apply_event(record, event, now=now, session=session)
-            return self._audit_transition(session, applied, now)
+            return await self._audit_transition(session, applied, now)
 
     def _judge(self, measured: _Measured, record: RolloutRecord) -> tuple[GateStatus, ...]:
         previous = {status.name: status for status in service.to_machine(record).gates}
@@ -190,7 +190,7 @@ class Controller:
                 )
             )
 
-    def _audit_transition(
+    async def _audit_transition(
         self, session: AsyncSession, applied: service.Applied, now: datetime
     ) -> int:
         record = applied.record
@@ -200,7 +200,7 @@ class Controller:
                 continue
             count += 1
             self.metrics.transitions.labels(effect.action, record.triggered_by).inc()
-            audit.record(
+            await audit.record(
                 session=session,
                 at=now,
                 actor=ACTOR,

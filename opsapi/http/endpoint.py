@@ -24,8 +24,9 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from opsapi.audit import chain
 from opsapi.audit import service as audit
-from opsapi.audit.models import AuditEvent, Outcome, Source
+from opsapi.audit.models import Outcome, Source
 from opsapi.auth.identity import AuthError, Identity, Role
 from opsapi.canary.policy import is_service_name
 from opsapi.errors import (
@@ -181,7 +182,7 @@ class _Request:
             try:
                 async with session.begin():
                     response = await handler(call)
-                    audit.record(session=session, **self._audit_fields(call, response))
+                    await audit.record(session=session, **self._audit_fields(call, response))
                     if key is not None:
                         self._remember(key, request_hash, response, now, session)
                 return response
@@ -204,15 +205,21 @@ class _Request:
         self, handler: Handler, parsed: BaseModel | None, now: datetime
     ) -> Response:
         """A request that changes nothing: answer, but only once its audit event is durable."""
+        # The session is closed before auditing: its read transaction must not hold a
+        # connection (on SQLite, the database lock) while the audit writer waits for one.
+        problem: Problem | None = None
         async with self.runtime.sessions() as session:
             call = self._call(session, parsed, now)
             try:
                 response = await handler(call)
-            except Problem as problem:
-                return await self._refuse(problem, now, call.details, call=call)
+            except Problem as refused:
+                problem = refused
             except Exception:
                 log.exception("unhandled error in %s", self.action)
-                return await self._refuse(_internal_error(), now, {}, call=call)
+                problem = _internal_error()
+        if problem is not None:
+            details = call.details if problem.status < 500 else {}
+            return await self._refuse(problem, now, details, call=call)
         try:
             await self.runtime.audit_writer.write(
                 audit.event_row(**self._audit_fields(call, response))
@@ -379,7 +386,7 @@ class _Request:
             assert key is not None
             assert request_hash is not None
             async with self.runtime.sessions() as session, session.begin():
-                session.add(AuditEvent(**row))
+                await chain.append(session, [row])
                 self._remember(key, request_hash, response, now, session)
         except IntegrityError:
             # A concurrent request with the same Idempotency-Key won; answer what it answered.

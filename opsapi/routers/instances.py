@@ -87,6 +87,13 @@ def _url(value: str) -> str:
     return value
 
 
+def _long_enough(secret: SecretStr) -> SecretStr:
+    # pydantic's own length message says how long the value is: not for a secret.
+    if not 16 <= len(secret.get_secret_value()) <= 4096:
+        raise ValueError("must be 16 to 4096 characters")
+    return secret
+
+
 AbsolutePath = Annotated[Path, AfterValidator(_absolute)]
 Timeout = Annotated[float, Field(gt=0, le=300)]
 
@@ -122,7 +129,7 @@ class WebhookInstance(_Instance):
 
     type: Literal["webhook"]
     url: Annotated[str, AfterValidator(_url)] = Field(max_length=2048)
-    secret: SecretStr = Field(min_length=16, max_length=4096)
+    secret: Annotated[SecretStr, AfterValidator(_long_enough)]
     timeout: Timeout = 5.0
 
 

@@ -49,8 +49,9 @@ So `apply` polls the probe over fresh connections and returns only when every pr
 new generation for `settle` seconds (default 0.3 s); otherwise it restores the previous file and
 raises RouterError.
 
-Several opsapi processes may share one nginx: applies are serialised by an `flock` on
-`<upstreams_dir>/.opsapi.lock` (and an asyncio lock within the process).
+Commands run as `<binary> -p <prefix> -c <conf> -e stderr -t` (then `-s reload`); `-e` needs
+nginx 1.19.5 or later. Several opsapi processes may share one nginx: applies are serialised by
+an `flock` on `<upstreams_dir>/.opsapi.lock` (and an asyncio lock within the process).
 """
 
 from __future__ import annotations
@@ -320,10 +321,12 @@ class NginxRouter:
             try:
                 await self._nginx("-t", what="configuration test")
                 await self._nginx("-s", "reload", what="reload")
-            except RouterError:
-                # The running nginx never loaded the new file: put the old one back untouched.
-                await self._restore(path, previous)
+            except BaseException:
+                # The running nginx never loaded the new file: put the old one back untouched
+                # (also when cancelled, so that no untested file is left for the next reload).
+                await asyncio.shield(self._restore(path, previous))
                 raise
+            # Cancelled from here on, the new file stays: nginx already runs it or is loading it.
             try:
                 await self._confirm(target.service, generation)
             except RouterError:
@@ -434,11 +437,13 @@ class NginxRouter:
         try:
             output, _ = await asyncio.wait_for(process.communicate(), self.command_timeout)
         except TimeoutError:
-            process.kill()
-            await process.wait()
             raise RouterError(
                 f"nginx router {self.name!r}: {what} took longer than {self.command_timeout:g}s"
             ) from None
+        finally:
+            if process.returncode is None:  # timed out or cancelled: leave no child behind
+                process.kill()
+                await asyncio.shield(process.wait())
         if process.returncode != 0:
             raise RouterError(f"nginx router {self.name!r}: {what} failed: {trim_output(output)}")
 

@@ -60,7 +60,10 @@ class WebhookRouter:
         *,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        parsed = httpx.URL(url)
+        try:
+            parsed = httpx.URL(url)
+        except httpx.InvalidURL:
+            raise ValueError("url must be an http:// or https:// URL with a host") from None
         if parsed.scheme not in ("http", "https") or not parsed.host:
             raise ValueError("url must be an http:// or https:// URL with a host")
         self.name = name

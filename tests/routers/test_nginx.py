@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from opsapi.routers.base import Router, RouteTarget, RouterError
+from opsapi.routers.base import Router, RouterError, RouteTarget
 from opsapi.routers.nginx import NginxParams, NginxRouter, file_percent, render
 from tests.support.databases import unavailable
 from tests.support.proxies import (
@@ -136,7 +136,9 @@ async def test_drift_is_read_back_and_repaired(nginx: Nginx, servers: Backends) 
     await router.apply(target(servers), 25)
     path = nginx.upstreams_dir / "checkout.conf"
     # Someone edits the weights by hand and reloads.
-    path.write_text(path.read_text().replace("weight=75", "weight=40").replace("weight=25", "weight=60"))
+    path.write_text(
+        path.read_text().replace("weight=75", "weight=40").replace("weight=25", "weight=60")
+    )
     nginx.reload()
     await asyncio.sleep(0.5)  # nginx retires old workers ~100 ms after starting new ones
     assert abs(await measured(nginx, 1000) - 60) <= 3
@@ -230,3 +232,29 @@ def test_render_marks_the_idle_server_down() -> None:
     assert "server 10.0.0.2:80 weight=100;" in full
     for weight in range(101):
         assert file_percent(render("e", "s", params, weight, 3, "127.0.0.1:1"), params) == weight
+
+
+async def test_hung_nginx_command_times_out_and_cancel_undoes(
+    tmp_path: Path, servers: Backends
+) -> None:
+    hung = tmp_path / "hung-nginx"
+    hung.write_text("#!/bin/sh\nexec sleep 30\n")
+    hung.chmod(0o755)
+    upstreams = tmp_path / "upstreams"
+    upstreams.mkdir()
+    router = NginxRouter(
+        "edge", tmp_path / "nginx.conf", tmp_path, upstreams, str(hung), probe="127.0.0.1:1",
+        command_timeout=0.3,
+    )  # fmt: skip
+    with pytest.raises(RouterError, match=r"configuration test took longer than 0\.3s"):
+        await router.apply(target(servers), 10)
+    assert not (upstreams / "checkout.conf").exists()
+
+    router.command_timeout = 30
+    applying = asyncio.create_task(router.apply(target(servers), 10))
+    await asyncio.sleep(0.2)
+    assert (upstreams / "checkout.conf").exists()
+    applying.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await applying
+    assert not (upstreams / "checkout.conf").exists()

@@ -33,14 +33,15 @@ def find_binary(name: str) -> str | None:
 
 class _Answer(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, as HAProxy uses towards servers
+    # Headers and body in separate small writes would meet Nagle and delayed ACKs: 40 ms each.
+    disable_nagle_algorithm = True
 
     def do_GET(self) -> None:
         body: bytes = self.server.answer  # type: ignore[attr-defined]
-        self.send_response(200)
-        self.send_header("Content-Type", "text/plain")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        self.wfile.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
 
     def log_message(self, format: str, *args: object) -> None:
         pass
@@ -67,7 +68,9 @@ def backends() -> Iterator[Backends]:
         for answer in (b"stable", b"canary"):
             server = _Server(("127.0.0.1", 0), _Answer)
             server.answer = answer
-            threading.Thread(target=server.serve_forever, daemon=True).start()
+            threading.Thread(
+                target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+            ).start()
             servers.append(server)
         yield Backends(*(f"127.0.0.1:{s.server_address[1]}" for s in servers))
     finally:
