@@ -74,3 +74,8 @@ class RolloutRecord(SQLModel, table=True):
     finished_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     next_evaluation_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     router_error: str | None = Field(default=None, max_length=2000)
+    # Failed applies since the last success, when the next retry is due, when the live weight
+    # was last read back (drift check).
+    router_attempts: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
+    router_retry_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    router_checked_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
