@@ -57,6 +57,8 @@ def _controller(settings: Settings) -> int:
     from opsapi.controller.loop import Controller
     from opsapi.http.app import build_provider
     from opsapi.metrics import Metrics
+    from opsapi.routers.instances import load_routers
+    from opsapi.routers.traffic import Traffic
     from opsapi.storage.db import create_engine, session_factory
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
@@ -68,11 +70,15 @@ def _controller(settings: Settings) -> int:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
+        sessions = session_factory(engine)
+        metrics = Metrics()
+        routers = load_routers(settings.routers_file)
         controller = Controller(
-            session_factory(engine),
+            sessions,
             system_clock,
-            Metrics(),
+            metrics,
             provider=provider,
+            traffic=Traffic(engine, sessions, routers, system_clock, metrics),
             batch_size=settings.controller_batch_size,
             poll_seconds=settings.controller_poll_seconds,
         )

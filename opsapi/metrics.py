@@ -48,6 +48,24 @@ class Metrics:
             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
             registry=self.registry,
         )
+        self.router_applies = Counter(
+            "opsapi_router_applies",
+            "Router applies by result",
+            ["result"],
+            registry=self.registry,
+        )
+        self.router_errors = Gauge(
+            "opsapi_router_error",
+            "1 while a service's last router apply failed",
+            ["service"],
+            registry=self.registry,
+        )
+        self.router_drift = Counter(
+            "opsapi_router_drift",
+            "Live weights found changed behind opsapi's back",
+            ["service"],
+            registry=self.registry,
+        )
         self.controller_ticks = Counter(
             "opsapi_controller_ticks", "Controller passes", ["result"], registry=self.registry
         )

@@ -11,6 +11,7 @@ from starlette.routing import Route
 from opsapi.auth.identity import Role
 from opsapi.canary import machine, service
 from opsapi.canary.machine import Actor, Trigger
+from opsapi.canary.models import RolloutRecord
 from opsapi.canary.policy import SERVICE_NAME, VERSION, Policy, is_service_name
 from opsapi.errors import Conflict, NotFound, Unprocessable
 from opsapi.http.endpoint import Call, endpoint
@@ -47,14 +48,34 @@ def _actor(call: Call) -> Actor:
     return Actor(Trigger.USER, call.identity.subject)
 
 
-def _rollout_response(call: Call, applied: service.Applied, **extra: Any) -> JSONResponse:
+def _rollout_response(call: Call, applied: service.Applied) -> JSONResponse:
     record = applied.record
     call.rollout_id = record.id
     call.details.update(applied.audit_details, triggered_by=record.triggered_by)
     for effect in applied.transition.effects:
         if isinstance(effect, machine.Audit):
             call.runtime.metrics.transitions.labels(effect.action, record.triggered_by).inc()
-    return JSONResponse({**service.rollout_view(record, call.now), **extra})
+    moved = any(isinstance(effect, machine.SetWeight) for effect in applied.transition.effects)
+    if moved and record.applied_weight != record.desired_weight:
+        call.after_commit.append(lambda: _apply_now(call, record.id, record.service))
+    return JSONResponse(_view(call, record))
+
+
+def _view(call: Call, record: RolloutRecord) -> dict[str, Any]:
+    view = service.rollout_view(record, call.now)
+    # Whether no request can reach the canary any more (the answer a rollback waits for).
+    view["traffic_at_zero"] = record.applied_weight == 0
+    return view
+
+
+async def _apply_now(call: Call, rollout_id: int | None, name: str) -> Response:
+    """Apply the committed weight through the router inside the request, answer what is live."""
+    assert rollout_id is not None
+    await call.runtime.traffic.apply(rollout_id, name, reason=call.action)
+    async with call.runtime.sessions() as session:
+        record = await session.get(RolloutRecord, rollout_id)
+    assert record is not None
+    return JSONResponse(_view(call, record))
 
 
 @endpoint(action="canary.promote", role=Role.OPERATOR, body=PromoteBody, mutating=True)
@@ -114,9 +135,7 @@ async def rollback(call: Call) -> Response:
     call.rollout_id = record.id
     event = machine.Rollback(reason=body.reason, actor=_actor(call))
     applied = await service.apply_event(record, event, now=call.now, session=call.session)
-    at_zero = applied.record.applied_weight == 0
-    call.details["traffic_at_zero"] = at_zero
-    return _rollout_response(call, applied, traffic_at_zero=at_zero)
+    return _rollout_response(call, applied)
 
 
 @endpoint(action="canary.pause", role=Role.OPERATOR, body=PauseBody, mutating=True)
@@ -222,7 +241,7 @@ async def put_policy(call: Call) -> Response:
     """Replace the service's policy; the audit event keeps before and after."""
     name = _service_param(call)
     policy = call.body_as(Policy)
-    check_router(policy.router, call.runtime.settings)
+    check_router(policy.router, call.runtime.traffic.routers)
     before, after = await service.save_policy(
         name,
         policy,

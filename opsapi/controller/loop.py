@@ -32,6 +32,7 @@ from opsapi.gates.models import GateEvaluation
 from opsapi.gates.provider import GateProvider, Measurement, NoProvider
 from opsapi.gates.templates import TemplateValues, render
 from opsapi.metrics import Metrics
+from opsapi.routers.traffic import Traffic
 from opsapi.storage.db import SessionFactory
 from opsapi.storage.idempotency import IdempotencyRecord
 
@@ -71,6 +72,7 @@ class Controller:
         metrics: Metrics,
         *,
         provider: GateProvider | None = None,
+        traffic: Traffic | None = None,
         batch_size: int = 100,
         poll_seconds: float = 1.0,
         idempotency_ttl: timedelta = DEFAULT_IDEMPOTENCY_TTL,
@@ -79,6 +81,7 @@ class Controller:
         self.clock = clock
         self.metrics = metrics
         self.provider: GateProvider = provider or NoProvider()
+        self.traffic = traffic
         self.batch_size = batch_size
         self.poll_seconds = poll_seconds
         self.idempotency_ttl = idempotency_ttl
@@ -151,7 +154,14 @@ class Controller:
                 self._store_evaluations(session, record, statuses, measured.at)
                 event = machine.GateResults(statuses)
             applied = await service.apply_event(record, event, now=now, session=session)
-            return await self._audit_transition(session, applied, now)
+            transitions = await self._audit_transition(session, applied, now)
+        moved = any(isinstance(e, machine.SetWeight) for e in applied.transition.effects)
+        if moved and self.traffic is not None and record.applied_weight != record.desired_weight:
+            # Committed first; now make it real (a breach's rollback is not kept waiting).
+            await self.traffic.apply(
+                claim.rollout_id, record.service, reason=applied_reason(applied)
+            )
+        return transitions
 
     def _judge(self, measured: _Measured, record: RolloutRecord) -> tuple[GateStatus, ...]:
         previous = {status.name: status for status in service.to_machine(record).gates}
@@ -231,6 +241,8 @@ class Controller:
         while not stop.is_set():
             try:
                 await self.run_once()
+                if self.traffic is not None:
+                    await self.traffic.reconcile()
                 await self.purge_idempotency_keys()
                 self.metrics.controller_ticks.labels("ok").inc()
             except Exception:
@@ -238,6 +250,12 @@ class Controller:
                 log.exception("controller pass failed; retrying")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=self.poll_seconds)
+
+
+def applied_reason(applied: service.Applied) -> str:
+    """The transition that moved the weight, for the router's audit event."""
+    actions = [e.action for e in applied.transition.effects if isinstance(e, machine.Audit)]
+    return actions[-1] if actions else "controller"
 
 
 def _claim_of(record: RolloutRecord, overdue: float) -> _Claim:

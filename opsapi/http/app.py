@@ -33,6 +33,8 @@ from opsapi.http.endpoint import problem_response
 from opsapi.http.openapi import openapi_document
 from opsapi.http.runtime import Runtime
 from opsapi.metrics import Metrics
+from opsapi.routers.instances import load_routers
+from opsapi.routers.traffic import Traffic
 from opsapi.storage.db import create_engine, session_factory
 from opsapi.storage.migrate import upgrade
 
@@ -79,15 +81,18 @@ def create_app(
         if settings.migrate_on_start:
             await upgrade(engine)
         sessions = session_factory(engine)
+        metrics = Metrics()
+        traffic = Traffic(engine, sessions, load_routers(settings.routers_file), clock, metrics)
         runtime = Runtime(
             settings=settings,
             engine=engine,
             sessions=sessions,
             verifier=CachedVerifier(verifier or build_verifier(settings)),
             clock=clock,
-            metrics=Metrics(),
+            metrics=metrics,
             audit_writer=AuditWriter(engine),
             default_policy=default_policy(with_gates=bool(settings.prometheus_url)),
+            traffic=traffic,
         )
         runtime.audit_writer.start()
         app.state.runtime = runtime
@@ -97,6 +102,7 @@ def create_app(
             clock,
             runtime.metrics,
             provider=provider,
+            traffic=traffic,
             batch_size=settings.controller_batch_size,
             poll_seconds=settings.controller_poll_seconds,
             idempotency_ttl=timedelta(hours=settings.idempotency_ttl_hours),

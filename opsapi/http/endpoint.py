@@ -65,6 +65,9 @@ class Call:
     rollout_id: int | None = None
     details: dict[str, Any] = field(default_factory=dict)
     action: str = ""
+    # Work that must follow the commit (applying a weight through a router); each may
+    # return a fresher response to answer with.
+    after_commit: list[Callable[[], Awaitable[Response | None]]] = field(default_factory=list)
 
     def body_as(self, model: type[BodyT]) -> BodyT:
         """The parsed body, typed."""
@@ -185,7 +188,6 @@ class _Request:
                     await audit.record(session=session, **self._audit_fields(call, response))
                     if key is not None:
                         self._remember(key, request_hash, response, now, session)
-                return response
             except Problem as problem:
                 return await self._refuse(
                     problem, now, call.details, key=key, request_hash=request_hash, call=call
@@ -200,6 +202,13 @@ class _Request:
             except Exception:
                 log.exception("unhandled error in %s", self.action)
                 return await self._refuse(_internal_error(), now, {}, call=call)
+        for hook in call.after_commit:
+            try:
+                response = await hook() or response
+            except Exception:
+                # The change is committed; the reconcile pass finishes what failed here.
+                log.exception("after-commit work failed in %s", self.action)
+        return response
 
     async def _serve_read(
         self, handler: Handler, parsed: BaseModel | None, now: datetime

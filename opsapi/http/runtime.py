@@ -12,6 +12,7 @@ from opsapi.canary.policy import Policy
 from opsapi.clock import Clock
 from opsapi.config import Settings
 from opsapi.metrics import Metrics
+from opsapi.routers.traffic import Traffic
 from opsapi.storage.db import SessionFactory
 
 
@@ -25,3 +26,4 @@ class Runtime:
     metrics: Metrics
     audit_writer: AuditWriter
     default_policy: Policy
+    traffic: Traffic

@@ -22,9 +22,7 @@ def upgrade() -> None:
             sa.Column("router_attempts", sa.Integer(), nullable=False, server_default="0")
         )
         batch.add_column(sa.Column("router_retry_at", sa.DateTime(timezone=True), nullable=True))
-        batch.add_column(
-            sa.Column("router_checked_at", sa.DateTime(timezone=True), nullable=True)
-        )
+        batch.add_column(sa.Column("router_checked_at", sa.DateTime(timezone=True), nullable=True))
 
 
 def downgrade() -> None:

@@ -1,0 +1,237 @@
+"""Making desired weights real: apply through the rollout's router, record what is applied.
+
+The desired weight is committed first (with the state change and its audit event); applying
+it happens after, here, and its result is recorded in a transaction of its own. Applies for one
+service are serialised (in-process lock, plus a PostgreSQL advisory lock across replicas) and
+always read the latest desired weight inside the lock, so a slow, older apply can never land
+after a newer one (a rollback is never overtaken by the promotion before it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import timedelta
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlmodel import col, func, select
+
+from opsapi.audit import service as audit
+from opsapi.audit.models import Outcome, Source
+from opsapi.canary.models import RolloutRecord
+from opsapi.clock import Clock
+from opsapi.metrics import Metrics
+from opsapi.routers.base import Router, RouterError, RouteTarget
+from opsapi.routers.registry import PULL
+from opsapi.storage.db import SessionFactory
+
+log = logging.getLogger("opsapi.routers")
+ACTOR = "router"
+_APPLY_LOCK = 724_113_003
+MAX_BACKOFF = timedelta(seconds=60)
+DRIFT_CHECK = timedelta(seconds=30)
+
+
+@dataclass(frozen=True)
+class ApplyOutcome:
+    """What an apply did: the weight now live (None when unknown) and the error, if any."""
+
+    applied_weight: int | None
+    error: str | None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def backoff(attempts: int) -> timedelta:
+    """Wait before the next retry after `attempts` failures: 1 s, 2 s, 4 s … at most 60 s."""
+    return min(MAX_BACKOFF, timedelta(seconds=2 ** max(0, attempts - 1)))
+
+
+class Traffic:
+    """Applies rollouts' desired weights through the configured router instances."""
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        sessions: SessionFactory,
+        routers: dict[str, Router],
+        clock: Clock,
+        metrics: Metrics,
+    ) -> None:
+        self.engine = engine
+        self.sessions = sessions
+        self.routers = routers
+        self.clock = clock
+        self.metrics = metrics
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def router_for(self, router_policy: dict[str, object]) -> Router | None:
+        """The router instance a rollout uses; None for the built-in pull router."""
+        name = str(router_policy.get("name", PULL))
+        if name == PULL:
+            return None
+        router = self.routers.get(name)
+        if router is None:
+            raise RouterError(f"router instance {name!r} is not configured on this server")
+        return router
+
+    async def apply(self, rollout_id: int, service: str, *, reason: str) -> ApplyOutcome:
+        """Apply the rollout's latest desired weight now; record and audit the result."""
+        async with self._exclusive(service):
+            async with self.sessions() as session:
+                record = await session.get(RolloutRecord, rollout_id)
+            if record is None:
+                return ApplyOutcome(None, "no such rollout")
+            weight = record.desired_weight
+            error = await self._send(record, weight)
+            return await self._record(rollout_id, weight, error, reason=reason)
+
+    async def check_drift(self, rollout_id: int, service: str) -> ApplyOutcome | None:
+        """Read the live weight back; re-apply when it differs from what was applied."""
+        async with self.sessions() as session:
+            record = await session.get(RolloutRecord, rollout_id)
+        if record is None:
+            return None
+        try:
+            router = self.router_for(record.router)
+            live = None if router is None else await router.read_back(_target(record))
+        except RouterError as error:
+            return await self._record(rollout_id, None, str(error), reason="drift check")
+        if live is None or live == record.applied_weight:
+            await self._mark_checked(rollout_id)
+            return None
+        self.metrics.router_drift.labels(service).inc()
+        async with self.sessions() as session, session.begin():
+            await audit.record(
+                session=session,
+                at=self.clock(),
+                actor=ACTOR,
+                source=Source.SYSTEM,
+                action="router.drift",
+                outcome=Outcome.SUCCESS,
+                service=service,
+                rollout_id=rollout_id,
+                details={"router": record.router.get("name"), "live_weight": live,
+                         "applied_weight": record.applied_weight},
+            )  # fmt: skip
+        return await self.apply(rollout_id, service, reason="drift")
+
+    async def reconcile(self) -> int:
+        """Re-apply wherever desired ≠ applied, retry failures when due, check for drift."""
+        now = self.clock()
+        async with self.sessions() as session:
+            latest = select(func.max(RolloutRecord.id)).group_by(col(RolloutRecord.service))
+            records = (
+                await session.exec(select(RolloutRecord).where(col(RolloutRecord.id).in_(latest)))
+            ).all()
+        work = 0
+        for record in records:
+            if record.router.get("name", PULL) == PULL or record.id is None:
+                continue
+            if record.router_retry_at is not None and record.router_retry_at > now:
+                continue
+            if record.applied_weight != record.desired_weight or record.router_error:
+                await self.apply(record.id, record.service, reason="reconcile")
+                work += 1
+            elif record.router_checked_at is None or now - record.router_checked_at >= _drift_every(
+                record
+            ):
+                await self.check_drift(record.id, record.service)
+                work += 1
+        return work
+
+    async def _send(self, record: RolloutRecord, weight: int) -> str | None:
+        try:
+            router = self.router_for(record.router)
+            if router is not None:
+                await router.apply(_target(record), weight)
+        except RouterError as error:
+            return str(error)[:2000]
+        except Exception:
+            log.exception("router apply failed for %s", record.service)
+            return "the router failed unexpectedly"
+        return None
+
+    async def _record(
+        self, rollout_id: int, weight: int | None, error: str | None, *, reason: str
+    ) -> ApplyOutcome:
+        now = self.clock()
+        async with self.sessions() as session, session.begin():
+            record = await session.get(RolloutRecord, rollout_id, with_for_update=True)
+            assert record is not None
+            first_failure = error is not None and record.router_error is None
+            recovered = error is None and record.router_error is not None
+            if error is None:
+                record.applied_weight = weight
+                record.router_error = None
+                record.router_attempts = 0
+                record.router_retry_at = None
+                record.router_checked_at = now
+            else:
+                record.router_error = error
+                record.router_attempts += 1
+                record.router_retry_at = now + backoff(record.router_attempts)
+            session.add(record)
+            self.metrics.router_applies.labels("ok" if error is None else "error").inc()
+            self.metrics.router_errors.labels(record.service).set(1 if error else 0)
+            # Every apply that changes traffic is audited; repeated identical failures are not,
+            # so a long outage does not flood the log (attempts are on the rollout).
+            if error is None or first_failure or recovered:
+                await audit.record(
+                    session=session,
+                    at=now,
+                    actor=ACTOR,
+                    source=Source.SYSTEM,
+                    action="router.apply",
+                    outcome=Outcome.SUCCESS if error is None else Outcome.ERROR,
+                    service=record.service,
+                    rollout_id=rollout_id,
+                    details={"router": record.router.get("name"), "weight": weight,
+                             "reason": reason, "error": error,
+                             "attempts": record.router_attempts},
+                )  # fmt: skip
+            applied = record.applied_weight
+        return ApplyOutcome(applied, error)
+
+    async def _mark_checked(self, rollout_id: int) -> None:
+        async with self.sessions() as session, session.begin():
+            record = await session.get(RolloutRecord, rollout_id, with_for_update=True)
+            if record is not None:
+                record.router_checked_at = self.clock()
+                session.add(record)
+
+    @contextlib.asynccontextmanager
+    async def _exclusive(self, service: str) -> AsyncIterator[None]:
+        lock = self._locks.setdefault(service, asyncio.Lock())
+        async with lock:
+            if self.engine.dialect.name != "postgresql":
+                yield
+                return
+            async with self.engine.connect() as connection:
+                key = {"group": _APPLY_LOCK, "service": service}
+                await connection.execute(
+                    text("SELECT pg_advisory_lock(:group, hashtext(:service))"), key
+                )
+                try:
+                    yield
+                finally:
+                    await connection.execute(
+                        text("SELECT pg_advisory_unlock(:group, hashtext(:service))"), key
+                    )
+                    await connection.commit()
+
+
+def _drift_every(record: RolloutRecord) -> timedelta:
+    # As often as the rollout's gates are evaluated, but not more than every DRIFT_CHECK.
+    return min(DRIFT_CHECK, timedelta(seconds=record.interval_seconds))
+
+
+def _target(record: RolloutRecord) -> RouteTarget:
+    params = {key: value for key, value in record.router.items() if key != "name"}
+    return RouteTarget(service=record.service, rollout_id=record.id, params=params)
