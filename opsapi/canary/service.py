@@ -415,6 +415,8 @@ def rollout_view(record: RolloutRecord, now: datetime) -> dict[str, Any]:
         "reason": record.reason,
         "router": record.router,
         "router_error": record.router_error,
+        "router_attempts": record.router_attempts,
+        "router_retry_at": iso(record.router_retry_at),
         "created_by": record.created_by,
         "created_at": iso(record.created_at),
         "updated_at": iso(record.updated_at),

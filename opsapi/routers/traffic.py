@@ -92,6 +92,20 @@ class Traffic:
             error = await self._send(record, weight)
             return await self._record(rollout_id, weight, error, reason=reason)
 
+    async def sync(self, service: str, *, reason: str = "router-sync") -> ApplyOutcome | None:
+        """Re-apply the service's latest desired weight now (None when it has no rollout)."""
+        async with self.sessions() as session:
+            query = (
+                select(RolloutRecord)
+                .where(RolloutRecord.service == service)
+                .order_by(col(RolloutRecord.id).desc())
+                .limit(1)
+            )
+            record = (await session.exec(query)).first()
+        if record is None or record.id is None:
+            return None
+        return await self.apply(record.id, service, reason=reason)
+
     async def check_drift(self, rollout_id: int, service: str) -> ApplyOutcome | None:
         """Read the live weight back; re-apply when it differs from what was applied."""
         async with self.sessions() as session:

@@ -295,3 +295,21 @@ async def test_unknown_router_instance_and_bad_parameters_are_422(routed: Harnes
     bad = await routed.put("/services/other", {"router": {"name": "edge", "stable": "x y"}})
     assert bad.status_code == 422
     assert bad.json()["errors"]
+
+
+@pytest.mark.parametrize("proxy", ["haproxy"], indirect=True)
+async def test_router_sync_reapplies_on_demand(routed: Harness, proxy: Proxy) -> None:
+    await routed.post("/canary/promote", {"service": "checkout", "version": "v2"})
+    assert isinstance(proxy.server, Haproxy)
+    manual = HaproxyRouter("manual", proxy.server.socket)
+    await manual.apply(RouteTarget("checkout", None, proxy.params), 60)
+
+    outcome = await routed.runtime.traffic.sync("checkout")
+
+    assert outcome is not None
+    assert outcome.ok
+    assert outcome.applied_weight == 10
+    assert await manual.read_back(RouteTarget("checkout", None, proxy.params)) == 10
+    assert await routed.runtime.traffic.sync("never-rolled-out") is None
+    view = (await routed.get("/canary/checkout")).json()
+    assert view["router_attempts"] == 0
