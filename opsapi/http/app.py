@@ -26,6 +26,7 @@ from opsapi.clock import Clock, system_clock
 from opsapi.config import Settings
 from opsapi.controller.loop import Controller
 from opsapi.errors import Problem
+from opsapi.execute import views as execute_views
 from opsapi.gates import views as gate_views
 from opsapi.gates.prometheus import PrometheusProvider
 from opsapi.gates.provider import GateProvider, NoProvider
@@ -124,6 +125,7 @@ def create_app(
     api_routes = [
         *canary_views.routes,
         *gate_views.routes,
+        *execute_views.routes,
         Route("/openapi.json", openapi, methods=["GET"]),
     ]
     return Starlette(

@@ -10,6 +10,7 @@ from pydantic import BaseModel
 from opsapi import __version__
 from opsapi.canary.policy import Policy
 from opsapi.canary.views import PauseBody, PromoteBody, RollbackBody
+from opsapi.execute.views import ExecuteBody
 
 # (method, path, role, summary, body model)
 OPERATIONS: list[tuple[str, str, str, str, type[BaseModel] | None]] = [
@@ -24,6 +25,8 @@ OPERATIONS: list[tuple[str, str, str, str, type[BaseModel] | None]] = [
     ("get", "/canary/{service}/weight", "viewer", "The canary percentage to apply now", None),
     ("get", "/rollouts/{rollout_id}/evaluations", "viewer",
      "Gate evaluations of a rollout, newest first", None),
+    ("post", "/execute", "per operation (health-check: viewer; gate-check, router-sync: "
+     "operator; set-weight: admin)", "Run a named operation, or a dry run", ExecuteBody),
     ("get", "/services/{service}", "viewer", "The service's policy", None),
     ("put", "/services/{service}", "admin", "Replace the service's policy", Policy),
 ]  # fmt: skip

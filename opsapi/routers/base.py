@@ -38,3 +38,7 @@ class Router(Protocol):
     async def read_back(self, target: RouteTarget) -> int | None:
         """The canary percentage live now, or None when the router cannot tell."""
         ...
+
+    async def health(self) -> str:
+        """A one-line description of the router's reachability; RouterError when it is down."""
+        ...

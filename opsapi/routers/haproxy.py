@@ -121,6 +121,12 @@ class HaproxyRouter:
             return None
         return round(100 * canary / (stable + canary))
 
+    async def health(self) -> str:
+        """The runtime API answers `show info`: its version and uptime."""
+        info = await self._command("show info")
+        fields = dict(line.split(": ", 1) for line in info.splitlines() if ": " in line)
+        return f"HAProxy {fields.get('Version', '?')} up {fields.get('Uptime', '?')}"
+
     def _params(self, target: RouteTarget) -> HaproxyParams:
         if not is_service_name(target.service):
             raise RouterError(f"haproxy router {self.name!r}: invalid service name")

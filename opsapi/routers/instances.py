@@ -161,6 +161,10 @@ class PullRouter:
         """Unsupported."""
         return None
 
+    async def health(self) -> str:
+        """Always up: it is the API itself."""
+        return "built in: clients poll GET /internal/ops/canary/{service}/weight"
+
 
 def load_routers(path: Path | None) -> dict[str, Router]:
     """The router instances of the routers file (none without one); `pull` is not included.

@@ -352,6 +352,12 @@ class NginxRouter:
         # Weights read from the file itself, so a hand edit plus reload shows up as drift.
         return file_percent(text, params)
 
+    async def health(self) -> str:
+        """The binary is there and the probe address answers."""
+        self._command("-v")  # raises RouterError when the binary is missing
+        await self._probe("opsapi-health")
+        return f"nginx probe {self.probe} answers"
+
     def _params(self, target: RouteTarget) -> NginxParams:
         if not is_service_name(target.service):
             raise RouterError(f"nginx router {self.name!r}: invalid service name")

@@ -16,6 +16,7 @@ are no retries here (the outbox retries) and `read_back` cannot tell: it returns
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
@@ -81,6 +82,21 @@ class WebhookRouter:
             {"field": f"router.{key}", "message": "a webhook router takes no parameters"}
             for key in sorted(params, key=str)
         ]
+
+    async def health(self) -> str:
+        """The receiver's host accepts a TCP connection (no request is sent)."""
+        url = httpx.URL(self.url)
+        port = url.port or (443 if url.scheme == "https" else 80)
+        try:
+            async with asyncio.timeout(self.timeout):
+                _, writer = await asyncio.open_connection(url.host, port)
+                writer.close()
+        except (OSError, TimeoutError) as error:
+            raise RouterError(
+                f"webhook router {self.name!r}: cannot connect to {redact_url(self.url)} "
+                f"({error.__class__.__name__})"
+            ) from None
+        return f"{redact_url(self.url)} accepts connections"
 
     async def apply(self, target: RouteTarget, weight: int) -> None:
         """One signed POST; returns on 2xx, raises RouterError otherwise."""

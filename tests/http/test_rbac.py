@@ -38,6 +38,8 @@ RBAC: dict[tuple[str, str, str], tuple[int, int, int, int, int]] = {
     ("GET",  "/rollouts/1/evaluations",       "started"):   (401,  200,   200,    200,  200),
     ("GET",  "/services/checkout",            "nothing"):   (401,  200,   200,    200,  200),
     ("PUT",  "/services/checkout",            "nothing"):   (401,  403,   403,    200,  403),
+    # each operation's own role is covered in tests/execute/test_execute.py
+    ("POST", "/execute",                      "nothing"):   (401,  200,   200,    200,  200),
     ("GET",  "/openapi.json",                 "nothing"):   (200,  200,   200,    200,  200),
 }
 # fmt: on
@@ -54,6 +56,7 @@ BODIES: dict[tuple[str, str], Any] = {
     ("POST", "/canary/pause"): {"service": SERVICE, "reason": "investigating"},
     ("POST", "/canary/resume"): {"service": SERVICE},
     ("PUT", "/services/checkout"): NEW_POLICY,
+    ("POST", "/execute"): {"operation": "health-check"},
 }
 
 PUBLIC = {("GET", "/openapi.json")}

@@ -1,0 +1,1 @@
+"""Named operations (`POST /internal/ops/execute`)."""

@@ -1,0 +1,278 @@
+"""Named operations for `POST /internal/ops/execute`: each declares its role, its typed
+parameters and whether it changes anything; `dry_run` says what would happen instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import text
+from starlette.responses import JSONResponse
+
+from opsapi.auth.identity import Role
+from opsapi.canary import service as canary
+from opsapi.canary.machine import GatePhase
+from opsapi.canary.models import RolloutRecord
+from opsapi.canary.policy import SERVICE_NAME
+from opsapi.controller.loop import _claim_of
+from opsapi.errors import NotFound
+from opsapi.gates import judge
+from opsapi.gates.templates import render
+from opsapi.http.endpoint import Call
+from opsapi.routers.base import RouterError
+
+
+class Params(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class NoParams(Params):
+    pass
+
+
+class ServiceParams(Params):
+    service: str = Field(pattern=SERVICE_NAME.pattern)
+
+
+class SetWeightParams(Params):
+    service: str = Field(pattern=SERVICE_NAME.pattern)
+    weight: int = Field(ge=0, le=100)
+    reason: str = Field(min_length=1, max_length=2000)
+
+
+Runner = Callable[[Call, Any, bool], Awaitable[dict[str, Any]]]
+
+
+@dataclass(frozen=True)
+class Operation:
+    """One named operation: who may run it, what it takes, whether it changes anything."""
+
+    name: str
+    role: Role
+    params: type[Params]
+    changes: bool
+    run: Runner
+    summary: str
+
+
+# health-check -----------------------------------------------------------------------------------
+
+
+async def _timed(check: Awaitable[str]) -> dict[str, Any]:
+    started = time.perf_counter()
+    try:
+        detail = await asyncio.wait_for(check, timeout=5)
+        status = "up"
+    except Exception as error:  # every failure is reported, never raised: this is a health check
+        detail = str(error) if isinstance(error, RouterError) else _describe(error)
+        status = "down"
+    return {"status": status, "detail": detail,
+            "latency_ms": round((time.perf_counter() - started) * 1000, 1)}  # fmt: skip
+
+
+def _describe(error: Exception) -> str:
+    if isinstance(error, TimeoutError):
+        return "no answer within 5s"
+    return f"unavailable ({error.__class__.__name__})"
+
+
+async def health_check(call: Call, params: NoParams, dry_run: bool) -> dict[str, Any]:
+    """Database, Prometheus, every router instance, PagerDuty settings, JWKS: up or down."""
+    runtime = call.runtime
+    settings = runtime.settings
+
+    async def database() -> str:
+        async with runtime.engine.connect() as connection:
+            await connection.execute(text("SELECT 1"))
+        return runtime.engine.dialect.name
+
+    async def prometheus() -> str:
+        if not settings.prometheus_url:
+            return "not configured: gates have no data; the default policy has no gates"
+        measurement = await call.request.app.state.controller.provider.measure("vector(1)")
+        if measurement.value != 1:
+            raise RuntimeError(measurement.error or "unexpected answer")
+        return "answers queries"
+
+    async def jwks() -> str:
+        if not settings.jwks_url:
+            return "embedded mode: locally signed tokens"
+        async with httpx.AsyncClient(timeout=3) as client:
+            response = await client.get(settings.jwks_url)
+            response.raise_for_status()
+            keys = response.json().get("keys", [])
+        return f"{len(keys)} signing keys"
+
+    async def pagerduty() -> str:
+        secrets = [s for s in settings.pagerduty_webhook_secrets.split(",") if s.strip()]
+        inbound = f"{len(secrets)} webhook secret(s)" if secrets else "inbound webhook disabled"
+        return f"{inbound}; events API {settings.pagerduty_events_url}"
+
+    components: dict[str, dict[str, Any]] = {
+        "database": await _timed(database()),
+        "prometheus": await _timed(prometheus()),
+        "jwks": await _timed(jwks()),
+        "pagerduty": await _timed(pagerduty()),
+    }
+    routers = runtime.traffic.routers
+    results = await asyncio.gather(*(_timed(router.health()) for router in routers.values()))
+    for name, result in zip(routers, results, strict=True):
+        components[f"router:{name}"] = result
+    down = sorted(name for name, component in components.items() if component["status"] != "up")
+    return {"status": "ok" if not down else "degraded", "down": down, "components": components}
+
+
+# gate-check -------------------------------------------------------------------------------------
+
+
+async def _open_rollout(call: Call, service: str) -> RolloutRecord:
+    record = await canary.open_rollout(service, session=call.session)
+    if record is None:
+        raise NotFound(f"{service} has no open rollout")
+    call.service = service
+    call.rollout_id = record.id
+    return record
+
+
+async def gate_check(call: Call, params: ServiceParams, dry_run: bool) -> dict[str, Any]:
+    """Measure and judge the open rollout's gates now; store nothing, act on nothing."""
+    record = await _open_rollout(call, params.service)
+    claim = _claim_of(record, 0.0)
+    provider = call.request.app.state.controller.provider
+    previous = {gate.name: gate for gate in canary.to_machine(record).gates}
+    now = call.now
+    shortfall = None
+    if claim.min_sample is not None:
+        count = await provider.measure(render(claim.min_sample.query, claim.values))
+        shortfall = judge.below_min_sample(count, claim.min_sample.min)
+    gates = []
+    for gate in claim.gates:
+        query = render(gate.query, claim.values)
+        canary_value = await provider.measure(query)
+        baseline = None
+        if gate.baseline_query is not None:
+            baseline = await provider.measure(render(gate.baseline_query, claim.values))
+        value = judge.gate_value(gate, canary_value, baseline)
+        status = (
+            judge.insufficient_sample(gate, shortfall, previous.get(gate.name))
+            if shortfall is not None
+            else judge.judge(gate, value, previous.get(gate.name), now)
+        )
+        gates.append({"name": gate.name, "query": query, "phase": status.phase.value,
+                      "value": status.value, "threshold": gate.threshold, "op": gate.op,
+                      "would_breach": status.breached, "detail": status.detail})  # fmt: skip
+    passing = all(gate["phase"] == GatePhase.PASS.value for gate in gates)
+    return {"service": params.service, "rollout_id": record.id, "step_weight":
+            record.desired_weight, "all_passing": passing, "gates": gates}  # fmt: skip
+
+
+# router-sync ------------------------------------------------------------------------------------
+
+
+async def router_sync(call: Call, params: ServiceParams, dry_run: bool) -> dict[str, Any]:
+    """Re-apply the service's desired weight through its router now."""
+    record = await canary.latest_rollout(params.service, session=call.session)
+    if record is None:
+        raise NotFound(f"{params.service} has no rollout")
+    call.service = params.service
+    call.rollout_id = record.id
+    plan = {
+        "service": params.service,
+        "router": record.router.get("name"),
+        "desired_weight": record.desired_weight,
+        "applied_weight": record.applied_weight,
+    }
+    if dry_run:
+        return {**plan, "would": f"apply {record.desired_weight}% through {plan['router']}"}
+    assert record.id is not None
+    rollout_id = record.id
+
+    async def sync() -> None:
+        await call.runtime.traffic.apply(rollout_id, params.service, reason="execute router-sync")
+
+    call.after_commit.append(_then(call, sync, plan))
+    return {**plan, "result": "applying"}
+
+
+def _then(call: Call, work: Callable[[], Awaitable[None]], plan: dict[str, Any]) -> Any:
+    """After the commit: do the router work, then answer with the rollout's router state."""
+
+    async def hook() -> JSONResponse:
+        await work()
+        async with call.runtime.sessions() as session:
+            record = await session.get(RolloutRecord, call.rollout_id)
+        assert record is not None
+        return JSONResponse({"operation": call.action.removeprefix("execute."), "dry_run": False,
+                             "result": {**plan, "applied_weight": record.applied_weight,
+                                        "router_error": record.router_error}})  # fmt: skip
+
+    return hook
+
+
+# set-weight -------------------------------------------------------------------------------------
+
+
+async def set_weight(call: Call, params: SetWeightParams, dry_run: bool) -> dict[str, Any]:
+    """Emergency override: set the canary percentage now, outside the step ladder.
+
+    An open rollout is paused so that nothing promotes it past the override; its gates keep
+    running and a breach still rolls it back.
+    """
+    call.service = params.service
+    record = await canary.latest_rollout(params.service, session=call.session)
+    if record is None:
+        raise NotFound(f"{params.service} has no rollout to override")
+    locked = await call.session.get(RolloutRecord, record.id, with_for_update=True)
+    assert locked is not None
+    call.rollout_id = locked.id
+    plan = {
+        "service": params.service,
+        "rollout_id": locked.id,
+        "state": locked.state,
+        "from_weight": locked.desired_weight,
+        "to_weight": params.weight,
+        "pauses_rollout": locked.state in ("progressing", "awaiting_promotion", "baking"),
+    }
+    if dry_run:
+        return plan
+    if locked.state == "paused" or plan["pauses_rollout"]:
+        if locked.paused_at is None:
+            locked.paused_at = call.now
+        locked.state = "paused"
+    locked.desired_weight = params.weight
+    locked.triggered_by = "user"
+    locked.updated_at = call.now
+    if locked.router.get("name", "pull") == "pull":
+        locked.applied_weight = params.weight
+    call.session.add(locked)
+    await call.session.flush()
+    if locked.applied_weight != params.weight:
+        assert locked.id is not None
+        rollout_id = locked.id
+
+        async def apply() -> None:
+            await call.runtime.traffic.apply(rollout_id, params.service, reason="set-weight")
+
+        call.after_commit.append(_then(call, apply, plan))
+    return {**plan, "applied_weight": locked.applied_weight}
+
+
+OPERATIONS: dict[str, Operation] = {
+    op.name: op
+    for op in (
+        Operation("health-check", Role.VIEWER, NoParams, False, health_check,
+                  "Database, Prometheus, routers, PagerDuty, JWKS: up or down"),
+        Operation("gate-check", Role.OPERATOR, ServiceParams, False, gate_check,
+                  "Evaluate the open rollout's gates now; act on nothing"),
+        Operation("router-sync", Role.OPERATOR, ServiceParams, True, router_sync,
+                  "Re-apply the service's desired weight through its router"),
+        Operation("set-weight", Role.ADMIN, SetWeightParams, True, set_weight,
+                  "Emergency override of the canary percentage (pauses an open rollout)"),
+    )
+}  # fmt: skip
