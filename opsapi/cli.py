@@ -46,7 +46,8 @@ def _serve(settings: Settings, host: str, port: int) -> int:
     from opsapi.http.app import create_app
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    uvicorn.run(create_app(settings), host=host, port=port, access_log=False)
+    # Forwarded headers are handled by opsapi itself (OPSAPI_TRUSTED_PROXIES), not by uvicorn.
+    uvicorn.run(create_app(settings), host=host, port=port, access_log=False, proxy_headers=False)
     return 0
 
 

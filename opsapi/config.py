@@ -37,6 +37,11 @@ class Settings(BaseSettings):
     pagerduty_events_url: str = "https://events.pagerduty.com"
     routers_file: Path | None = None
 
+    # Optional client allowlist (comma-separated CIDRs), and the proxies whose X-Forwarded-For
+    # is believed (comma-separated CIDRs); both empty by default.
+    allowed_cidrs: str = ""
+    trusted_proxies: str = ""
+
     max_body_bytes: int = 64 * 1024
     idempotency_ttl_hours: int = 24
 
@@ -47,6 +52,13 @@ class Settings(BaseSettings):
                 "OPSAPI_ENV=production requires OPSAPI_JWKS_URL: locally signed tokens are "
                 "for embedded and test use only"
             )
+        from opsapi.http.clients import networks
+
+        try:
+            networks(self.allowed_cidrs)
+            networks(self.trusted_proxies)
+        except ValueError as error:
+            raise ValueError(f"OPSAPI_ALLOWED_CIDRS / OPSAPI_TRUSTED_PROXIES: {error}") from None
         if self.jwks_url and not (self.jwt_issuer and self.jwt_audience):
             raise ValueError("OPSAPI_JWKS_URL needs OPSAPI_JWT_ISSUER and OPSAPI_JWT_AUDIENCE")
         return self

@@ -38,6 +38,7 @@ from opsapi.errors import (
     Unprocessable,
     UnsupportedMediaType,
 )
+from opsapi.http.clients import client_address, is_allowed, networks
 from opsapi.http.runtime import Runtime
 from opsapi.storage.idempotency import IdempotencyRecord
 
@@ -142,7 +143,13 @@ class _Request:
         self.mutating = mutating
         supplied = request.headers.get("x-request-id", "")
         self.request_id = supplied if _REQUEST_ID.fullmatch(supplied) else uuid.uuid4().hex
-        self.client_address = request.client.host if request.client else None
+        settings = runtime.settings
+        self.client_address = client_address(
+            request.client.host if request.client else None,
+            request.headers.get("x-forwarded-for"),
+            networks(settings.trusted_proxies),
+        )
+        self.client_allowed = is_allowed(self.client_address, networks(settings.allowed_cidrs))
         self.identity: Identity | None = None
         self.service = _audit_service(request.path_params.get("service"))
 
@@ -160,6 +167,8 @@ class _Request:
     async def _serve(self, handler: Handler) -> Response:
         now = self.runtime.clock()
         try:
+            if not self.client_allowed:
+                raise Forbidden("this client address is not allowed to call the API")
             self.identity = await self._authenticate()
             if not self.identity.has(self.role):
                 raise Forbidden(f"this action requires the {self.role.value} role")
