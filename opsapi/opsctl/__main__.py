@@ -1,0 +1,5 @@
+"""`python -m opsapi.opsctl`."""
+
+from opsapi.opsctl.main import main
+
+main()

@@ -1,0 +1,675 @@
+"""`opsctl`: drive canary rollouts through the opsapi HTTP API from a terminal.
+
+Settings: `OPSAPI_URL` (the server, e.g. http://127.0.0.1:8080; `/internal/ops` is added) and
+`OPSAPI_TOKEN` (a bearer token); `--url` and `--token` override them.
+
+Commands: promote, rollback, pause, resume, status, history, evaluations, audit, audit verify,
+execute. Every change is sent with an Idempotency-Key (one per command, reused by its own
+retries, or `--idempotency-key`), so a retried command acts once.
+
+Exit codes (one per class of failure, for scripts):
+
+    0   success
+    1   any other failure (an answer opsctl did not expect, e.g. 405)
+    2   usage error: unknown command or option, bad argument
+    3   not authenticated (401): missing, invalid or expired token
+    4   forbidden (403): the token lacks the role
+    5   not found (404): no such service rollout, rollout or operation
+    6   conflict (409): the rollout's state refuses it (not ready, paused, ...)
+    7   invalid request (400, 413, 415, 422)
+    8   server error (5xx), after retries
+    9   opsapi unreachable: connection refused, DNS, TLS or timeout
+    10  `audit verify` found the audit hash chain broken
+
+Ctrl-C ends `status --watch` with 0; elsewhere it exits 130.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Annotated, Any
+from urllib.parse import quote
+
+import typer
+from rich.console import Console, Group, RenderableType
+from rich.live import Live
+from rich.rule import Rule
+from rich.text import Text
+
+from opsapi.opsctl import render
+from opsapi.opsctl.client import (
+    EXIT_CODES,
+    Answer,
+    Client,
+    ExitCode,
+    OpsctlError,
+    new_idempotency_key,
+)
+
+_EPILOG = "Exit codes:\n\n" + "\n".join(
+    f"{int(code)}: {meaning}" for code, meaning in EXIT_CODES.items()
+)
+
+app = typer.Typer(
+    name="opsctl",
+    help="Drive canary rollouts through the opsapi HTTP API.",
+    epilog=_EPILOG,
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+audit_app = typer.Typer(
+    help="Query the audit log (auditor role); `opsctl audit verify` checks its hash chain.",
+    epilog=_EPILOG,
+)
+app.add_typer(audit_app, name="audit")
+
+
+@dataclass
+class _Settings:
+    url: str
+    token: str | None
+    timeout: float
+    retries: int
+    client: Client | None = None
+
+
+class _Output:
+    """Whether errors should also be printed as JSON on stdout (set by `--json`)."""
+
+    json_errors = False
+
+
+def _console() -> Console:
+    return Console(highlight=False, soft_wrap=False)
+
+
+def _client(ctx: typer.Context) -> Client:
+    settings = ctx.find_object(_Settings)
+    if settings is None:  # pragma: no cover - the root callback always runs first
+        raise OpsctlError(ExitCode.ERROR, "internal error: no settings")
+    if settings.client is None:
+        settings.client = Client(
+            settings.url, settings.token, timeout=settings.timeout, retries=settings.retries
+        )
+        ctx.call_on_close(settings.client.close)
+    return settings.client
+
+
+def _print_json(document: Any, *, compact: bool = False) -> None:
+    if compact:
+        print(json.dumps(document, separators=(",", ":"), ensure_ascii=False), flush=True)
+    else:
+        print(json.dumps(document, indent=2, ensure_ascii=False), flush=True)
+
+
+def _json_errors(enabled: bool) -> None:
+    """With `--json`, a refusal's problem document also goes to stdout (for scripts)."""
+    _Output.json_errors = enabled
+
+
+def _path(*segments: str) -> str:
+    return "/" + "/".join(quote(segment, safe="") for segment in segments)
+
+
+@app.callback()
+def root(
+    ctx: typer.Context,
+    url: Annotated[
+        str,
+        typer.Option(
+            "--url", envvar="OPSAPI_URL", help="opsapi server URL (`/internal/ops` is added)."
+        ),
+    ] = "http://127.0.0.1:8080",
+    token: Annotated[
+        str | None,
+        typer.Option("--token", envvar="OPSAPI_TOKEN", help="Bearer token.", show_default=False),
+    ] = None,
+    timeout: Annotated[
+        float, typer.Option("--timeout", min=0.1, help="Seconds to wait for an answer.")
+    ] = 30.0,
+    retries: Annotated[
+        int,
+        typer.Option(
+            "--retries", min=0, max=10, help="Retries on connection errors and 502/503/504."
+        ),
+    ] = 2,
+) -> None:
+    """Drive canary rollouts through the opsapi HTTP API."""
+    ctx.obj = _Settings(url=url, token=token or None, timeout=timeout, retries=retries)
+
+
+# ---------------------------------------------------------------------------------------------
+# Changes: promote, rollback, pause, resume
+
+
+JsonOption = Annotated[bool, typer.Option("--json", help="Print the raw JSON answer.")]
+KeyOption = Annotated[
+    str | None,
+    typer.Option(
+        "--idempotency-key",
+        help="Idempotency-Key to send (default: a new one per command, reused by its retries).",
+        show_default=False,
+    ),
+]
+
+
+def _change(
+    ctx: typer.Context,
+    path: str,
+    body: dict[str, Any],
+    *,
+    key: str | None,
+    as_json: bool,
+    describe: Callable[[dict[str, Any]], RenderableType],
+) -> None:
+    key = key or new_idempotency_key()
+    _json_errors(as_json)
+    answer = _client(ctx).post(path, body, idempotency_key=key)
+    _report_replay(answer, key)
+    if as_json:
+        _print_json(answer.body)
+        return
+    _console().print(describe(answer.body))
+
+
+def _report_replay(answer: Answer, key: str) -> None:
+    if answer.replayed:
+        print(
+            f"opsctl: note: Idempotency-Key {key} was already used: this is the stored answer "
+            "of that request, which did not run again",
+            file=sys.stderr,
+        )
+
+
+def _changed_rollout(rollout: dict[str, Any]) -> RenderableType:
+    return Group(render.summary(rollout), render.ladder(rollout))
+
+
+@app.command()
+def promote(
+    ctx: typer.Context,
+    service: Annotated[str, typer.Argument(help="The service, e.g. checkout.")],
+    version: Annotated[
+        str | None,
+        typer.Option("--version", help="Canary version: starts a rollout if none is open."),
+    ] = None,
+    reason: Annotated[str | None, typer.Option("--reason", "-r", help="Why.")] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Advance even if the step is not ready (admin).")
+    ] = False,
+    to: Annotated[
+        int | None,
+        typer.Option("--to", min=1, max=100, help="Jump to this later step weight (admin)."),
+    ] = None,
+    from_percent: Annotated[
+        int | None,
+        typer.Option(
+            "--from", min=0, max=100, help="Only advance if the rollout is still at this weight."
+        ),
+    ] = None,
+    idempotency_key: KeyOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Start a rollout (with --version) or advance the open one by a step."""
+    body: dict[str, Any] = {"service": service}
+    if version is not None:
+        body["version"] = version
+    if reason is not None:
+        body["reason"] = reason
+    if force:
+        body["force"] = True
+    if to is not None:
+        body["target_percent"] = to
+    if from_percent is not None:
+        body["from_percent"] = from_percent
+    _change(
+        ctx,
+        "/canary/promote",
+        body,
+        key=idempotency_key,
+        as_json=as_json,
+        describe=_changed_rollout,
+    )
+
+
+@app.command()
+def rollback(
+    ctx: typer.Context,
+    service: Annotated[str, typer.Argument(help="The service.")],
+    reason: Annotated[str, typer.Option("--reason", "-r", help="Why (required, audited).")],
+    idempotency_key: KeyOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Roll the service's open rollout back to 0 % now."""
+    _change(
+        ctx,
+        "/canary/rollback",
+        {"service": service, "reason": reason},
+        key=idempotency_key,
+        as_json=as_json,
+        describe=_changed_rollout,
+    )
+
+
+@app.command()
+def pause(
+    ctx: typer.Context,
+    service: Annotated[str, typer.Argument(help="The service.")],
+    reason: Annotated[str | None, typer.Option("--reason", "-r", help="Why.")] = None,
+    idempotency_key: KeyOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Freeze the open rollout's wait clock (gates still run; a breach still rolls back)."""
+    body: dict[str, Any] = {"service": service}
+    if reason is not None:
+        body["reason"] = reason
+    _change(
+        ctx,
+        "/canary/pause",
+        body,
+        key=idempotency_key,
+        as_json=as_json,
+        describe=_changed_rollout,
+    )
+
+
+@app.command()
+def resume(
+    ctx: typer.Context,
+    service: Annotated[str, typer.Argument(help="The service.")],
+    reason: Annotated[str | None, typer.Option("--reason", "-r", help="Why.")] = None,
+    idempotency_key: KeyOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Restart the paused rollout's wait clock."""
+    body: dict[str, Any] = {"service": service}
+    if reason is not None:
+        body["reason"] = reason
+    _change(
+        ctx,
+        "/canary/resume",
+        body,
+        key=idempotency_key,
+        as_json=as_json,
+        describe=_changed_rollout,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading: status (and --watch), history, evaluations
+
+
+@dataclass
+class _Frame:
+    body: Any
+    view: RenderableType
+    finished: bool
+
+
+def _status_frame(client: Client, service: str | None) -> _Frame:
+    if service is None:
+        body = client.get("/canary").body
+        items = [item for item in body.get("items", []) if isinstance(item, dict)]
+        view: RenderableType = (
+            render.rollouts_table(items, title=f"Open rollouts ({len(items)})")
+            if items
+            else Text("no open rollouts", style="dim")
+        )
+        return _Frame(body, view, finished=False)
+    body = client.get(_path("canary", service)).body
+    return _Frame(
+        body, render.rollout_view(body), finished=body.get("state") in render.TERMINAL_STATES
+    )
+
+
+@app.command()
+def status(
+    ctx: typer.Context,
+    service: Annotated[
+        str | None, typer.Argument(help="A service; without it, every open rollout.")
+    ] = None,
+    watch: Annotated[
+        bool, typer.Option("--watch", "-w", help="Refresh until Ctrl-C or the rollout ends.")
+    ] = False,
+    interval: Annotated[
+        float, typer.Option("--interval", min=0.1, help="Seconds between refreshes.")
+    ] = 2.0,
+    count: Annotated[
+        int | None,
+        typer.Option("--count", min=1, help="With --watch: stop after this many refreshes."),
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the raw JSON (one line per refresh).")
+    ] = False,
+) -> None:
+    """Show a rollout (steps, wait, gates, weights) or the table of open rollouts."""
+    client = _client(ctx)
+    _json_errors(as_json)
+    if not watch:
+        frame = _status_frame(client, service)
+        if as_json:
+            _print_json(frame.body)
+        else:
+            _console().print(frame.view)
+        return
+    _watch(lambda: _status_frame(client, service), interval, count, as_json)
+
+
+def _stamp(number: int, interval: float, error: OpsctlError | None) -> Text:
+    text = Text(
+        f"refresh {number} at {datetime.now(UTC).strftime('%H:%M:%SZ')} · every {interval:g}s · "
+        "Ctrl-C to stop",
+        style="dim",
+    )
+    if error is not None:
+        text.append(f"\nlast refresh failed: {error.message}", style="bold red")
+    return text
+
+
+def _watch(fetch: Callable[[], _Frame], interval: float, count: int | None, as_json: bool) -> None:
+    """Re-render every `interval` s until Ctrl-C, `count` refreshes, or a finished rollout."""
+    console = _console()
+    last: _Frame | None = None
+    refreshes = 0
+
+    def step() -> tuple[_Frame | None, OpsctlError | None]:
+        nonlocal last
+        try:
+            last = fetch()
+            return last, None
+        except OpsctlError as error:
+            # A blip (server restarting, network) should not end a watch during an incident.
+            if error.code in (ExitCode.SERVER_ERROR, ExitCode.UNREACHABLE) and last is not None:
+                return last, error
+            raise
+
+    def more() -> bool:
+        return (count is None or refreshes < count) and not (last is not None and last.finished)
+
+    try:
+        if as_json:
+            while True:
+                frame, error = step()
+                refreshes += 1
+                if error is None and frame is not None:
+                    _print_json(frame.body, compact=True)
+                if not more():
+                    return
+                time.sleep(interval)
+        elif console.is_terminal:
+            with Live(console=console, auto_refresh=False, transient=False) as live:
+                while True:
+                    frame, error = step()
+                    refreshes += 1
+                    assert frame is not None
+                    live.update(Group(frame.view, _stamp(refreshes, interval, error)), refresh=True)
+                    if not more():
+                        return
+                    time.sleep(interval)
+        else:
+            # Not a terminal (a pipe, a log file): every frame is printed, one after the other.
+            while True:
+                frame, error = step()
+                refreshes += 1
+                assert frame is not None
+                console.print(Rule(_stamp(refreshes, interval, error)))
+                console.print(frame.view)
+                sys.stdout.flush()
+                if not more():
+                    return
+                time.sleep(interval)
+    except KeyboardInterrupt:
+        return
+
+
+def _paged(
+    client: Client, path: str, params: dict[str, Any], limit: int, page_max: int
+) -> dict[str, Any]:
+    """Follow `next_cursor` until `limit` items are read; answers `{"items", "next_cursor"}`."""
+    items: list[Any] = []
+    cursor: str | None = None
+    extra: dict[str, Any] = {}
+    while True:
+        page_size = min(page_max, limit - len(items))
+        body = client.get(path, {**params, "limit": page_size, "cursor": cursor}).body
+        page = body.get("items", []) if isinstance(body, dict) else []
+        extra = {k: v for k, v in body.items() if k not in ("items", "next_cursor")}
+        items.extend(page)
+        cursor = body.get("next_cursor")
+        if not cursor or not page or len(items) >= limit:
+            break
+    return {**extra, "items": items, "next_cursor": cursor}
+
+
+@app.command()
+def history(
+    ctx: typer.Context,
+    service: Annotated[str, typer.Argument(help="The service.")],
+    limit: Annotated[int, typer.Option("--limit", "-n", min=1, max=10000)] = 20,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the raw JSON.")] = False,
+) -> None:
+    """The service's rollouts, newest first."""
+    _json_errors(as_json)
+    body = _paged(_client(ctx), _path("canary", service, "history"), {}, limit, 100)
+    if as_json:
+        _print_json(body)
+        return
+    if not body["items"]:
+        _console().print(Text(f"{service} has no rollouts", style="dim"))
+        return
+    _console().print(render.history_table(body["items"], title=f"{service}: rollouts"))
+
+
+@app.command()
+def evaluations(
+    ctx: typer.Context,
+    rollout_id: Annotated[int, typer.Argument(min=1, help="The rollout's id.")],
+    gate: Annotated[str | None, typer.Option("--gate", "-g", help="Only this gate.")] = None,
+    limit: Annotated[int, typer.Option("--limit", "-n", min=1, max=100000)] = 50,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the raw JSON.")] = False,
+) -> None:
+    """A rollout's gate evaluations, newest first."""
+    path = _path("rollouts", str(rollout_id), "evaluations")
+    _json_errors(as_json)
+    body = _paged(_client(ctx), path, {"gate": gate}, limit, 1000)
+    if as_json:
+        _print_json(body)
+        return
+    if not body["items"]:
+        _console().print(Text(f"rollout {rollout_id} has no gate evaluations", style="dim"))
+        return
+    title = f"rollout #{rollout_id}: gate evaluations"
+    _console().print(render.evaluations_table(body["items"], title=title))
+
+
+# ---------------------------------------------------------------------------------------------
+# Audit
+
+
+class AuditFormat(StrEnum):
+    """Output formats of `opsctl audit`."""
+
+    table = "table"
+    json = "json"
+    csv = "csv"
+
+
+@audit_app.callback(invoke_without_command=True)
+def audit(
+    ctx: typer.Context,
+    actor: Annotated[str | None, typer.Option("--actor", help="Who (token subject).")] = None,
+    action: Annotated[
+        str | None, typer.Option("--action", help="e.g. canary.promote.force")
+    ] = None,
+    service: Annotated[str | None, typer.Option("--service")] = None,
+    rollout_id: Annotated[int | None, typer.Option("--rollout-id", min=1)] = None,
+    outcome: Annotated[
+        str | None,
+        typer.Option("--outcome", help="success, denied, conflict, error or ignored."),
+    ] = None,
+    source: Annotated[
+        str | None, typer.Option("--source", help="api, controller, pagerduty or system.")
+    ] = None,
+    since: Annotated[
+        str | None,
+        typer.Option("--since", help="ISO 8601 time, or a duration such as 2h (= 2 h ago)."),
+    ] = None,
+    until: Annotated[
+        str | None, typer.Option("--until", help="ISO 8601 time, or a duration (ago).")
+    ] = None,
+    limit: Annotated[
+        int | None,
+        typer.Option(
+            "--limit", "-n", min=1, max=100000, help="At most this many (default 50; not csv)."
+        ),
+    ] = None,
+    output: Annotated[
+        AuditFormat, typer.Option("--format", "-f", help="table, json or csv.")
+    ] = AuditFormat.table,
+) -> None:
+    """Audit events matching the filters, newest first (csv: every match, oldest first)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    client = _client(ctx)
+    params: dict[str, Any] = {
+        "actor": actor,
+        "action": action,
+        "service": service,
+        "rollout_id": rollout_id,
+        "outcome": outcome,
+        "source": source,
+        "since": render.since_param(since),
+        "until": render.since_param(until),
+    }
+    if output is AuditFormat.csv:
+        if limit is not None:
+            raise typer.BadParameter(
+                "the csv export has every matching event (oldest first); narrow it with "
+                "--since/--until and the other filters",
+                param_hint="--limit",
+            )
+        sys.stdout.write(client.get_text("/audit/export", {**params, "format": "csv"}))
+        return
+    _json_errors(output is AuditFormat.json)
+    body = _paged(client, "/audit", params, limit or 50, 1000)
+    if output is AuditFormat.json:
+        _print_json(body)
+        return
+    if not body["items"]:
+        _console().print(Text("no audit events match", style="dim"))
+        return
+    _console().print(render.audit_table(body["items"], title=f"audit ({len(body['items'])})"))
+
+
+@audit_app.command("verify")
+def audit_verify(
+    ctx: typer.Context,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the raw JSON.")] = False,
+) -> None:
+    """Verify the audit log's hash chain (exit 10 if it is broken)."""
+    _json_errors(as_json)
+    body = _client(ctx).get("/audit/verify").body
+    if as_json:
+        _print_json(body)
+    if body.get("intact") is True:
+        if not as_json:
+            text = Text("audit chain intact", style="bold green")
+            text.append(f": {body.get('events')} events verified")
+            if body.get("last_id") is not None:
+                text.append(
+                    f" (last event {body.get('last_id')}, hash {str(body.get('last_hash'))[:16]}…)",
+                    style="dim",
+                )
+            _console().print(text)
+        return
+    broken = body.get("first_broken") or {}
+    extra = ", ".join(f"{k}={v}" for k, v in broken.items() if k not in ("id", "reason"))
+    message = f"audit chain BROKEN at event {broken.get('id')}: {broken.get('reason')}"
+    raise OpsctlError(ExitCode.AUDIT_BROKEN, message + (f" ({extra})" if extra else ""))
+
+
+# ---------------------------------------------------------------------------------------------
+# Execute
+
+
+def _params(pairs: list[str]) -> dict[str, Any]:
+    """`k=v` (a string) and `k:=json` (a JSON value) pairs as a dict."""
+    params: dict[str, Any] = {}
+    for pair in pairs:
+        name, raw_sep, value = pair.partition("=")
+        if not raw_sep or not name:
+            raise typer.BadParameter(f"{pair!r} is not k=v or k:=json", param_hint="--param")
+        if name.endswith(":"):
+            try:
+                params[name[:-1]] = json.loads(value)
+            except ValueError:
+                raise typer.BadParameter(
+                    f"{pair!r}: {value!r} is not JSON", param_hint="--param"
+                ) from None
+        else:
+            params[name] = value
+    return params
+
+
+@app.command()
+def execute(
+    ctx: typer.Context,
+    operation: Annotated[
+        str, typer.Argument(help="health-check, gate-check, router-sync, set-weight, ...")
+    ],
+    param: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--param",
+            "-p",
+            help="k=v (a string) or k:=json (a number, boolean, ...); repeatable.",
+        ),
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Say what would happen; change nothing.")
+    ] = False,
+    idempotency_key: KeyOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Run a named operation (each has its own role and typed parameters)."""
+    body = {"operation": operation, "params": _params(param or []), "dry_run": dry_run}
+    key = idempotency_key or new_idempotency_key()
+    _json_errors(as_json)
+    answer = _client(ctx).post("/execute", body, idempotency_key=key)
+    _report_replay(answer, key)
+    if as_json:
+        _print_json(answer.body)
+        return
+    result = answer.body if isinstance(answer.body, dict) else {"result": answer.body}
+    head = Text()
+    head.append(f"{result.get('operation', operation)}", style="bold")
+    head.append(" (dry run)" if result.get("dry_run") else "", style="yellow")
+    changes = result.get("changes")
+    head.append(f" · changes state: {'yes' if changes else 'no'}", style="dim")
+    console = _console()
+    console.print(head)
+    console.print_json(json.dumps(result.get("result"), default=str))
+
+
+def main() -> None:
+    """Entry point of the `opsctl` console script."""
+    try:
+        app(prog_name="opsctl")
+    except OpsctlError as error:
+        if _Output.json_errors and error.problem is not None:
+            _print_json(error.problem)
+        print(f"opsctl: {error.message}", file=sys.stderr)
+        sys.exit(int(error.code))
+
+
+if __name__ == "__main__":
+    main()
