@@ -34,6 +34,7 @@ from opsapi.canary.policy import Policy
 from opsapi.durations import format_duration
 from opsapi.errors import Conflict, NotFound, Problem, Unprocessable
 from opsapi.http.params import iso
+from opsapi.pagerduty import outbox as pagerduty_outbox
 
 OPEN_STATE_VALUES = [state.value for state in machine.OPEN_STATES]
 
@@ -276,6 +277,8 @@ async def _record_new_stable(
     assert service is not None
     service.stable_version = record.canary_version
     session.add(service)
+    # The service is healthy again: resolve its earlier rollouts' PagerDuty alerts.
+    await pagerduty_outbox.resolve_earlier(session, record, now=now)
 
 
 async def start_rollout(
@@ -409,6 +412,7 @@ def rollout_view(record: RolloutRecord, now: datetime) -> dict[str, Any]:
                 "failing_since": iso(gate.failing_since),
                 "breached": gate.breached,
                 "detail": gate.detail,
+                **_gate_rule(record, gate.name),
             }
             for gate in rollout.gates
         ],
@@ -423,6 +427,15 @@ def rollout_view(record: RolloutRecord, now: datetime) -> dict[str, Any]:
         "finished_at": iso(record.finished_at),
         "next_evaluation_at": iso(record.next_evaluation_at),
     }
+
+
+def _gate_rule(record: RolloutRecord, name: str) -> dict[str, Any]:
+    # The comparison the gate was started with, so that a value and threshold read on their own.
+    for gate in (record.gate_policy or {}).get("gates", []):
+        if gate.get("name") == name:
+            return {"op": gate.get("op"), "for": gate.get("for"),
+                    "on_no_data": gate.get("on_no_data", "hold")}  # fmt: skip
+    return {}
 
 
 def _whole_seconds(duration: timedelta) -> timedelta:

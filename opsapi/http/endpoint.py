@@ -171,9 +171,14 @@ class _Request:
                 raise Forbidden("this client address is not allowed to call the API")
             self.identity = await self._authenticate()
             if not self.identity.has(self.role):
-                raise Forbidden(f"this action requires the {self.role.value} role")
+                raise Forbidden(
+                    f"{self.action} requires the {self.role.value} role; "
+                    f"this token grants: {', '.join(sorted(self.identity.roles)) or 'none'}"
+                )
             raw, parsed = await self._parse_body()
         except Problem as problem:
+            if problem.status in (401, 403) and self.service is None:
+                await self._peek_service()
             return await self._refuse(problem, now, {})
         if not self.mutating:
             return await self._serve_read(handler, parsed, now)
@@ -259,6 +264,18 @@ class _Request:
             service=self.service,
             action=self.action,
         )
+
+    async def _peek_service(self) -> None:
+        """For the audit of a refused request: the service its body names, if any."""
+        if self.body_model is None:
+            return
+        try:
+            raw = await _read_limited(self.request, self.runtime.settings.max_body_bytes)
+            document = json.loads(raw)
+        except (Problem, ValueError, UnicodeDecodeError):
+            return
+        if isinstance(document, dict):
+            self.service = _audit_service(document.get("service"))
 
     async def _authenticate(self) -> Identity:
         header = self.request.headers.get("authorization", "")

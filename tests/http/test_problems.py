@@ -353,3 +353,12 @@ async def test_concurrent_retries_with_one_key_act_once(api: Harness) -> None:
         sorted(r.headers.get("idempotent-replayed", "") for r in responses) == [""] + ["true"] * 5
     )
     assert len(await rollouts(api)) == 1
+
+
+async def test_a_refused_request_is_audited_with_the_service_it_named(api: Harness) -> None:
+    response = await api.post("/canary/promote", {"service": "checkout", "version": "v2"}, "viewer")
+
+    assert response.status_code == 403
+    assert "canary.promote requires the operator role" in response.json()["detail"]
+    [event] = await api.audit_events(outcome="denied")
+    assert event.service == "checkout"
