@@ -58,6 +58,7 @@ def _controller(settings: Settings) -> int:
     from opsapi.controller.loop import Controller
     from opsapi.http.app import build_provider
     from opsapi.metrics import Metrics
+    from opsapi.pagerduty.worker import DeliveryWorker
     from opsapi.routers.instances import load_routers
     from opsapi.routers.traffic import Traffic
     from opsapi.storage.db import create_engine, session_factory
@@ -83,9 +84,18 @@ def _controller(settings: Settings) -> int:
             batch_size=settings.controller_batch_size,
             poll_seconds=settings.controller_poll_seconds,
         )
+        # The PagerDuty outbox is delivered here too (a controller-only deployment pages).
+        worker = DeliveryWorker.from_settings(settings, sessions, system_clock, metrics)
+        delivery = (
+            asyncio.create_task(worker.run(stop)) if settings.pagerduty_worker_enabled else None
+        )
         try:
             await controller.run(stop)
         finally:
+            stop.set()
+            if delivery is not None:
+                await delivery
+            worker.close()
             await engine.dispose()
 
     asyncio.run(run())

@@ -35,6 +35,13 @@ class Settings(BaseSettings):
     prometheus_timeout_seconds: float = Field(default=3.0, gt=0)
     pagerduty_webhook_secrets: str = ""
     pagerduty_events_url: str = "https://events.pagerduty.com"
+    # Outbound alerts: a CA bundle to trust (a private CA or proxy), the per-request timeout,
+    # tries before an alert is marked failed, and the delivery worker in this process.
+    pagerduty_ca_file: Path | None = None
+    pagerduty_timeout_seconds: float = Field(default=5.0, gt=0)
+    pagerduty_max_attempts: int = Field(default=8, ge=1)
+    pagerduty_worker_enabled: bool = True
+    pagerduty_poll_seconds: float = Field(default=1.0, gt=0)
     routers_file: Path | None = None
 
     # Optional client allowlist (comma-separated CIDRs), and the proxies whose X-Forwarded-For
@@ -61,7 +68,15 @@ class Settings(BaseSettings):
             raise ValueError(f"OPSAPI_ALLOWED_CIDRS / OPSAPI_TRUSTED_PROXIES: {error}") from None
         if self.jwks_url and not (self.jwt_issuer and self.jwt_audience):
             raise ValueError("OPSAPI_JWKS_URL needs OPSAPI_JWT_ISSUER and OPSAPI_JWT_AUDIENCE")
+        if not self.pagerduty_events_url.startswith("https://"):
+            raise ValueError("OPSAPI_PAGERDUTY_EVENTS_URL must be an https:// URL")
         return self
+
+    @property
+    def webhook_secrets(self) -> list[str]:
+        """The PagerDuty webhook signing secrets (several during a rotation)."""
+        return [secret.strip() for secret in self.pagerduty_webhook_secrets.split(",")
+                if secret.strip()]  # fmt: skip
 
     @property
     def signing_key_path(self) -> Path:

@@ -74,3 +74,14 @@ class Metrics:
             "How late the controller handled the most overdue rollout of its last pass",
             registry=self.registry,
         )
+        self.pagerduty_deliveries = Counter(
+            "opsapi_pagerduty_deliveries",
+            "PagerDuty Events API delivery attempts by kind and result (delivered, retry, failed)",
+            ["kind", "result"],
+            registry=self.registry,
+        )
+        self.pagerduty_pending = Gauge(
+            "opsapi_pagerduty_pending",
+            "PagerDuty alerts waiting in the outbox for delivery",
+            registry=self.registry,
+        )

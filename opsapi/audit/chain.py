@@ -34,8 +34,20 @@ def canonical(event: Mapping[str, Any]) -> bytes:
     if isinstance(at, datetime):
         fields["at"] = at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     fields["roles"] = sorted(fields["roles"] or [])
-    fields["details"] = fields["details"] or {}
+    fields["details"] = _stored_form(fields["details"] or {})
     return json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _stored_form(value: Any) -> Any:
+    # A whole float that JSON writes in exponent form (1e+16) comes back from PostgreSQL's jsonb
+    # as an integer: hash what the database will give back, not what Python wrote.
+    if isinstance(value, float) and value.is_integer() and "e" in repr(value):
+        return int(value)
+    if isinstance(value, dict):
+        return {key: _stored_form(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_stored_form(item) for item in value]
+    return value
 
 
 def link(prev_hash: str, event: Mapping[str, Any]) -> str:

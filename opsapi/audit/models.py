@@ -37,6 +37,7 @@ class AuditEvent(SQLModel, table=True):
         sa.Index("ix_audit_actor_at", "actor", "at", "id"),
         sa.Index("ix_audit_action_at", "action", "at", "id"),
         sa.Index("ix_audit_outcome_at", "outcome", "at", "id"),
+        sa.Index("ix_audit_source_at", "source", "at", "id"),
         sa.Index("ix_audit_rollout", "rollout_id", "id"),
     )
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
+from sqlmodel.ext.asyncio.session import AsyncSession
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -16,6 +17,7 @@ from opsapi.canary.policy import SERVICE_NAME, VERSION, Policy, is_service_name
 from opsapi.errors import Conflict, NotFound, Unprocessable
 from opsapi.http.endpoint import Call, endpoint
 from opsapi.http.params import int_param
+from opsapi.pagerduty import outbox as pagerduty_outbox
 from opsapi.routers.registry import check_router
 
 ServiceName = Field(pattern=SERVICE_NAME.pattern, description="the service's name")
@@ -48,7 +50,7 @@ def _actor(call: Call) -> Actor:
     return Actor(Trigger.USER, call.identity.subject)
 
 
-def _rollout_response(call: Call, applied: service.Applied) -> JSONResponse:
+async def _rollout_response(call: Call, applied: service.Applied) -> JSONResponse:
     record = applied.record
     call.rollout_id = record.id
     call.details.update(applied.audit_details, triggered_by=record.triggered_by)
@@ -58,13 +60,16 @@ def _rollout_response(call: Call, applied: service.Applied) -> JSONResponse:
     moved = any(isinstance(effect, machine.SetWeight) for effect in applied.transition.effects)
     if moved and record.applied_weight != record.desired_weight:
         call.after_commit.append(lambda: _apply_now(call, record.id, record.service))
-    return JSONResponse(_view(call, record))
+    return JSONResponse(await _view(call, record))
 
 
-def _view(call: Call, record: RolloutRecord) -> dict[str, Any]:
+async def _view(
+    call: Call, record: RolloutRecord, session: AsyncSession | None = None
+) -> dict[str, Any]:
     view = service.rollout_view(record, call.now)
     # Whether no request can reach the canary any more (the answer a rollback waits for).
     view["traffic_at_zero"] = record.applied_weight == 0
+    view["alerts"] = await pagerduty_outbox.alerts_for(session or call.session, record.id)
     return view
 
 
@@ -74,8 +79,8 @@ async def _apply_now(call: Call, rollout_id: int | None, name: str) -> Response:
     await call.runtime.traffic.apply(rollout_id, name, reason=call.action)
     async with call.runtime.sessions() as session:
         record = await session.get(RolloutRecord, rollout_id)
-    assert record is not None
-    return JSONResponse(_view(call, record))
+        assert record is not None
+        return JSONResponse(await _view(call, record, session))
 
 
 @endpoint(action="canary.promote", role=Role.OPERATOR, body=PromoteBody, mutating=True)
@@ -106,7 +111,7 @@ async def promote(call: Call) -> Response:
             target_percent=body.target_percent,
             reason=body.reason,
         )
-        return _rollout_response(call, applied)
+        return await _rollout_response(call, applied)
     call.rollout_id = record.id
     if body.version is not None and body.version != record.canary_version:
         raise Conflict(
@@ -123,7 +128,7 @@ async def promote(call: Call) -> Response:
         reason=body.reason,
     )
     applied = await service.apply_event(record, event, now=call.now, session=call.session)
-    return _rollout_response(call, applied)
+    return await _rollout_response(call, applied)
 
 
 @endpoint(action="canary.rollback", role=Role.OPERATOR, body=RollbackBody, mutating=True)
@@ -135,7 +140,7 @@ async def rollback(call: Call) -> Response:
     call.rollout_id = record.id
     event = machine.Rollback(reason=body.reason, actor=_actor(call))
     applied = await service.apply_event(record, event, now=call.now, session=call.session)
-    return _rollout_response(call, applied)
+    return await _rollout_response(call, applied)
 
 
 @endpoint(action="canary.pause", role=Role.OPERATOR, body=PauseBody, mutating=True)
@@ -146,7 +151,7 @@ async def pause(call: Call) -> Response:
     call.rollout_id = record.id
     event = machine.Pause(actor=_actor(call), reason=body.reason)
     applied = await service.apply_event(record, event, now=call.now, session=call.session)
-    return _rollout_response(call, applied)
+    return await _rollout_response(call, applied)
 
 
 @endpoint(action="canary.resume", role=Role.OPERATOR, body=PauseBody, mutating=True)
@@ -157,7 +162,7 @@ async def resume(call: Call) -> Response:
     call.rollout_id = record.id
     event = machine.Resume(actor=_actor(call), reason=body.reason)
     applied = await service.apply_event(record, event, now=call.now, session=call.session)
-    return _rollout_response(call, applied)
+    return await _rollout_response(call, applied)
 
 
 @endpoint(action="canary.list", role=Role.VIEWER)
@@ -184,7 +189,9 @@ async def get_rollout(call: Call) -> Response:
     if record is None:
         raise NotFound(f"{name} has no rollout")
     call.rollout_id = record.id
-    return JSONResponse(service.rollout_view(record, call.now))
+    view = service.rollout_view(record, call.now)
+    view["alerts"] = await pagerduty_outbox.alerts_for(call.session, record.id)
+    return JSONResponse(view)
 
 
 @endpoint(action="canary.history", role=Role.VIEWER)
@@ -233,7 +240,7 @@ async def get_policy(call: Call) -> Response:
     policy = await service.load_policy(
         name, default=call.runtime.default_policy, session=call.session
     )
-    return JSONResponse(policy.document())
+    return JSONResponse(pagerduty_outbox.redact_policy_document(policy.document()))
 
 
 @endpoint(action="service.put", role=Role.ADMIN, body=Policy, mutating=True)
@@ -242,6 +249,11 @@ async def put_policy(call: Call) -> Response:
     name = _service_param(call)
     policy = call.body_as(Policy)
     check_router(policy.router, call.runtime.traffic.routers)
+    # A routing key sent back as answered ("…abcd") keeps the stored one.
+    stored = await service.load_policy(
+        name, default=call.runtime.default_policy, session=call.session
+    )
+    policy = pagerduty_outbox.keep_stored_routing_key(policy, stored)
     before, after = await service.save_policy(
         name,
         policy,
@@ -251,7 +263,7 @@ async def put_policy(call: Call) -> Response:
         session=call.session,
     )
     call.details.update(before=before, after=after)
-    return JSONResponse(after)
+    return JSONResponse(pagerduty_outbox.redact_policy_document(after))
 
 
 routes = [

@@ -16,6 +16,7 @@ import logging
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlmodel import col, delete
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -32,6 +33,7 @@ from opsapi.gates.models import GateEvaluation
 from opsapi.gates.provider import GateProvider, Measurement, NoProvider
 from opsapi.gates.templates import TemplateValues, render
 from opsapi.metrics import Metrics
+from opsapi.pagerduty import outbox as pagerduty_outbox
 from opsapi.routers.traffic import Traffic
 from opsapi.storage.db import SessionFactory
 from opsapi.storage.idempotency import IdempotencyRecord
@@ -154,7 +156,11 @@ class Controller:
                 self._store_evaluations(session, record, statuses, measured.at)
                 event = machine.GateResults(statuses)
             applied = await service.apply_event(record, event, now=now, session=session)
-            transitions = await self._audit_transition(session, applied, now)
+            # A breach's rollback pages (through the outbox, in this transaction).
+            page = await pagerduty_outbox.page_breach(
+                session, applied.record, applied.transition, now=now
+            )
+            transitions = await self._audit_transition(session, applied, now, page)
         moved = any(isinstance(e, machine.SetWeight) for e in applied.transition.effects)
         if moved and self.traffic is not None and record.applied_weight != record.desired_weight:
             # Committed first; now make it real (a breach's rollback is not kept waiting).
@@ -201,7 +207,11 @@ class Controller:
             )
 
     async def _audit_transition(
-        self, session: AsyncSession, applied: service.Applied, now: datetime
+        self,
+        session: AsyncSession,
+        applied: service.Applied,
+        now: datetime,
+        page: dict[str, Any] | None = None,
     ) -> int:
         record = applied.record
         count = 0
@@ -219,7 +229,7 @@ class Controller:
                 outcome=Outcome.SUCCESS,
                 service=record.service,
                 rollout_id=record.id,
-                details={**effect.details, "triggered_by": record.triggered_by},
+                details={**effect.details, "triggered_by": record.triggered_by, **(page or {})},
             )
         return count
 

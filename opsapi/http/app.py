@@ -16,6 +16,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 
+from opsapi.audit import views as audit_views
 from opsapi.audit.writer import AuditWriter
 from opsapi.auth.cache import CachedVerifier
 from opsapi.auth.tokens import JwksVerifier, LocalSigner, TokenVerifier
@@ -34,6 +35,9 @@ from opsapi.http.endpoint import problem_response
 from opsapi.http.openapi import openapi_document
 from opsapi.http.runtime import Runtime
 from opsapi.metrics import Metrics
+from opsapi.pagerduty import outbox as pagerduty_outbox
+from opsapi.pagerduty import webhook as pagerduty_webhook
+from opsapi.pagerduty.worker import DeliveryWorker
 from opsapi.routers.instances import load_routers
 from opsapi.routers.traffic import Traffic
 from opsapi.storage.db import create_engine, session_factory
@@ -109,14 +113,24 @@ def create_app(
             idempotency_ttl=timedelta(hours=settings.idempotency_ttl_hours),
         )
         app.state.controller = controller
+        # Delivers the PagerDuty outbox (alerts are enqueued with the changes causing them).
+        worker = DeliveryWorker.from_settings(settings, runtime.sessions, clock, runtime.metrics)
+        app.state.pagerduty_worker = worker
         stop = asyncio.Event()
         task = asyncio.create_task(controller.run(stop)) if settings.controller_enabled else None
+        delivery = (
+            asyncio.create_task(worker.run(stop)) if settings.pagerduty_worker_enabled else None
+        )
         try:
             yield
         finally:
             stop.set()
             if task is not None:
                 await task
+            if delivery is not None:
+                await delivery
+            worker.close()
+            await pagerduty_webhook.drain()
             await runtime.audit_writer.stop()
             await engine.dispose()
             if isinstance(provider, PrometheusProvider):
@@ -126,7 +140,10 @@ def create_app(
         *canary_views.routes,
         *gate_views.routes,
         *execute_views.routes,
+        *audit_views.routes,
         Route("/openapi.json", openapi, methods=["GET"]),
+        # Authenticated by PagerDuty's signature, not by a token (opsapi/pagerduty/webhook.py).
+        Route(pagerduty_webhook.PATH, pagerduty_webhook.pagerduty_webhook, methods=["POST"]),
     ]
     return Starlette(
         routes=[
@@ -161,6 +178,7 @@ async def metrics(request: Request) -> Response:
     runtime: Runtime = request.app.state.runtime
     async with runtime.sessions() as session:
         open_rollouts = await canary_service.list_open(session=session)
+        runtime.metrics.pagerduty_pending.set(await pagerduty_outbox.pending_count(session))
     runtime.metrics.open_rollouts.set(len(open_rollouts))
     runtime.metrics.rollout_weight.clear()
     for record in open_rollouts:

@@ -297,6 +297,9 @@ class _Request:
             raise UnsupportedMediaType("the request body must be application/json")
         if not raw.strip():
             raise BadRequest("a JSON request body is required")
+        if b"\\u0000" in raw:
+            # PostgreSQL text cannot hold NUL; refuse it here rather than fail later.
+            raise Unprocessable("NUL characters (\\u0000) are not allowed in the request body")
         try:
             document = json.loads(raw)
         except (ValueError, UnicodeDecodeError):

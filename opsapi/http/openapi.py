@@ -29,6 +29,13 @@ OPERATIONS: list[tuple[str, str, str, str, type[BaseModel] | None]] = [
      "operator; set-weight: admin)", "Run a named operation, or a dry run", ExecuteBody),
     ("get", "/services/{service}", "viewer", "The service's policy", None),
     ("put", "/services/{service}", "admin", "Replace the service's policy", Policy),
+    ("get", "/audit", "auditor", "Audit events newest first: filters actor, action, service, "
+     "rollout_id, outcome, source, since, until; limit; cursor", None),
+    ("get", "/audit/export", "auditor", "Stream matching audit events oldest first "
+     "(format=csv|ndjson, same filters)", None),
+    ("get", "/audit/verify", "auditor", "Verify the audit hash chain (optional since_id)", None),
+    ("post", "/webhooks/pagerduty", "none: a valid X-PagerDuty-Signature (HMAC-SHA256)",
+     "PagerDuty webhook v3: a qualifying incident rolls back the mapped service", None),
 ]  # fmt: skip
 
 _PROBLEM = {"description": "Problem", "content": {"application/problem+json": {"schema": {
@@ -57,7 +64,15 @@ def openapi_document(prefix: str) -> dict[str, Any]:
                 operation["parameters"] = [
                     {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
                 ]
-        if method != "get":
+        if path.startswith("/webhooks/"):
+            # Authenticated by the sender's signature, not a bearer token; no Idempotency-Key
+            # (replays are recognised by event id).
+            operation["security"] = []
+            operation["parameters"] = [
+                {"name": "X-PagerDuty-Signature", "in": "header", "required": True,
+                 "schema": {"type": "string"}}
+            ]  # fmt: skip
+        elif method != "get":
             operation["parameters"] = [
                 *operation.get("parameters", []),
                 {"name": "Idempotency-Key", "in": "header", "schema": {"type": "string"}},

@@ -25,6 +25,7 @@ from opsapi.audit.models import Outcome, Source
 from opsapi.canary.models import RolloutRecord
 from opsapi.clock import Clock
 from opsapi.metrics import Metrics
+from opsapi.pagerduty import outbox as pagerduty_outbox
 from opsapi.routers.base import Router, RouterError, RouteTarget
 from opsapi.routers.registry import PULL
 from opsapi.storage.db import SessionFactory
@@ -191,6 +192,11 @@ class Traffic:
                 record.router_error = error
                 record.router_attempts += 1
                 record.router_retry_at = now + backoff(record.router_attempts)
+                if record.router_attempts == pagerduty_outbox.ROUTER_FAILURES_TO_PAGE:
+                    # Retrying has not helped: page, once per rollout (same transaction).
+                    await pagerduty_outbox.page_router_failure(
+                        session, record, error=error, weight=weight or 0, now=now
+                    )
             session.add(record)
             self.metrics.router_applies.labels("ok" if error is None else "error").inc()
             self.metrics.router_errors.labels(record.service).set(1 if error else 0)

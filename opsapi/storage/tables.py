@@ -3,6 +3,15 @@
 from opsapi.audit.models import AuditEvent
 from opsapi.canary.models import RolloutRecord, ServiceRecord
 from opsapi.gates.models import GateEvaluation
+from opsapi.pagerduty.models import OutboxMessage, PagerDutyEvent
 from opsapi.storage.idempotency import IdempotencyRecord
 
-__all__ = ["AuditEvent", "GateEvaluation", "IdempotencyRecord", "RolloutRecord", "ServiceRecord"]
+__all__ = [
+    "AuditEvent",
+    "GateEvaluation",
+    "IdempotencyRecord",
+    "OutboxMessage",
+    "PagerDutyEvent",
+    "RolloutRecord",
+    "ServiceRecord",
+]

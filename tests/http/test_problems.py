@@ -362,3 +362,12 @@ async def test_a_refused_request_is_audited_with_the_service_it_named(api: Harne
     assert "canary.promote requires the operator role" in response.json()["detail"]
     [event] = await api.audit_events(outcome="denied")
     assert event.service == "checkout"
+
+
+async def test_a_nul_character_is_refused_and_changes_nothing(api: Harness) -> None:
+    await api.post("/canary/promote", {"service": "checkout", "version": "v2"})
+
+    response = await api.post("/canary/rollback", {"service": "checkout", "reason": "bad\u0000"})
+
+    assert response.status_code == 422
+    assert (await api.get("/canary/checkout")).json()["state"] == "progressing"

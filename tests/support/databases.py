@@ -9,7 +9,15 @@ import asyncpg
 import pytest
 
 PG_ADMIN_DSN = os.environ.get("OPSAPI_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
-TABLES = ("audit_event", "rollout", "service", "idempotency_key", "gate_evaluation")
+TABLES = (
+    "audit_event",
+    "rollout",
+    "service",
+    "idempotency_key",
+    "gate_evaluation",
+    "outbox",
+    "pagerduty_event",
+)
 
 
 def in_ci() -> bool:

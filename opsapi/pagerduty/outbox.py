@@ -1,0 +1,344 @@
+"""The outbox: PagerDuty alerts written in the transaction of the change that causes them.
+
+Nothing here sends anything or commits: `enqueue` adds a row to the caller's transaction, so the
+alert exists exactly when the rollback (or the router failure, or the success) that caused it is
+committed, and a crash between that commit and the delivery loses nothing. The worker
+(`opsapi.pagerduty.worker`) delivers the rows later, off the request and controller paths.
+
+Routing keys are secrets: they live in the outbox row (the worker needs them) and in the
+service's policy, and nowhere else — not in audit details, answers or logs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlmodel import col, func, select
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from opsapi.canary import machine
+from opsapi.canary.models import RolloutRecord, ServiceRecord
+from opsapi.canary.policy import PagerDutyPolicy, Policy
+from opsapi.errors import Unprocessable
+from opsapi.pagerduty.models import OutboxKind, OutboxMessage, OutboxState
+
+SOURCE = "opsapi"
+SEVERITY = "critical"
+# The traffic layer retries a failing router with back-off; this many failures in a row page.
+ROUTER_FAILURES_TO_PAGE = 5
+API_PREFIX = "/internal/ops"
+_SUMMARY_LIMIT = 1024  # the Events API's limit for payload.summary
+
+
+def dedup_key(rollout_id: int | None) -> str:
+    """The alert key of a rollout: stable, so PagerDuty folds repeats into one alert."""
+    return f"opsapi-rollout-{rollout_id}"
+
+
+def rollout_path(service: str) -> str:
+    """Where the API shows the rollout."""
+    return f"{API_PREFIX}/canary/{service}"
+
+
+async def routing_key_of(session: AsyncSession, service: str) -> str | None:
+    """The Events API routing key of the service's stored policy, if it has one."""
+    record = await session.get(ServiceRecord, service)
+    if record is None or not record.policy:
+        return None
+    settings = record.policy.get("pagerduty")
+    if not isinstance(settings, Mapping):
+        return None
+    key = settings.get("routing_key")
+    return key if isinstance(key, str) and key else None
+
+
+async def enqueue(
+    session: AsyncSession,
+    *,
+    kind: OutboxKind,
+    cause: str,
+    service: str,
+    rollout_id: int | None,
+    dedup_key: str,
+    routing_key: str,
+    payload: dict[str, Any],
+    now: datetime,
+) -> bool:
+    """Add one alert to the caller's transaction (never commits).
+
+    `cause` is unique: enqueueing the same cause again does nothing and returns False.
+    """
+    dialect = session.bind.dialect.name if session.bind else "postgresql"
+    insert = postgresql_insert if dialect == "postgresql" else sqlite_insert
+    statement = (
+        insert(OutboxMessage)
+        .values(
+            kind=kind.value,
+            cause=cause,
+            service=service,
+            rollout_id=rollout_id,
+            dedup_key=dedup_key,
+            routing_key=routing_key,
+            payload=payload,
+            state=OutboxState.PENDING.value,
+            attempts=0,
+            next_attempt_at=now,
+            created_at=now,
+        )
+        .on_conflict_do_nothing(index_elements=["cause"])
+    )
+    result = await session.exec(statement)
+    return bool(result.rowcount)
+
+
+# What causes alerts ----------------------------------------------------------------------------
+
+
+def _breach_of(transition: machine.Transition) -> dict[str, Any] | None:
+    for effect in transition.effects:
+        if isinstance(effect, machine.Audit) and effect.action == "rollout.rolled_back":
+            breach = effect.details.get("breach")
+            return {**effect.details, "breach": breach} if breach else None
+    return None
+
+
+async def page_breach(
+    session: AsyncSession,
+    record: RolloutRecord,
+    transition: machine.Transition,
+    *,
+    now: datetime,
+) -> dict[str, Any]:
+    """Enqueue the trigger of an automatic (gate breach) rollback; {} for any other transition.
+
+    Returns what the rollback's audit event should say about the page.
+    """
+    details = _breach_of(transition)
+    if details is None:
+        return {}
+    routing_key = await routing_key_of(session, record.service)
+    if routing_key is None:
+        return {"page": "no routing key"}
+    breach = details["breach"]
+    key = dedup_key(record.id)
+    summary = (
+        f"{record.service}: canary {record.canary_version} rolled back by opsapi, gate "
+        f"{breach.get('gate')} breached (value {breach.get('value')} vs threshold "
+        f"{breach.get('threshold')})"
+    )
+    custom_details = {
+        **_rollout_details(record),
+        "reason": record.reason,
+        "gate": breach.get("gate"),
+        "value": breach.get("value"),
+        "threshold": breach.get("threshold"),
+        "failing_since": breach.get("failing_since"),
+        "from_weight": details.get("from_weight"),
+        "gates": [
+            {key: gate.get(key) for key in ("name", "phase", "value", "threshold")}
+            for gate in record.gates
+        ],
+    }
+    await enqueue(
+        session,
+        kind=OutboxKind.TRIGGER,
+        cause=f"breach:{record.id}",
+        service=record.service,
+        rollout_id=record.id,
+        dedup_key=key,
+        routing_key=routing_key,
+        payload=_trigger_payload(summary, custom_details),
+        now=now,
+    )
+    return {"page": "enqueued", "dedup_key": key}
+
+
+async def page_router_failure(
+    session: AsyncSession, record: RolloutRecord, *, error: str, weight: int, now: datetime
+) -> bool:
+    """Enqueue the (one) trigger of a rollout whose router keeps failing."""
+    routing_key = await routing_key_of(session, record.service)
+    if routing_key is None:
+        return False
+    router = record.router.get("name", "pull")
+    summary = (
+        f"{record.service}: router {router} failed {record.router_attempts} times applying "
+        f"{weight}% for canary {record.canary_version}: {error}"
+    )
+    custom_details = {
+        **_rollout_details(record),
+        "reason": f"router {router} failing",
+        "router": router,
+        "error": error,
+        "attempts": record.router_attempts,
+        "weight": weight,
+        "applied_weight": record.applied_weight,
+    }
+    return await enqueue(
+        session,
+        kind=OutboxKind.TRIGGER,
+        cause=f"router-failure:{record.id}",
+        service=record.service,
+        rollout_id=record.id,
+        dedup_key=dedup_key(record.id),
+        routing_key=routing_key,
+        payload=_trigger_payload(summary, custom_details),
+        now=now,
+    )
+
+
+async def resolve_earlier(
+    session: AsyncSession, record: RolloutRecord, *, now: datetime
+) -> list[str]:
+    """A rollout succeeded: resolve the alerts of the service's earlier rollouts still open.
+
+    Each earlier triggered dedup key is resolved once, through the routing key it was
+    triggered with. Returns the dedup keys resolved.
+    """
+    triggers = (
+        await session.exec(
+            select(OutboxMessage)
+            .where(
+                OutboxMessage.service == record.service,
+                OutboxMessage.kind == OutboxKind.TRIGGER.value,
+                col(OutboxMessage.rollout_id) < (record.id or 0),
+            )
+            .order_by(col(OutboxMessage.id))
+        )
+    ).all()
+    resolved: list[str] = []
+    for trigger in triggers:
+        if trigger.dedup_key in resolved:
+            continue
+        created = await enqueue(
+            session,
+            kind=OutboxKind.RESOLVE,
+            cause=f"resolve:{trigger.dedup_key}",
+            service=record.service,
+            rollout_id=trigger.rollout_id,
+            dedup_key=trigger.dedup_key,
+            routing_key=trigger.routing_key,
+            payload={"resolved_by_rollout": record.id},
+            now=now,
+        )
+        if created:
+            resolved.append(trigger.dedup_key)
+    return resolved
+
+
+def _rollout_details(record: RolloutRecord) -> dict[str, Any]:
+    return {
+        "service": record.service,
+        "rollout_id": record.id,
+        "rollout": rollout_path(record.service),
+        "canary_version": record.canary_version,
+        "stable_version": record.stable_version,
+        "state": record.state,
+        "desired_weight": record.desired_weight,
+    }
+
+
+def _trigger_payload(summary: str, custom_details: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "summary": summary[:_SUMMARY_LIMIT],
+        "source": SOURCE,
+        "severity": SEVERITY,
+        "custom_details": custom_details,
+    }
+
+
+# What the API shows ------------------------------------------------------------------------------
+
+
+async def alerts_for(session: AsyncSession, rollout_id: int | None) -> list[dict[str, Any]]:
+    """The rollout's alerts and their delivery state (the rollout view's `alerts`)."""
+    if rollout_id is None:
+        return []
+    rows = (
+        await session.exec(
+            select(OutboxMessage)
+            .where(OutboxMessage.rollout_id == rollout_id)
+            .order_by(col(OutboxMessage.id))
+        )
+    ).all()
+    return [
+        {
+            "kind": row.kind,
+            "state": row.state,
+            "attempts": row.attempts,
+            "last_error": row.last_error,
+            "dedup_key": row.dedup_key,
+            "delivered_at": row.delivered_at.isoformat() if row.delivered_at else None,
+        }
+        for row in rows
+    ]
+
+
+async def pending_count(session: AsyncSession) -> int:
+    """How many alerts wait for delivery."""
+    query = (
+        select(func.count())
+        .select_from(OutboxMessage)
+        .where(OutboxMessage.state == OutboxState.PENDING.value)
+    )
+    return int((await session.exec(query)).one())
+
+
+# Routing keys in policy documents -------------------------------------------------------------
+
+REDACTION_MARK = "…"
+
+
+def redact_key(key: str) -> str:
+    """What answers show of a routing key: its last 4 characters (nothing of a short one)."""
+    return REDACTION_MARK + key[-4:] if len(key) > 8 else REDACTION_MARK
+
+
+def redact_policy_document(document: dict[str, Any]) -> dict[str, Any]:
+    """A policy document (as answered) with the routing key redacted."""
+    settings = document.get("pagerduty")
+    if not isinstance(settings, dict) or not settings.get("routing_key"):
+        return document
+    redacted = {**settings, "routing_key": redact_key(str(settings["routing_key"]))}
+    return {**document, "pagerduty": redacted}
+
+
+def keep_stored_routing_key(policy: Policy, stored: Policy) -> Policy:
+    """A PUT that sends back the redacted key it read keeps the stored key.
+
+    Any other value starting with the redaction mark is refused (422): storing it would
+    silently break paging.
+    """
+    if policy.pagerduty is None or not policy.pagerduty.routing_key:
+        return policy
+    sent = policy.pagerduty.routing_key
+    if not sent.startswith(REDACTION_MARK):
+        return policy
+    current = stored.pagerduty.routing_key if stored.pagerduty else None
+    if current is None or sent != redact_key(current):
+        message = "routing_key is a redacted value that does not match the stored key"
+        raise Unprocessable(
+            message, errors=[{"field": "pagerduty.routing_key", "message": message}]
+        )
+    settings = PagerDutyPolicy.model_validate(
+        {**policy.pagerduty.model_dump(), "routing_key": current}
+    )
+    return policy.model_copy(update={"pagerduty": settings})
+
+
+def mapped_services(
+    records: Sequence[ServiceRecord], pagerduty_service_id: str
+) -> list[tuple[str, PagerDutyPolicy]]:
+    """The opsapi services whose policy maps `pagerduty_service_id`, by name."""
+    found = []
+    for record in records:
+        settings = (record.policy or {}).get("pagerduty")
+        if not isinstance(settings, dict):
+            continue
+        if pagerduty_service_id in (settings.get("service_ids") or []):
+            found.append((record.name, PagerDutyPolicy.model_validate(settings)))
+    return sorted(found, key=lambda item: item[0])
