@@ -270,7 +270,7 @@ class _Request:
         if self.body_model is None:
             return
         try:
-            raw = await _read_limited(self.request, self.runtime.settings.max_body_bytes)
+            raw = await read_limited(self.request, self.runtime.settings.max_body_bytes)
             document = json.loads(raw)
         except (Problem, ValueError, UnicodeDecodeError):
             return
@@ -290,7 +290,7 @@ class _Request:
     async def _parse_body(self) -> tuple[bytes, BaseModel | None]:
         if self.body_model is None:
             return b"", None
-        raw = await _read_limited(self.request, self.runtime.settings.max_body_bytes)
+        raw = await read_limited(self.request, self.runtime.settings.max_body_bytes)
         # curl's default form content type is tolerated; the body must still be JSON.
         content_type = self.request.headers.get("content-type", "")
         if content_type.startswith("multipart/"):
@@ -457,7 +457,8 @@ def _internal_error() -> Problem:
     return Problem("an internal error occurred; nothing was changed")
 
 
-async def _read_limited(request: Request, limit: int) -> bytes:
+async def read_limited(request: Request, limit: int) -> bytes:
+    """The request body, refused (413) past `limit` bytes, declared or streamed."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"the request body is larger than {limit} bytes")

@@ -38,8 +38,8 @@ from opsapi.canary import service as canary
 from opsapi.canary.machine import Actor, Trigger
 from opsapi.canary.models import RolloutRecord, ServiceRecord
 from opsapi.canary.policy import PagerDutyPolicy
-from opsapi.errors import BadRequest, PayloadTooLarge, Problem, Unauthorized
-from opsapi.http.endpoint import problem_response
+from opsapi.errors import BadRequest, Problem, Unauthorized
+from opsapi.http.endpoint import problem_response, read_limited
 from opsapi.http.runtime import Runtime
 from opsapi.pagerduty.models import PagerDutyEvent
 from opsapi.pagerduty.outbox import mapped_services
@@ -195,7 +195,7 @@ class _Webhook:
     async def serve(self) -> Response:
         now = self.runtime.clock()
         try:
-            raw = await _read_body(self.request, self.runtime.settings.max_body_bytes)
+            raw = await read_limited(self.request, self.runtime.settings.max_body_bytes)
             refused = signature_matches(
                 raw,
                 self.request.headers.get(SIGNATURE_HEADER),
@@ -404,20 +404,6 @@ def _parse(raw: bytes) -> tuple[str, str, Any]:
     if not (isinstance(event_type, str) and 0 < len(event_type) <= 64):
         raise BadRequest("not a PagerDuty webhook v3 event (no event type)")
     return event_id, event_type, event.get("data")
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"the request body is larger than {limit} bytes")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"the request body is larger than {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def _finished(task: asyncio.Task[Any]) -> None:
