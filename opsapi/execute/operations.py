@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +26,9 @@ from opsapi.errors import NotFound
 from opsapi.gates import judge
 from opsapi.gates.templates import render
 from opsapi.http.endpoint import Call
+from opsapi.pagerduty.events import Delivery, DeliveryError, EventsApi
+from opsapi.pagerduty.models import OutboxKind
+from opsapi.pagerduty.outbox import redact_key, routing_key_of
 from opsapi.routers.base import RouterError
 
 
@@ -263,6 +267,42 @@ async def set_weight(call: Call, params: SetWeightParams, dry_run: bool) -> dict
     return {**plan, "applied_weight": locked.applied_weight}
 
 
+# pagerduty-test ---------------------------------------------------------------------------------
+
+
+async def pagerduty_test(call: Call, params: ServiceParams, dry_run: bool) -> dict[str, Any]:
+    """Send a test trigger, then its resolve, with the service's routing key; report both."""
+    call.service = params.service
+    settings = call.runtime.settings
+    routing_key = await routing_key_of(call.session, params.service)
+    if routing_key is None:
+        raise NotFound(f"{params.service}'s policy has no pagerduty.routing_key")
+    test_key = f"opsapi-test-{uuid.uuid4().hex[:12]}"
+    plan = {"service": params.service, "events_url": settings.pagerduty_events_url,
+            "routing_key": redact_key(routing_key), "dedup_key": test_key}  # fmt: skip
+    if dry_run:
+        return {**plan, "would": "send a trigger, then resolve it"}
+    api = EventsApi(settings.pagerduty_events_url, ca_file=settings.pagerduty_ca_file,
+                    timeout_seconds=settings.pagerduty_timeout_seconds)  # fmt: skip
+    steps: dict[str, str] = {}
+    payload = {"summary": f"opsapi test alert for {params.service} (resolved at once)",
+               "source": "opsapi", "severity": "info",
+               "custom_details": {"requested_by": call.identity.subject}}  # fmt: skip
+    for kind in (OutboxKind.TRIGGER, OutboxKind.RESOLVE):
+        delivery = Delivery(kind.value, test_key, routing_key, payload)
+        try:
+            # The client blocks: never on the event loop, never longer than its timeout.
+            await asyncio.wait_for(
+                asyncio.to_thread(api.send, delivery), settings.pagerduty_timeout_seconds + 1
+            )
+            steps[kind.value] = "accepted"
+        except (DeliveryError, TimeoutError) as error:
+            steps[kind.value] = f"failed: {error or 'timed out'}"
+            break
+    ok = all(result == "accepted" for result in steps.values()) and len(steps) == 2
+    return {**plan, "ok": ok, "steps": steps}
+
+
 OPERATIONS: dict[str, Operation] = {
     op.name: op
     for op in (
@@ -274,5 +314,7 @@ OPERATIONS: dict[str, Operation] = {
                   "Re-apply the service's desired weight through its router"),
         Operation("set-weight", Role.ADMIN, SetWeightParams, True, set_weight,
                   "Emergency override of the canary percentage (pauses an open rollout)"),
+        Operation("pagerduty-test", Role.ADMIN, ServiceParams, False, pagerduty_test,
+                  "Send a test trigger and its resolve with the service's routing key"),
     )
 }  # fmt: skip

@@ -26,7 +26,8 @@ OPERATIONS: list[tuple[str, str, str, str, type[BaseModel] | None]] = [
     ("get", "/rollouts/{rollout_id}/evaluations", "viewer",
      "Gate evaluations of a rollout, newest first", None),
     ("post", "/execute", "per operation (health-check: viewer; gate-check, router-sync: "
-     "operator; set-weight: admin)", "Run a named operation, or a dry run", ExecuteBody),
+     "operator; set-weight, pagerduty-test: admin)", "Run a named operation, or a dry run",
+     ExecuteBody),
     ("get", "/services/{service}", "viewer", "The service's policy", None),
     ("put", "/services/{service}", "admin", "Replace the service's policy", Policy),
     ("get", "/audit", "auditor", "Audit events newest first: filters actor, action, service, "

@@ -23,6 +23,7 @@ PARAMS: dict[str, dict[str, Any]] = {
     "gate-check": {"service": "checkout"},
     "router-sync": {"service": "checkout"},
     "set-weight": {"service": "checkout", "weight": 0, "reason": "incident 42"},
+    "pagerduty-test": {"service": "checkout"},
 }
 # fmt: off
 MATRIX = {
@@ -31,6 +32,8 @@ MATRIX = {
     "gate-check":   (403,   200,     200,  403),
     "router-sync":  (403,   200,     200,  403),
     "set-weight":   (403,   403,     200,  403),
+    # 404 for an admin: the matrix's service has no routing key (the real send is tested below)
+    "pagerduty-test": (403, 403,     404,  403),
 }
 # fmt: on
 
@@ -59,10 +62,11 @@ async def test_every_operation_for_every_role(
 
     assert response.status_code == status, response.text
     [event] = await api.audit_events(action=f"execute.{operation}")
-    assert event.outcome == ("success" if status == 200 else "denied")
+    assert event.outcome == {200: "success", 403: "denied", 404: "error"}[status]
     assert event.details["params"] == PARAMS[operation]
     if status == 200:
         assert response.json()["operation"] == operation
+        assert "result" in event.details
         assert "result" in event.details
 
 
@@ -241,3 +245,34 @@ async def test_router_sync_restores_a_drifted_weight(wired: Harness, haproxy: Ha
     assert response.status_code == 200
     assert response.json()["result"]["applied_weight"] == 10
     assert await manual.read_back(target) == 10
+
+
+async def test_pagerduty_test_sends_a_trigger_and_its_resolve(
+    pg_url: str, key_file: Path, tmp_path: Path
+) -> None:
+    from tests.support.pagerduty_server import EventsApiServer
+
+    with EventsApiServer(tmp_path) as server:
+        async with running_app(
+            pg_url, key_file, pagerduty_events_url=server.url, pagerduty_ca_file=server.ca_file
+        ) as api:
+            key = "R0UT1NGKEY0123456789abcdefabcdef"
+            policy = {"pagerduty": {"service_ids": ["PABC123"], "routing_key": key}}
+            assert (await api.put("/services/checkout", policy)).status_code == 200
+
+            dry = await execute(api, "pagerduty-test", {"service": "checkout"}, dry_run=True)
+            assert server.requests == []
+            assert key not in dry.text
+
+            response = await execute(api, "pagerduty-test", {"service": "checkout"})
+
+            result = response.json()["result"]
+            assert result["ok"] is True
+            assert result["steps"] == {"pagerduty.trigger": "accepted",
+                                       "pagerduty.resolve": "accepted"}  # fmt: skip
+            [trigger, resolve] = server.accepted()
+            assert trigger["event_action"] == "trigger"
+            assert resolve["event_action"] == "resolve"
+            assert trigger["dedup_key"] == resolve["dedup_key"] == result["dedup_key"]
+            assert key not in response.text
+            assert key not in json.dumps([e.details for e in await api.audit_events()])
