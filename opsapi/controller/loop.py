@@ -45,7 +45,7 @@ LEASE = timedelta(seconds=30)
 
 
 @dataclass(frozen=True)
-class _Claim:
+class Claim:
     """What was read under the claim's lock: enough to measure without holding it."""
 
     rollout_id: int
@@ -57,8 +57,8 @@ class _Claim:
 
 
 @dataclass(frozen=True)
-class _Measured:
-    claim: _Claim
+class Measured:
+    claim: Claim
     at: datetime
     gates: dict[str, Measurement]
     sample_shortfall: str | None
@@ -96,13 +96,13 @@ class Controller:
             claims = await self._claim()
             if not claims:
                 return transitions
-            measured = await asyncio.gather(*(self._measure(claim) for claim in claims))
+            measured = await asyncio.gather(*(self.measure(claim) for claim in claims))
             for result in measured:
                 transitions += await self._decide(result)
             if len(claims) < self.batch_size:
                 return transitions
 
-    async def _claim(self) -> list[_Claim]:
+    async def _claim(self) -> list[Claim]:
         now = self.clock()
         async with self.sessions() as session, session.begin():
             due = await service.claim_due(now=now, limit=self.batch_size, session=session)
@@ -111,15 +111,16 @@ class Controller:
                 overdue = (now - (record.next_evaluation_at or now)).total_seconds()
                 record.next_evaluation_at = now + LEASE
                 session.add(record)
-                claims.append(_claim_of(record, overdue))
+                claims.append(claim_of(record, overdue))
         lag = max((claim.overdue for claim in claims), default=0.0)
         self.metrics.controller_lag.set(max(0.0, lag))
         return claims
 
-    async def _measure(self, claim: _Claim) -> _Measured:
+    async def measure(self, claim: Claim) -> Measured:
+        """Every gate of `claim` (and its min_sample guard) measured now; never raises."""
         at = self.clock()
         if not claim.gates:
-            return _Measured(claim, at, {}, None)
+            return Measured(claim, at, {}, None)
         started = time.perf_counter()
         shortfall = None
         if claim.min_sample is not None:
@@ -127,10 +128,10 @@ class Controller:
             shortfall = judge.below_min_sample(count, claim.min_sample.min)
         results = await asyncio.gather(*(self._measure_gate(gate, claim) for gate in claim.gates))
         self.metrics.evaluation_seconds.observe(time.perf_counter() - started)
-        return _Measured(claim, at, dict(zip([g.name for g in claim.gates], results, strict=True)),
+        return Measured(claim, at, dict(zip([g.name for g in claim.gates], results, strict=True)),
                          shortfall)  # fmt: skip
 
-    async def _measure_gate(self, gate: GatePolicy, claim: _Claim) -> Measurement:
+    async def _measure_gate(self, gate: GatePolicy, claim: Claim) -> Measurement:
         canary = self.provider.measure(render(gate.query, claim.values))
         if gate.baseline_query is None:
             return await canary
@@ -138,7 +139,7 @@ class Controller:
         canary_value, stable_value = await asyncio.gather(canary, stable)
         return judge.gate_value(gate, canary_value, stable_value)
 
-    async def _decide(self, measured: _Measured) -> int:
+    async def _decide(self, measured: Measured) -> int:
         claim = measured.claim
         now = self.clock()
         async with self.sessions() as session, session.begin():
@@ -169,18 +170,11 @@ class Controller:
             )
         return transitions
 
-    def _judge(self, measured: _Measured, record: RolloutRecord) -> tuple[GateStatus, ...]:
-        previous = {status.name: status for status in service.to_machine(record).gates}
-        statuses = []
-        for gate in measured.claim.gates:
-            before = previous.get(gate.name)
-            if measured.sample_shortfall is not None:
-                status = judge.insufficient_sample(gate, measured.sample_shortfall, before)
-            else:
-                status = judge.judge(gate, measured.gates[gate.name], before, measured.at)
+    def _judge(self, measured: Measured, record: RolloutRecord) -> tuple[GateStatus, ...]:
+        statuses = judge_measured(measured, record)
+        for status in statuses:
             self.metrics.evaluations.labels(status.phase.value).inc()
-            statuses.append(status)
-        return tuple(statuses)
+        return statuses
 
     def _store_evaluations(
         self,
@@ -262,18 +256,31 @@ class Controller:
                 await asyncio.wait_for(stop.wait(), timeout=self.poll_seconds)
 
 
+def judge_measured(measured: Measured, record: RolloutRecord) -> tuple[GateStatus, ...]:
+    """The gates' new statuses from `measured`, given those stored on the rollout (pure)."""
+    previous = {status.name: status for status in service.to_machine(record).gates}
+    statuses = []
+    for gate in measured.claim.gates:
+        before = previous.get(gate.name)
+        if measured.sample_shortfall is not None:
+            statuses.append(judge.insufficient_sample(gate, measured.sample_shortfall, before))
+        else:
+            statuses.append(judge.judge(gate, measured.gates[gate.name], before, measured.at))
+    return tuple(statuses)
+
+
 def applied_reason(applied: service.Applied) -> str:
     """The transition that moved the weight, for the router's audit event."""
     actions = [e.action for e in applied.transition.effects if isinstance(e, machine.Audit)]
     return actions[-1] if actions else "controller"
 
 
-def _claim_of(record: RolloutRecord, overdue: float) -> _Claim:
+def claim_of(record: RolloutRecord, overdue: float) -> Claim:
     assert record.id is not None
     policy = record.gate_policy or {}
     gates = tuple(GatePolicy.model_validate(gate) for gate in policy.get("gates", []))
     min_sample = policy.get("min_sample")
-    return _Claim(
+    return Claim(
         rollout_id=record.id,
         step_index=record.step_index,
         values=TemplateValues(record.service, record.canary_version, record.stable_version),

@@ -21,9 +21,8 @@ from opsapi.canary import service as canary
 from opsapi.canary.machine import GatePhase
 from opsapi.canary.models import RolloutRecord
 from opsapi.canary.policy import SERVICE_NAME
-from opsapi.controller.loop import _claim_of
+from opsapi.controller.loop import claim_of, judge_measured
 from opsapi.errors import NotFound
-from opsapi.gates import judge
 from opsapi.gates.templates import render
 from opsapi.http.endpoint import Call
 from opsapi.pagerduty.events import Delivery, DeliveryError, EventsApi
@@ -145,32 +144,18 @@ async def _open_rollout(call: Call, service: str) -> RolloutRecord:
 
 
 async def gate_check(call: Call, params: ServiceParams, dry_run: bool) -> dict[str, Any]:
-    """Measure and judge the open rollout's gates now; store nothing, act on nothing."""
+    """Measure and judge the open rollout's gates now, as the controller would; store nothing,
+    act on nothing."""
     record = await _open_rollout(call, params.service)
-    claim = _claim_of(record, 0.0)
-    provider = call.request.app.state.controller.provider
-    previous = {gate.name: gate for gate in canary.to_machine(record).gates}
-    now = call.now
-    shortfall = None
-    if claim.min_sample is not None:
-        count = await provider.measure(render(claim.min_sample.query, claim.values))
-        shortfall = judge.below_min_sample(count, claim.min_sample.min)
-    gates = []
-    for gate in claim.gates:
-        query = render(gate.query, claim.values)
-        canary_value = await provider.measure(query)
-        baseline = None
-        if gate.baseline_query is not None:
-            baseline = await provider.measure(render(gate.baseline_query, claim.values))
-        value = judge.gate_value(gate, canary_value, baseline)
-        status = (
-            judge.insufficient_sample(gate, shortfall, previous.get(gate.name))
-            if shortfall is not None
-            else judge.judge(gate, value, previous.get(gate.name), now)
-        )
-        gates.append({"name": gate.name, "query": query, "phase": status.phase.value,
-                      "value": status.value, "threshold": gate.threshold, "op": gate.op,
-                      "would_breach": status.breached, "detail": status.detail})  # fmt: skip
+    claim = claim_of(record, 0.0)
+    measured = await call.request.app.state.controller.measure(claim)
+    statuses = judge_measured(measured, record)
+    gates = [
+        {"name": gate.name, "query": render(gate.query, claim.values), "phase": status.phase.value,
+         "value": status.value, "threshold": gate.threshold, "op": gate.op,
+         "would_breach": status.breached, "detail": status.detail}
+        for gate, status in zip(claim.gates, statuses, strict=True)
+    ]  # fmt: skip
     passing = all(gate["phase"] == GatePhase.PASS.value for gate in gates)
     return {"service": params.service, "rollout_id": record.id, "step_weight":
             record.desired_weight, "all_passing": passing, "gates": gates}  # fmt: skip

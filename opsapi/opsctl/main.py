@@ -260,6 +260,15 @@ def rollback(
     )
 
 
+def _pause_or_resume(
+    ctx: typer.Context, path: str, service: str, reason: str | None, key: str | None, as_json: bool
+) -> None:
+    body: dict[str, Any] = {"service": service}
+    if reason is not None:
+        body["reason"] = reason
+    _change(ctx, path, body, key=key, as_json=as_json, describe=_changed_rollout)
+
+
 @app.command()
 def pause(
     ctx: typer.Context,
@@ -269,17 +278,7 @@ def pause(
     as_json: JsonOption = False,
 ) -> None:
     """Freeze the open rollout's wait clock (gates still run; a breach still rolls back)."""
-    body: dict[str, Any] = {"service": service}
-    if reason is not None:
-        body["reason"] = reason
-    _change(
-        ctx,
-        "/canary/pause",
-        body,
-        key=idempotency_key,
-        as_json=as_json,
-        describe=_changed_rollout,
-    )
+    _pause_or_resume(ctx, "/canary/pause", service, reason, idempotency_key, as_json)
 
 
 @app.command()
@@ -291,17 +290,7 @@ def resume(
     as_json: JsonOption = False,
 ) -> None:
     """Restart the paused rollout's wait clock."""
-    body: dict[str, Any] = {"service": service}
-    if reason is not None:
-        body["reason"] = reason
-    _change(
-        ctx,
-        "/canary/resume",
-        body,
-        key=idempotency_key,
-        as_json=as_json,
-        describe=_changed_rollout,
-    )
+    _pause_or_resume(ctx, "/canary/resume", service, reason, idempotency_key, as_json)
 
 
 # ---------------------------------------------------------------------------------------------
