@@ -10,7 +10,7 @@ from sqlmodel import Field, SQLModel
 
 from opsapi.storage.types import JSONDocument, UTCDateTime
 
-OPEN_STATES_SQL = "state NOT IN ('succeeded', 'rolled_back')"
+OPEN_STATES_SQL = "state NOT IN ('succeeded', 'rolled_back', 'reverted')"
 
 
 class ServiceRecord(SQLModel, table=True):
@@ -21,6 +21,11 @@ class ServiceRecord(SQLModel, table=True):
     name: str = Field(primary_key=True, max_length=63)
     policy: dict[str, Any] = Field(sa_type=JSONDocument)
     stable_version: str | None = Field(default=None, max_length=128)
+    # The slot serving the stable version (the policy's first slot until the first success),
+    # and the version and slot a revert goes back to (cleared once a rollout takes that slot).
+    stable_slot: str | None = Field(default=None, max_length=32)
+    previous_version: str | None = Field(default=None, max_length=128)
+    previous_slot: str | None = Field(default=None, max_length=32)
     updated_at: datetime = Field(sa_type=UTCDateTime)
     updated_by: str = Field(max_length=255)
 
@@ -52,6 +57,13 @@ class RolloutRecord(SQLModel, table=True):
     state: str = Field(max_length=32)
     canary_version: str = Field(max_length=128)
     stable_version: str | None = Field(default=None, max_length=128)
+    # Where the stable and the canary version run (after a success both name the canary's slot).
+    stable_slot: str = Field(
+        default="blue", max_length=32, sa_column_kwargs={"server_default": "blue"}
+    )
+    canary_slot: str = Field(
+        default="green", max_length=32, sa_column_kwargs={"server_default": "green"}
+    )
     steps: list[dict[str, Any]] = Field(sa_type=JSONDocument)
     step_index: int
     desired_weight: int

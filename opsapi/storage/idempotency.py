@@ -23,4 +23,7 @@ class IdempotencyRecord(SQLModel, table=True):
     request_hash: str = Field(max_length=64)
     status_code: int
     response_body: str = Field(sa_type=sa.Text)
+    # False from the commit until the answer after the router's apply is stored: a replay in
+    # between waits for it, so that it answers exactly what the first call answered.
+    complete: bool = Field(default=True, sa_column_kwargs={"server_default": sa.true()})
     created_at: datetime = Field(sa_type=UTCDateTime)
