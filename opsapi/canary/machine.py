@@ -24,9 +24,11 @@ class State(enum.StrEnum):
     BAKING = "baking"
     SUCCEEDED = "succeeded"
     ROLLED_BACK = "rolled_back"
+    # A succeeded rollout whose previous version was made stable again (POST /canary/revert).
+    REVERTED = "reverted"
 
 
-TERMINAL_STATES = frozenset({State.SUCCEEDED, State.ROLLED_BACK})
+TERMINAL_STATES = frozenset({State.SUCCEEDED, State.ROLLED_BACK, State.REVERTED})
 OPEN_STATES = frozenset(State) - TERMINAL_STATES
 
 
@@ -63,6 +65,26 @@ class GateStatus:
     detail: str | None = None
 
 
+DEFAULT_SLOTS = ("blue", "green")
+
+
+@dataclass(frozen=True)
+class ServiceState:
+    """What a service carries from one rollout to the next (DESIGN §9)."""
+
+    name: str
+    slots: tuple[str, str] = DEFAULT_SLOTS
+    stable_version: str | None = None
+    # None until the service's first start: the first slot named then serves the stable version.
+    stable_slot: str | None = None
+    previous_version: str | None = None
+    previous_slot: str | None = None
+
+    def other_slot(self, slot: str) -> str:
+        """The slot that is not `slot`."""
+        return self.slots[1] if slot == self.slots[0] else self.slots[0]
+
+
 @dataclass(frozen=True)
 class Rollout:
     """A rollout's decision-relevant state (the storage layer maps it to a row)."""
@@ -82,6 +104,10 @@ class Rollout:
     reason: str | None = None
     gates: tuple[GateStatus, ...] = ()
     finished_at: datetime | None = None
+    # The canary's slot gets `desired_weight`, the other slot the rest. After a success the
+    # stable slot is the canary's (both name where the new stable version runs).
+    stable_slot: str = DEFAULT_SLOTS[0]
+    canary_slot: str = DEFAULT_SLOTS[1]
 
     @property
     def step(self) -> Step:
@@ -108,6 +134,8 @@ CONTROLLER = Actor(Trigger.CONTROLLER, "controller")
 class Start:
     service: str
     canary_version: str
+    # The version running before this rollout, when declared by the caller (first rollout);
+    # otherwise the service's stable version.
     stable_version: str | None
     steps: tuple[Step, ...]
     actor: Actor
@@ -128,6 +156,23 @@ class Promote:
 
 @dataclass(frozen=True)
 class Rollback:
+    reason: str
+    actor: Actor
+
+
+@dataclass(frozen=True)
+class Revert:
+    """Make the previous version stable again after a success (DESIGN §9)."""
+
+    reason: str
+    actor: Actor
+
+
+@dataclass(frozen=True)
+class PinWeight:
+    """An operator's emergency weight outside the step ladder: the rollout pauses there."""
+
+    weight: int
     reason: str
     actor: Actor
 
@@ -154,7 +199,7 @@ class Tick:
     pass
 
 
-Event = Start | Promote | Rollback | Pause | Resume | GateResults | Tick
+Event = Start | Promote | Rollback | Revert | PinWeight | Pause | Resume | GateResults | Tick
 
 
 # Outcomes -------------------------------------------------------------------------------------
@@ -177,13 +222,27 @@ class Audit:
     details: dict[str, Any] = field(default_factory=dict)
 
 
-Effect = SetWeight | Notify | Audit
+class PageKind(enum.StrEnum):
+    TRIGGER = "trigger"  # an automatic rollback: page the service's on-call
+    RESOLVE_EARLIER = "resolve_earlier"  # a success: resolve the service's earlier pages
+
+
+@dataclass(frozen=True)
+class Page:
+    kind: PageKind
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+Effect = SetWeight | Notify | Audit | Page
 
 
 @dataclass(frozen=True)
 class Transition:
     rollout: Rollout
     effects: tuple[Effect, ...] = ()
+    # The service's new lifecycle state when this transition changes it (start, success,
+    # revert); None when it stays as it was.
+    service: ServiceState | None = None
 
     @property
     def changed(self) -> bool:
@@ -199,6 +258,10 @@ class RefusalCode(enum.StrEnum):
     PAUSED = "paused"
     NOT_PAUSED = "not_paused"
     INVALID_TARGET = "invalid_target"
+    ALREADY_STABLE = "already_stable"
+    STABLE_MISMATCH = "stable_mismatch"
+    UNKNOWN_SLOT = "unknown_slot"
+    NOTHING_TO_REVERT = "nothing_to_revert"
 
 
 @dataclass(frozen=True)
@@ -256,17 +319,21 @@ def next_due(rollout: Rollout, now: datetime, interval: timedelta) -> datetime |
 # The machine ----------------------------------------------------------------------------------
 
 
-def decide(rollout: Rollout | None, event: Event, now: datetime) -> Decision:
-    """Apply `event` to `rollout` at `now`."""
+def decide(
+    rollout: Rollout | None, event: Event, now: datetime, service: ServiceState | None = None
+) -> Decision:
+    """Apply `event` to `rollout` (the service's latest) at `now`, given the service's state."""
     if isinstance(event, Start):
         if rollout is not None and rollout.is_open:
             return Refusal(
                 RefusalCode.OPEN_ROLLOUT,
                 f"{rollout.service} already has an open rollout of {rollout.canary_version}",
             )
-        return _start(event, now)
+        return _start(event, now, service or ServiceState(event.service))
     if rollout is None:
         return Refusal(RefusalCode.NO_ROLLOUT, "there is no rollout")
+    if isinstance(event, Revert):
+        return _revert(rollout, event, now, service)
     if not rollout.is_open:
         if isinstance(event, GateResults | Tick):
             return Transition(rollout)  # a finished rollout absorbs the controller's events
@@ -276,21 +343,27 @@ def decide(rollout: Rollout | None, event: Event, now: datetime) -> Decision:
         )
     match event:
         case Promote():
-            return _promote(rollout, event, now)
+            return _promote(rollout, event, now, service)
         case Rollback():
             return _rollback(rollout, event.reason, event.actor, now)
+        case PinWeight():
+            return _pin(rollout, event, now)
         case Pause():
             return _pause(rollout, event, now)
         case Resume():
-            return _resume(rollout, event, now)
+            return _resume(rollout, event, now, service)
         case GateResults():
-            return _gate_results(rollout, event, now)
+            return _gate_results(rollout, event, now, service)
         case Tick():
-            return _settle(rollout, now)
+            return _settle(rollout, now, service)
 
 
 def _finished_verb(state: State) -> str:
-    return "succeeded" if state == State.SUCCEEDED else "been rolled back"
+    return {
+        State.SUCCEEDED: "succeeded",
+        State.ROLLED_BACK: "been rolled back",
+        State.REVERTED: "been reverted",
+    }.get(state, state.value)
 
 
 def _step_index_for(steps: Sequence[Step], weight: int) -> int | None:
@@ -300,7 +373,34 @@ def _step_index_for(steps: Sequence[Step], weight: int) -> int | None:
     return None
 
 
-def _start(event: Start, now: datetime) -> Decision:
+def _start(event: Start, now: datetime, service: ServiceState) -> Decision:
+    stable_version = service.stable_version
+    if stable_version is not None and stable_version == event.canary_version:
+        return Refusal(
+            RefusalCode.ALREADY_STABLE,
+            f"{event.canary_version} is already the stable version of {event.service}",
+        )
+    if event.stable_version is not None and stable_version is None:
+        stable_version = event.stable_version  # declared: what ran before opsapi knew it
+    elif event.stable_version is not None and event.stable_version != stable_version:
+        return Refusal(
+            RefusalCode.STABLE_MISMATCH,
+            f"the stable version of {event.service} is {stable_version}, "
+            f"not {event.stable_version}",
+        )
+    if stable_version == event.canary_version:
+        return Refusal(
+            RefusalCode.ALREADY_STABLE,
+            f"{event.canary_version} is already the stable version of {event.service}",
+        )
+    stable_slot = service.stable_slot or service.slots[0]
+    if stable_slot not in service.slots:
+        return Refusal(
+            RefusalCode.UNKNOWN_SLOT,
+            f"the stable version of {event.service} runs in slot {stable_slot}, which the "
+            f"policy's router no longer names ({', '.join(service.slots)})",
+        )
+    canary_slot = service.other_slot(stable_slot)
     index = 0
     if event.target_percent is not None:
         found = _step_index_for(event.steps, event.target_percent)
@@ -314,7 +414,7 @@ def _start(event: Start, now: datetime) -> Decision:
     rollout = Rollout(
         service=event.service,
         canary_version=event.canary_version,
-        stable_version=event.stable_version,
+        stable_version=stable_version,
         steps=event.steps,
         state=State.BAKING if step.weight == 100 else State.PROGRESSING,
         step_index=index,
@@ -324,12 +424,30 @@ def _start(event: Start, now: datetime) -> Decision:
         auto_promote=event.auto_promote,
         reason=event.reason,
         gates=tuple(GateStatus(name) for name in event.gate_names),
+        stable_slot=stable_slot,
+        canary_slot=canary_slot,
     )
-    details: dict[str, Any] = {"to_state": rollout.state.value, "to_weight": step.weight}
+    # The canary takes the other slot: what ran there before can no longer be reverted to.
+    after = replace(
+        service,
+        stable_version=stable_version,
+        stable_slot=stable_slot,
+        previous_version=None,
+        previous_slot=None,
+    )
+    details: dict[str, Any] = {
+        "to_state": rollout.state.value,
+        "to_weight": step.weight,
+        "stable_version": stable_version,
+        "stable_slot": stable_slot,
+        "canary_slot": canary_slot,
+    }
     if event.target_percent is not None:
         details["target_percent"] = event.target_percent
     return Transition(
-        rollout, (SetWeight(step.weight), Audit("rollout.started", details), Notify("started"))
+        rollout,
+        (SetWeight(step.weight), Audit("rollout.started", details), Notify("started")),
+        service=after,
     )
 
 
@@ -337,7 +455,9 @@ def _weights(steps: Sequence[Step]) -> str:
     return ", ".join(f"{step.weight}%" for step in steps)
 
 
-def _promote(rollout: Rollout, event: Promote, now: datetime) -> Decision:
+def _promote(
+    rollout: Rollout, event: Promote, now: datetime, service: ServiceState | None
+) -> Decision:
     if event.from_percent is not None and event.from_percent != rollout.desired_weight:
         return Refusal(
             RefusalCode.STALE,
@@ -359,7 +479,7 @@ def _promote(rollout: Rollout, event: Promote, now: datetime) -> Decision:
     if not state.ready and not event.force:
         return _not_ready(rollout, state)
     if rollout.state == State.BAKING:
-        return _succeed(rollout, event.actor, now, forced=event.force and not state.ready)
+        return _succeed(rollout, event.actor, now, service, forced=event.force and not state.ready)
     return _advance(rollout, target, event.actor, now, forced=event.force and not state.ready)
 
 
@@ -409,17 +529,127 @@ def _advance(
     )
 
 
-def _succeed(rollout: Rollout, actor: Actor, now: datetime, *, forced: bool) -> Decision:
+def _succeed(
+    rollout: Rollout, actor: Actor, now: datetime, service: ServiceState | None, *, forced: bool
+) -> Decision:
     done = replace(
         rollout,
         state=State.SUCCEEDED,
         stable_version=rollout.canary_version,
+        stable_slot=rollout.canary_slot,
         triggered_by=actor.triggered_by,
         paused_at=None,
         finished_at=now,
     )
-    details = {"from_state": rollout.state.value, "to_state": done.state.value, "forced": forced}
-    return Transition(done, (Audit("rollout.succeeded", details), Notify("succeeded")))
+    # The swap: the canary's slot now serves the stable version; the old stable version and
+    # its slot are what a revert goes back to.
+    before = service or ServiceState(rollout.service)
+    after = replace(
+        before,
+        stable_version=rollout.canary_version,
+        stable_slot=rollout.canary_slot,
+        previous_version=rollout.stable_version,
+        previous_slot=rollout.stable_slot,
+    )
+    details = {
+        "from_state": rollout.state.value,
+        "to_state": done.state.value,
+        "forced": forced,
+        "stable_version": rollout.canary_version,
+        "stable_slot": rollout.canary_slot,
+        "previous_version": rollout.stable_version,
+        "previous_slot": rollout.stable_slot,
+    }
+    return Transition(
+        done,
+        (
+            Audit("rollout.succeeded", details),
+            Notify("succeeded"),
+            Page(PageKind.RESOLVE_EARLIER),
+        ),
+        service=after,
+    )
+
+
+def _revert(
+    rollout: Rollout, event: Revert, now: datetime, service: ServiceState | None
+) -> Decision:
+    if rollout.is_open:
+        return Refusal(
+            RefusalCode.OPEN_ROLLOUT,
+            f"{rollout.service} has an open rollout of {rollout.canary_version} in slot "
+            f"{rollout.canary_slot}; roll it back instead",
+        )
+    current = service or ServiceState(rollout.service)
+    revertible = (
+        rollout.state == State.SUCCEEDED
+        and current.previous_version is not None
+        and current.previous_slot is not None
+        and current.stable_version == rollout.canary_version
+        and current.stable_slot == rollout.canary_slot
+    )
+    if not revertible or current.previous_version is None or current.previous_slot is None:
+        return Refusal(
+            RefusalCode.NOTHING_TO_REVERT,
+            f"{rollout.service} has no previous version to revert to: a revert follows a "
+            "success, until a new rollout takes the previous version's slot",
+        )
+    reverted = replace(
+        rollout,
+        state=State.REVERTED,
+        desired_weight=0,
+        stable_version=current.previous_version,
+        stable_slot=current.previous_slot,
+        triggered_by=event.actor.triggered_by,
+        reason=event.reason,
+    )
+    after = replace(
+        current,
+        stable_version=current.previous_version,
+        stable_slot=current.previous_slot,
+        previous_version=None,
+        previous_slot=None,
+    )
+    details: dict[str, Any] = {
+        "from_state": rollout.state.value,
+        "to_state": reverted.state.value,
+        "from_weight": rollout.desired_weight,
+        "to_weight": 0,
+        "reason": event.reason,
+        "reverted_version": rollout.canary_version,
+        "stable_version": current.previous_version,
+        "stable_slot": current.previous_slot,
+    }
+    return Transition(
+        reverted,
+        (SetWeight(0), Audit("rollout.reverted", details), Notify("reverted", details)),
+        service=after,
+    )
+
+
+def _pin(rollout: Rollout, event: PinWeight, now: datetime) -> Decision:
+    if not 0 <= event.weight <= 100:
+        return Refusal(RefusalCode.INVALID_TARGET, f"{event.weight}% is not a percentage")
+    # Paused so that nothing promotes past the person's weight; gates keep running and a
+    # breach still rolls back.
+    pinned = replace(
+        rollout,
+        state=State.PAUSED,
+        desired_weight=event.weight,
+        paused_at=rollout.paused_at or now,
+        triggered_by=event.actor.triggered_by,
+    )
+    details: dict[str, Any] = {
+        "from_state": rollout.state.value,
+        "to_state": pinned.state.value,
+        "from_weight": rollout.desired_weight,
+        "to_weight": event.weight,
+        "reason": event.reason,
+    }
+    effects: list[Effect] = [SetWeight(event.weight), Audit("rollout.weight_pinned", details)]
+    if rollout.state != State.PAUSED:
+        effects.append(Notify("paused", details))
+    return Transition(pinned, tuple(effects))
 
 
 def _rollback(
@@ -455,10 +685,14 @@ def _rollback(
             "threshold": breach.threshold,
             "failing_since": breach.failing_since.isoformat() if breach.failing_since else None,
         }
-    return Transition(
-        rolled_back,
-        (SetWeight(0), Audit("rollout.rolled_back", details), Notify("rolled_back", details)),
+    effects: tuple[Effect, ...] = (
+        SetWeight(0),
+        Audit("rollout.rolled_back", details),
+        Notify("rolled_back", details),
     )
+    if breach is not None:
+        effects += (Page(PageKind.TRIGGER, details),)
+    return Transition(rolled_back, effects)
 
 
 def _pause(rollout: Rollout, event: Pause, now: datetime) -> Decision:
@@ -468,10 +702,12 @@ def _pause(rollout: Rollout, event: Pause, now: datetime) -> Decision:
         rollout, state=State.PAUSED, paused_at=now, triggered_by=event.actor.triggered_by
     )
     details = {"from_state": rollout.state.value, "to_state": paused.state.value}
-    return Transition(paused, (Audit("rollout.paused", details),))
+    return Transition(paused, (Audit("rollout.paused", details), Notify("paused")))
 
 
-def _resume(rollout: Rollout, event: Resume, now: datetime) -> Decision:
+def _resume(
+    rollout: Rollout, event: Resume, now: datetime, service: ServiceState | None
+) -> Decision:
     if rollout.state != State.PAUSED or rollout.paused_at is None:
         return Refusal(RefusalCode.NOT_PAUSED, "the rollout is not paused")
     resumed = replace(
@@ -482,16 +718,22 @@ def _resume(rollout: Rollout, event: Resume, now: datetime) -> Decision:
         triggered_by=event.actor.triggered_by,
     )
     details = {"from_state": rollout.state.value, "to_state": resumed.state.value}
-    settled = _settle(resumed, now)
+    settled = _settle(resumed, now, service)
     assert isinstance(settled, Transition)
     after = settled.rollout
     if after.state == State.AWAITING_PROMOTION:
         # The person's resume made the ready step visible; nothing else acted.
         after = replace(after, triggered_by=event.actor.triggered_by)
-    return Transition(after, (Audit("rollout.resumed", details), *settled.effects))
+    return Transition(
+        after,
+        (Audit("rollout.resumed", details), Notify("resumed"), *settled.effects),
+        service=settled.service,
+    )
 
 
-def _gate_results(rollout: Rollout, event: GateResults, now: datetime) -> Decision:
+def _gate_results(
+    rollout: Rollout, event: GateResults, now: datetime, service: ServiceState | None
+) -> Decision:
     latest = {result.name: result for result in event.results}
     gates = tuple(latest.pop(gate.name, gate) for gate in rollout.gates) + tuple(latest.values())
     measured = replace(rollout, gates=gates)
@@ -501,9 +743,18 @@ def _gate_results(rollout: Rollout, event: GateResults, now: datetime) -> Decisi
     if breach is not None:
         # Safety never pauses: a breach rolls back from every open state, paused included.
         return _rollback(measured, _breach_reason(breach), CONTROLLER, now, breach)
-    settled = _settle(measured, now)
+    settled = _settle(measured, now, service)
     assert isinstance(settled, Transition)
-    return settled
+    before = {gate.name: gate.phase for gate in rollout.gates}
+    failing = tuple(
+        Notify("gate_failing", {"gate": gate.name, "value": gate.value,
+                                "threshold": gate.threshold, "detail": gate.detail})
+        for gate in gates
+        if gate.phase == GatePhase.FAIL and before.get(gate.name) != GatePhase.FAIL
+    )  # fmt: skip
+    if not failing:
+        return settled
+    return replace(settled, effects=settled.effects + failing)
 
 
 def _breach_reason(gate: GateStatus) -> str:
@@ -511,11 +762,11 @@ def _breach_reason(gate: GateStatus) -> str:
     return f"{reason} ({gate.detail})" if gate.detail else reason
 
 
-def _settle(rollout: Rollout, now: datetime) -> Decision:
+def _settle(rollout: Rollout, now: datetime, service: ServiceState | None = None) -> Decision:
     """The time-based transitions: wait over, bake over, readiness lost."""
     state = readiness(rollout, now)
     if rollout.state == State.BAKING and state.ready:
-        return _succeed(rollout, CONTROLLER, now, forced=False)
+        return _succeed(rollout, CONTROLLER, now, service, forced=False)
     if rollout.state in (State.PROGRESSING, State.AWAITING_PROMOTION) and state.ready:
         if rollout.auto_promote:
             return _advance(rollout, rollout.step_index + 1, CONTROLLER, now, forced=False)

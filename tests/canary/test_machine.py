@@ -24,13 +24,17 @@ from opsapi.canary.machine import (
     GateResults,
     GateStatus,
     Notify,
+    Page,
     Pause,
+    PinWeight,
     Promote,
     Refusal,
     RefusalCode,
     Resume,
+    Revert,
     Rollback,
     Rollout,
+    ServiceState,
     SetWeight,
     Start,
     State,
@@ -158,6 +162,14 @@ def _succeeded() -> tuple[Rollout, datetime]:
     return rollout, T0 + 3 * HOUR
 
 
+def _reverted() -> tuple[Rollout, datetime]:
+    rollout, now = _succeeded()
+    decision = decide(rollout, Revert("v2 leaks memory", USER), now, AFTER_SUCCESS)
+    assert isinstance(decision, Transition), decision
+    assert decision.rollout.state == State.REVERTED
+    return decision.rollout, now + HOUR
+
+
 def _rolled_back() -> tuple[Rollout, datetime]:
     rollout, _ = _progressing_at(timedelta(0))
     rollout = run(rollout, Rollback("bad canary", USER), T0 + 10 * MIN)
@@ -180,7 +192,21 @@ SCENARIOS: dict[str, Callable[[], tuple[Rollout | None, datetime]]] = {
     "baking-over": lambda: _baking_at(2 * HOUR),
     "baking-over-gate-failing": lambda: _baking_at(2 * HOUR, gate_phase=GatePhase.FAIL),
     "succeeded": _succeeded,
+    "reverted": _reverted,
     "rolled_back": _rolled_back,
+}
+
+# The service's lifecycle state in each scenario: v1 ran in blue before the first start (and a
+# start clears `previous`); a success swaps the slots; a revert swaps them back.
+BEFORE_START = ServiceState(SERVICE)
+RUNNING = ServiceState(SERVICE, stable_version="v1", stable_slot="blue")
+AFTER_SUCCESS = ServiceState(
+    SERVICE, stable_version="v2", stable_slot="green", previous_version="v1", previous_slot="blue"
+)
+SERVICE_STATES: dict[str, ServiceState] = {
+    "none": BEFORE_START,
+    "succeeded": AFTER_SUCCESS,
+    "reverted": RUNNING,
 }
 
 EVENTS: dict[str, Event] = {
@@ -204,6 +230,8 @@ EVENTS: dict[str, Event] = {
     "gates-fail": FAIL,
     "gates-breach": BREACH,
     "tick": Tick(),
+    "revert": Revert("v2 leaks memory", USER),
+    "pin-40": PinWeight(40, "hold at 40% while we look", ADMIN),
 }
 
 
@@ -226,6 +254,13 @@ class Stays:
 
 
 @dataclass(frozen=True)
+class Notifies:
+    """A legal event whose only effects are notifications (nothing stored changes state)."""
+
+    effects: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class Refused:
     code: RefusalCode
     fragments: tuple[str, ...]
@@ -243,14 +278,20 @@ def describe(effect: Effect) -> str:
             return f"audit:{action}"
         case Notify(kind=kind):
             return f"notify:{kind}"
+        case Page(kind=kind):
+            return f"page:{kind.value}"
     raise AssertionError(effect)  # pragma: no cover
 
 
 STARTED = ("audit:rollout.started", "notify:started")
 PROMOTED = ("audit:rollout.promoted", "notify:promoted")
-SUCCEEDED = ("audit:rollout.succeeded", "notify:succeeded")
+SUCCEEDED = ("audit:rollout.succeeded", "notify:succeeded", "page:resolve_earlier")
 ROLLED_BACK = ("weight:0", "audit:rollout.rolled_back", "notify:rolled_back")
 READY = ("audit:rollout.ready", "notify:awaiting_promotion")
+PAUSED = ("audit:rollout.paused", "notify:paused")
+RESUMED = ("audit:rollout.resumed", "notify:resumed")
+GATE_FAILING = Notifies(("notify:gate_failing",))
+REVERTED = ("weight:0", "audit:rollout.reverted", "notify:reverted")
 
 
 def promoted_to(weight: int, trigger: Trigger = Trigger.USER) -> Moves:
@@ -259,7 +300,12 @@ def promoted_to(weight: int, trigger: Trigger = Trigger.USER) -> Moves:
 
 
 USER_ROLLBACK = Moves(State.ROLLED_BACK, 0, Trigger.PAGERDUTY, ROLLED_BACK)
-BREACH_ROLLBACK = Moves(State.ROLLED_BACK, 0, Trigger.CONTROLLER, ROLLED_BACK)
+BREACH_ROLLBACK = Moves(State.ROLLED_BACK, 0, Trigger.CONTROLLER, (*ROLLED_BACK, "page:trigger"))
+PIN = ("weight:40", "audit:rollout.weight_pinned")
+PINNED = Moves(State.PAUSED, 40, Trigger.USER, (*PIN, "notify:paused"))
+PINNED_WHILE_PAUSED = Moves(State.PAUSED, 40, Trigger.USER, PIN)
+CANNOT_REVERT_OPEN = refused(RefusalCode.OPEN_ROLLOUT, "open rollout", "roll it back")
+NOTHING_TO_REVERT = refused(RefusalCode.NOTHING_TO_REVERT, "no previous version")
 OPEN = refused(RefusalCode.OPEN_ROLLOUT, SERVICE, "v2", "open rollout")
 NOT_PAUSED = refused(RefusalCode.NOT_PAUSED, "not paused")
 IS_PAUSED = refused(RefusalCode.PAUSED, "paused", "resume")
@@ -268,19 +314,30 @@ STALE_AT = {
     100: refused(RefusalCode.STALE, "at 100%", "not 75%"),
 }
 
-Row = tuple[str, str, Moves | Stays | Refused]
+Row = tuple[str, str, Moves | Stays | Notifies | Refused]
 
 
 def _terminal_rows(terminal: str, verb: str) -> list[Row]:
     user_events = ["promote", "promote-force", "promote-target-50", "promote-stale"]
-    user_events += ["rollback", "pause", "resume"]
+    user_events += ["rollback", "pause", "resume", "pin-40"]
+    if terminal == "succeeded":
+        # v2 is stable now: starting it again is refused; a revert goes back to v1.
+        starts: list[Row] = [
+            (terminal, name, refused(RefusalCode.ALREADY_STABLE, "v2", "already the stable"))
+            for name in ("start", "start-target-100")
+        ]
+        revert: Row = (terminal, "revert", Moves(State.REVERTED, 0, Trigger.USER, REVERTED))
+    else:
+        starts = [
+            (terminal, "start",
+             Moves(State.PROGRESSING, 10, Trigger.USER, ("weight:10", *STARTED))),
+            (terminal, "start-target-100",
+             Moves(State.BAKING, 100, Trigger.USER, ("weight:100", *STARTED))),
+        ]  # fmt: skip
+        revert = (terminal, "revert", NOTHING_TO_REVERT)
     return [
-        (terminal, "start", Moves(State.PROGRESSING, 10, Trigger.USER, ("weight:10", *STARTED))),
-        (
-            terminal,
-            "start-target-100",
-            Moves(State.BAKING, 100, Trigger.USER, ("weight:100", *STARTED)),
-        ),
+        *starts,
+        revert,
         *((terminal, name, refused(RefusalCode.TERMINAL, SERVICE, verb)) for name in user_events),
         *(
             (terminal, name, Stays())
@@ -315,10 +372,12 @@ ROWS: list[Row] = [
     ("progressing", "promote-from-10", refused(RefusalCode.NOT_READY, "20m left")),
     ("progressing", "promote-stale", STALE_AT[10]),
     ("progressing", "rollback", USER_ROLLBACK),
-    ("progressing", "pause", Moves(State.PAUSED, 10, Trigger.USER, ("audit:rollout.paused",))),
+    ("progressing", "pause", Moves(State.PAUSED, 10, Trigger.USER, PAUSED)),
     ("progressing", "resume", NOT_PAUSED),
     ("progressing", "gates-pass", Stays()),
-    ("progressing", "gates-fail", Stays()),
+    ("progressing", "gates-fail", GATE_FAILING),
+    ("progressing", "revert", CANNOT_REVERT_OPEN),
+    ("progressing", "pin-40", PINNED),
     ("progressing", "gates-breach", BREACH_ROLLBACK),
     ("progressing", "tick", Stays()),
     # progressing, wait over and gate passing, not yet ticked: ready.
@@ -335,7 +394,7 @@ ROWS: list[Row] = [
         "gates-pass",
         Moves(State.AWAITING_PROMOTION, 10, Trigger.CONTROLLER, READY),
     ),
-    ("progressing-wait-over", "gates-fail", Stays()),
+    ("progressing-wait-over", "gates-fail", GATE_FAILING),
     ("progressing-wait-over", "gates-breach", BREACH_ROLLBACK),
     (
         "progressing-wait-over",
@@ -344,7 +403,7 @@ ROWS: list[Row] = [
     ),
     ("progressing-wait-over-auto", "tick", promoted_to(25, Trigger.CONTROLLER)),
     ("progressing-wait-over-auto", "gates-pass", promoted_to(25, Trigger.CONTROLLER)),
-    ("progressing-wait-over-auto", "gates-fail", Stays()),
+    ("progressing-wait-over-auto", "gates-fail", GATE_FAILING),
     # awaiting_promotion: ready, waiting for a person.
     ("awaiting", "start", OPEN),
     ("awaiting", "promote", promoted_to(25)),
@@ -355,13 +414,20 @@ ROWS: list[Row] = [
     ("awaiting", "promote-from-10", promoted_to(25)),
     ("awaiting", "promote-stale", STALE_AT[10]),
     ("awaiting", "rollback", USER_ROLLBACK),
-    ("awaiting", "pause", Moves(State.PAUSED, 10, Trigger.USER, ("audit:rollout.paused",))),
+    ("awaiting", "pause", Moves(State.PAUSED, 10, Trigger.USER, PAUSED)),
+    ("awaiting", "revert", CANNOT_REVERT_OPEN),
+    ("awaiting", "pin-40", PINNED),
     ("awaiting", "resume", NOT_PAUSED),
     ("awaiting", "gates-pass", Stays()),
     (
         "awaiting",
         "gates-fail",
-        Moves(State.PROGRESSING, 10, Trigger.CONTROLLER, ("audit:rollout.not_ready",)),
+        Moves(
+            State.PROGRESSING,
+            10,
+            Trigger.CONTROLLER,
+            ("audit:rollout.not_ready", "notify:gate_failing"),
+        ),
     ),
     ("awaiting", "gates-breach", BREACH_ROLLBACK),
     ("awaiting", "tick", Stays()),
@@ -382,9 +448,11 @@ ROWS: list[Row] = [
     ("paused", "promote-stale", STALE_AT[10]),
     ("paused", "rollback", USER_ROLLBACK),
     ("paused", "pause", refused(RefusalCode.PAUSED, "already paused")),
-    ("paused", "resume", Moves(State.PROGRESSING, 10, Trigger.USER, ("audit:rollout.resumed",))),
+    ("paused", "resume", Moves(State.PROGRESSING, 10, Trigger.USER, RESUMED)),
+    ("paused", "revert", CANNOT_REVERT_OPEN),
+    ("paused", "pin-40", PINNED_WHILE_PAUSED),
     ("paused", "gates-pass", Stays()),
-    ("paused", "gates-fail", Stays()),
+    ("paused", "gates-fail", GATE_FAILING),
     ("paused", "gates-breach", BREACH_ROLLBACK),
     ("paused", "tick", Stays()),
     # paused after the step became ready: resuming settles straight back to awaiting, and the
@@ -392,14 +460,14 @@ ROWS: list[Row] = [
     (
         "paused-when-ready",
         "resume",
-        Moves(State.AWAITING_PROMOTION, 10, Trigger.USER, ("audit:rollout.resumed", *READY)),
+        Moves(State.AWAITING_PROMOTION, 10, Trigger.USER, (*RESUMED, *READY)),
     ),
     ("paused-when-ready", "promote", IS_PAUSED),
     ("paused-when-ready", "tick", Stays()),
     ("paused-when-ready", "gates-pass", Stays()),
     ("paused-when-ready", "gates-breach", BREACH_ROLLBACK),
     # paused during the bake, 1h in: the bake does not finish while paused.
-    ("paused-baking", "resume", Moves(State.BAKING, 100, Trigger.USER, ("audit:rollout.resumed",))),
+    ("paused-baking", "resume", Moves(State.BAKING, 100, Trigger.USER, RESUMED)),
     ("paused-baking", "tick", Stays()),
     ("paused-baking", "gates-pass", Stays()),
     ("paused-baking", "promote", IS_PAUSED),
@@ -412,17 +480,19 @@ ROWS: list[Row] = [
     ("baking", "promote-target-100", refused(RefusalCode.INVALID_TARGET, "100%", "later")),
     ("baking", "promote-stale", STALE_AT[100]),
     ("baking", "rollback", USER_ROLLBACK),
-    ("baking", "pause", Moves(State.PAUSED, 100, Trigger.USER, ("audit:rollout.paused",))),
+    ("baking", "pause", Moves(State.PAUSED, 100, Trigger.USER, PAUSED)),
+    ("baking", "revert", CANNOT_REVERT_OPEN),
+    ("baking", "pin-40", PINNED),
     ("baking", "resume", NOT_PAUSED),
     ("baking", "gates-pass", Stays()),
-    ("baking", "gates-fail", Stays()),
+    ("baking", "gates-fail", GATE_FAILING),
     ("baking", "gates-breach", BREACH_ROLLBACK),
     ("baking", "tick", Stays()),
     # baking, bake over.
     ("baking-over", "promote", Moves(State.SUCCEEDED, 100, Trigger.USER, SUCCEEDED)),
     ("baking-over", "tick", Moves(State.SUCCEEDED, 100, Trigger.CONTROLLER, SUCCEEDED)),
     ("baking-over", "gates-pass", Moves(State.SUCCEEDED, 100, Trigger.CONTROLLER, SUCCEEDED)),
-    ("baking-over", "gates-fail", Stays()),
+    ("baking-over", "gates-fail", GATE_FAILING),
     ("baking-over", "gates-breach", BREACH_ROLLBACK),
     ("baking-over", "rollback", USER_ROLLBACK),
     ("baking-over-gate-failing", "tick", Stays()),
@@ -434,6 +504,7 @@ ROWS: list[Row] = [
     ),
     # Terminal rollouts: Start opens a new one; user events are refused; controller events absorbed.
     *_terminal_rows("succeeded", "succeeded"),
+    *_terminal_rows("reverted", "been reverted"),
     *_terminal_rows("rolled_back", "been rolled back"),
 ]
 
@@ -447,7 +518,7 @@ def test_the_table_covers_every_state_and_event() -> None:
     covered = {(scenario, event) for scenario, event, _ in ROWS}
     assert len(covered) == len(ROWS), "duplicate rows"
     core = ["start", "promote", "promote-force", "promote-target-50", "promote-stale", "rollback"]
-    core += ["pause", "resume", "gates-pass", "gates-fail", "gates-breach", "tick"]
+    core += ["pause", "resume", "gates-pass", "gates-fail", "gates-breach", "tick", "revert"]
     for scenario in (
         "none",
         "progressing",
@@ -455,6 +526,7 @@ def test_the_table_covers_every_state_and_event() -> None:
         "paused",
         "baking",
         "succeeded",
+        "reverted",
         "rolled_back",
     ):
         missing = [event for event in core if (scenario, event) not in covered]
@@ -475,10 +547,10 @@ def test_the_table_covers_every_state_and_event() -> None:
 
 
 @pytest.mark.parametrize(("scenario", "event_name", "expect"), CASES)
-def test_decide(scenario: str, event_name: str, expect: Moves | Stays | Refused) -> None:
+def test_decide(scenario: str, event_name: str, expect: Moves | Stays | Notifies | Refused) -> None:
     before, now = SCENARIOS[scenario]()
     event = EVENTS[event_name]
-    decision = decide(before, event, now)
+    decision = decide(before, event, now, SERVICE_STATES.get(scenario, RUNNING))
 
     if isinstance(expect, Refused):
         assert isinstance(decision, Refusal), decision
@@ -490,6 +562,12 @@ def test_decide(scenario: str, event_name: str, expect: Moves | Stays | Refused)
 
     assert isinstance(decision, Transition), decision
     after = decision.rollout
+    if isinstance(expect, Notifies):
+        assert tuple(describe(effect) for effect in decision.effects) == expect.effects
+        assert before is not None
+        assert replace(after, gates=before.gates) == before  # only the gates may be updated
+        assert decision.service is None
+        return
     if isinstance(expect, Stays):
         assert decision.effects == ()
         assert not decision.changed
@@ -523,6 +601,12 @@ def _check_consistent(
         assert after.desired_weight == 0
         assert after.finished_at == now
         assert after.paused_at is None
+    elif after.state == State.REVERTED:
+        assert after.desired_weight == 0
+        assert after.stable_version == "v1"
+        assert after.stable_slot == "blue"
+    elif isinstance(event, PinWeight):
+        assert after.desired_weight == event.weight
     else:
         assert after.desired_weight == after.step.weight
     if after.state == State.SUCCEEDED:
@@ -699,10 +783,7 @@ def test_resume_after_the_bake_is_over_succeeds() -> None:
     assert isinstance(decision, Transition)
     assert decision.rollout.state == State.SUCCEEDED
     assert decision.rollout.stable_version == "v2"
-    assert [describe(effect) for effect in decision.effects] == [
-        "audit:rollout.resumed",
-        *SUCCEEDED,
-    ]
+    assert [describe(effect) for effect in decision.effects] == [*RESUMED, *SUCCEEDED]
 
 
 def test_a_double_promote_with_the_same_from_percent_advances_once() -> None:

@@ -25,6 +25,7 @@ from opsapi.canary.machine import (
     GatePhase,
     GateResults,
     GateStatus,
+    Notify,
     Pause,
     Promote,
     Refusal,
@@ -379,7 +380,13 @@ def check_transition(
             assert actions[0] == "rollout.resumed"
             assert after.triggered_by in (event.actor.triggered_by, Trigger.CONTROLLER)
     else:
-        assert effects == ()
+        # Nothing else changed: at most a notification that a gate started failing.
+        assert all(isinstance(effect, Notify) and effect.kind == "gate_failing"
+                   for effect in effects)  # fmt: skip
+        failing_now = {gate.name for gate in after.gates if gate.phase == GatePhase.FAIL}
+        failing_before = {gate.name for gate in before.gates if gate.phase == GatePhase.FAIL}
+        notified = {effect.details["gate"] for effect in effects if isinstance(effect, Notify)}
+        assert notified == failing_now - failing_before
 
     # Safety never pauses: a breach rolls back from every open state.
     breach = isinstance(event, GateResults) and any(result.breached for result in event.results)
