@@ -2,12 +2,16 @@
 
 The instance's `socket` is a `stats socket … level admin` of the HAProxy: a unix socket path
 (absolute) or a TCP `host:port`. Each command goes over its own connection (non-interactive mode:
-HAProxy answers and closes). A service's policy names the backend and its two servers.
+HAProxy answers and closes). A service's policy names the backend and two *slots*, each a server
+of that backend (`{"backend": "checkout", "slots": {"blue": "srv_blue", "green": "srv_green"}}`):
+the slot running the canary gets the percentage, the other slot the rest, and the next release
+runs its canary in the other slot.
 
 HAProxy's weight semantics, and what this router does about them:
 
-- `set weight <backend>/<server> <w>` takes an absolute 0-256 (the router writes
-  `100 - percent` and `percent`: 25 % is stable 75, canary 25; 0 % is 100/0). A `<w>%` form
+- `set weight <backend>/<server> <w>` takes an absolute 0-256 (the router writes `percent` for
+  the canary slot's server and `100 - percent` for the other: 25 % is 25 and 75; 0 % is 0 and
+  100). A `<w>%` form
   exists but is relative to the server's *initial* weight from the configuration, so on a server
   declared `weight 0` every percentage silently sets 0: the router never uses it.
 - `get weight` prints `"<current> (initial <initial>)"`; the current one is what `set weight`
@@ -20,7 +24,8 @@ HAProxy's weight semantics, and what this router does about them:
   stick table still reach a weight-0 server until their sessions end.
 
 The two `set weight`s are not atomic: the server whose weight grows is set first, so the transient
-split lies between the old and the new one and the backend never has both servers at weight 0.
+split lies between the old and the new one and the backend never has both servers at weight 0
+(also when the canary moves to the other slot for the next release).
 """
 
 from __future__ import annotations
@@ -31,24 +36,39 @@ from dataclasses import dataclass
 from typing import Any
 
 from opsapi.canary.policy import is_service_name
-from opsapi.routers.base import RouterError, RouteTarget
-from opsapi.routers.nginx import check_weight, split_host_port
+from opsapi.routers.base import (
+    RouterError,
+    RouteTarget,
+    check_slots,
+    slot_weights,
+    unknown_parameters,
+)
+from opsapi.routers.nginx import split_host_port
 
 # HAProxy proxy and server names: letters, digits, '-', '_', '.', ':' (nothing that could end or
 # split a runtime API command: no space, ';', '/', newline).
 HAPROXY_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
-PARAMS = ("backend", "stable_server", "canary_server")
+PARAMS = ("backend", "slots")
+TURN_ONE_PARAMS = ("stable_server", "canary_server")
+KIND = "a haproxy router"
+_NAME_RULE = "^[A-Za-z0-9_.:-]{1,64}$"
 _GET_WEIGHT = re.compile(r"^(\d+) \(initial (\d+)\)$")
 _MAX_ANSWER = 64 * 1024
 
 
 @dataclass(frozen=True)
 class HaproxyParams:
-    """A service's parameters for a HAProxy router, validated."""
+    """A service's parameters for a HAProxy router, validated: the backend and each slot's
+    server, in the order the policy names the slots."""
 
     backend: str
-    stable_server: str
-    canary_server: str
+    slots: dict[str, str]
+
+
+def _server_error(value: object) -> str | None:
+    if not isinstance(value, str) or not HAPROXY_NAME.fullmatch(value):
+        return f"must be a server name matching {_NAME_RULE}"
+    return None
 
 
 def parse_socket(socket: str) -> tuple[str, int] | str:
@@ -74,29 +94,27 @@ class HaproxyRouter:
         return f"HaproxyRouter(name={self.name!r}, socket={self.socket!r})"
 
     def check_params(self, params: dict[str, Any]) -> list[dict[str, str]]:
-        """Field errors for `{"backend", "stable_server", "canary_server"}`."""
-        errors = [
-            {"field": f"router.{key}", "message": "unknown parameter for a haproxy router"}
-            for key in sorted(set(params) - set(PARAMS), key=str)
-        ]
-        for key in PARAMS:
-            value = params.get(key)
-            if value is None:
-                errors.append({"field": f"router.{key}", "message": "required"})
-            elif not isinstance(value, str) or not HAPROXY_NAME.fullmatch(value):
-                errors.append(
-                    {"field": f"router.{key}", "message": "must match ^[A-Za-z0-9_.:-]{1,64}$"}
+        """Field errors for `{"backend", "slots": {name: server, name: server}}`; these names go
+        into runtime API commands, so nothing that could end or split one passes."""
+        errors = unknown_parameters(params, PARAMS, KIND, TURN_ONE_PARAMS)
+        backend = params.get("backend")
+        if backend is None:
+            errors.append({"field": "router.backend", "message": "required"})
+        elif not isinstance(backend, str) or not HAPROXY_NAME.fullmatch(backend):
+            errors.append({"field": "router.backend", "message": f"must match {_NAME_RULE}"})
+        slot_errors = check_slots(params, KIND, _server_error)
+        if not slot_errors:
+            (first, one), (second, other) = params["slots"].items()
+            if one == other:
+                slot_errors.append(
+                    {"field": f"router.slots.{second}", "message": f"same server as slot {first}"}
                 )
-        stable, canary = params.get("stable_server"), params.get("canary_server")
-        if stable is not None and stable == canary:
-            errors.append({"field": "router.canary_server", "message": "must differ from stable"})
-        return errors
+        return errors + slot_errors
 
     async def apply(self, target: RouteTarget, weight: int) -> None:
-        """Set both servers' weights, growing one first; confirm both with `get weight`."""
+        """Set both slots' servers' weights, growing one first; confirm both with `get weight`."""
         params = self._params(target)
-        check_weight(weight)
-        wanted = {params.stable_server: 100 - weight, params.canary_server: weight}
+        wanted = {params.slots[slot]: share for slot, share in slot_weights(target, weight).items()}
         current = await self._weights(params)
         order = sorted(wanted, key=lambda server: wanted[server] <= current[server])
         for server in order:
@@ -113,13 +131,15 @@ class HaproxyRouter:
             )
 
     async def read_back(self, target: RouteTarget) -> int | None:
-        """The canary's share of the two servers' current weights; None when both are 0."""
+        """The canary slot's server's share of the two servers' current weights; None when both
+        are 0."""
         params = self._params(target)
+        slot_weights(target, 0)  # refuses a canary slot that is not one of the two
         weights = await self._weights(params)
-        stable, canary = weights[params.stable_server], weights[params.canary_server]
-        if stable + canary == 0:
+        total = sum(weights.values())
+        if total == 0:
             return None
-        return round(100 * canary / (stable + canary))
+        return round(100 * weights[params.slots[target.canary_slot]] / total)
 
     async def health(self) -> str:
         """The runtime API answers `show info`: its version and uptime."""
@@ -134,13 +154,11 @@ class HaproxyRouter:
         if errors:
             detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
             raise RouterError(f"haproxy router {self.name!r}: invalid parameters ({detail})")
-        return HaproxyParams(
-            target.params["backend"], target.params["stable_server"], target.params["canary_server"]
-        )
+        return HaproxyParams(target.params["backend"], dict(target.params["slots"]))
 
     async def _weights(self, params: HaproxyParams) -> dict[str, int]:
         weights = {}
-        for server in (params.stable_server, params.canary_server):
+        for server in params.slots.values():
             answer = await self._command(f"get weight {params.backend}/{server}")
             match = _GET_WEIGHT.fullmatch(answer)
             if match is None:

@@ -24,23 +24,29 @@ than another service's probe answer::
 
 Nothing else: the probe server for each service comes from its generated file.
 
-The generated file `<upstreams_dir>/<service>.conf`::
+A service's policy names the upstream and two *slots*, each a server address (`{"upstream":
+"checkout", "slots": {"blue": "10.0.0.1:8080", "green": "10.0.0.2:8080"}}`). The slot running
+the canary gets the percentage, the other slot the rest; the next release runs its canary in the
+other slot. The generated file `<upstreams_dir>/<service>.conf` (canary v3 in blue at 25 %)::
 
     # Managed by opsapi (router "edge", service "checkout"): the next apply replaces it.
     upstream checkout {
-        server 10.0.0.1:8080 weight=75;
-        server 10.0.0.2:8080 weight=25;
+        # slot blue: v3 (canary)
+        server 10.0.0.1:8080 weight=25;
+        # slot green: v2 (stable)
+        server 10.0.0.2:8080 weight=75;
     }
     server {
         listen 127.0.0.1:8099;
         server_name checkout.opsapi-probe;
         ...
         location = /opsapi/generation {
-            return 200 "opsapi service=checkout generation=1732270000000000 canary=25\\n";
+            return 200 "opsapi service=checkout generation=1732270000 weights=blue:25,green:75\\n";
         }
     }
 
-At 0 % the canary server is marked `down`, at 100 % the stable one (nginx weights are ≥ 1).
+At 0 % the canary slot's server is marked `down`, at 100 % the other one (nginx weights are ≥ 1).
+After a success both slot roles name the new stable's slot; the other slot's comment says `idle`.
 
 Confirmation. `nginx -s reload` only signals the master, which starts new workers, sleeps
 100 ms, and only then tells the old workers to stop accepting: for ~100 ms after the new
@@ -72,16 +78,30 @@ from typing import Any, TypeVar
 
 import httpx
 
-from opsapi.canary.policy import is_service_name
-from opsapi.routers.base import RouterError, RouteTarget
+from opsapi.canary.policy import VERSION, is_service_name
+from opsapi.routers.base import (
+    RouterError,
+    RouteTarget,
+    check_slots,
+    slot_names,
+    slot_weights,
+    unknown_parameters,
+)
 
 T = TypeVar("T")
 HOST_PORT = re.compile(r"^[A-Za-z0-9.-]+:\d{1,5}$")
 IPV6_PORT = re.compile(r"^\[([0-9A-Fa-f:.]+)\]:(\d{1,5})$")
 UPSTREAM_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-PARAMS = ("upstream", "stable", "canary")
+PARAMS = ("upstream", "slots")
+TURN_ONE_PARAMS = ("stable", "canary")
+KIND = "an nginx router"
+MAX_ADDRESS = 261  # a 255-character host name, ':' and a port
 PROBE_PATH = "/opsapi/generation"
-_PROBE_ANSWER = re.compile(r"^opsapi service=(\S+) generation=(\d+) canary=(\d+)$")
+# `weights=` since slots; turn-1 files answered `canary=<percent>` (read as "cannot tell").
+_PROBE_ANSWER = re.compile(
+    r"^opsapi service=(\S+) generation=(\d+) (?:weights=((?:[a-z0-9_-]+:\d+,?)+)|canary=\d+)$"
+)
+_VERSION = re.compile(VERSION)
 _SERVER_LINE = re.compile(r"^\s*server\s+(\S+)((?:\s+[^;\s]+)*)\s*;", re.MULTILINE)
 _NGINX_LOG_PREFIX = re.compile(r"^\d{4}/\d\d/\d\d \d\d:\d\d:\d\d (\[\w+\]) \d+#\d+: ")
 
@@ -105,47 +125,89 @@ def split_host_port(value: str) -> tuple[str, int] | None:
     return host, int(port)
 
 
-def check_weight(weight: int) -> None:
-    """Refuse a percentage outside 0-100 (RouterError: nothing is applied)."""
-    if isinstance(weight, bool) or not isinstance(weight, int) or not 0 <= weight <= 100:
-        raise RouterError(f"canary weight must be an integer 0-100, got {weight!r}")
+def address_key(value: str) -> tuple[str, int] | None:
+    """A server address as nginx would compare it (host case and IPv6 spelling ignored)."""
+    address = split_host_port(value)
+    if address is None:
+        return None
+    host, port = address
+    if ":" in host:
+        host = ipaddress.IPv6Address(host).compressed
+    return host.lower(), port
+
+
+def _address_error(value: object) -> str | None:
+    if not isinstance(value, str):
+        return "must be a string"
+    if len(value) > MAX_ADDRESS or split_host_port(value) is None:
+        return "must be host:port or [ipv6]:port"
+    return None
 
 
 @dataclass(frozen=True)
 class NginxParams:
-    """A service's parameters for an nginx router, validated."""
+    """A service's parameters for an nginx router, validated: the upstream and each slot's
+    server address, in the order the policy names the slots."""
 
     upstream: str
-    stable: str
-    canary: str
+    slots: dict[str, str]
 
 
 @dataclass(frozen=True)
 class ProbeAnswer:
-    """What the probe server of a service says is live."""
+    """What the probe server of a service says is live (`weights` None for a turn-1 file)."""
 
     service: str
     generation: int
-    canary: int
+    weights: dict[str, int] | None
+
+
+def slot_labels(target: RouteTarget) -> dict[str, str]:
+    """Per slot, what its comment line in the file says: the version it serves and its role."""
+    labels = {}
+    for name in slot_names(target.params):
+        if name == target.canary_slot == target.stable_slot:
+            # After a success the canary's slot is the stable one, serving the canary version.
+            version, role = target.canary_version or target.stable_version, "stable"
+        elif name == target.canary_slot:
+            version, role = target.canary_version, "canary"
+        elif name == target.stable_slot:
+            version, role = target.stable_version, "stable"
+        else:
+            labels[name] = "idle"
+            continue
+        # Versions are validated by the API; checked again because this text goes into nginx.
+        shown = version if version is not None and _VERSION.fullmatch(version) else None
+        labels[name] = f"{shown or 'unknown version'} ({role})"
+    return labels
 
 
 def render(
-    router: str, service: str, params: NginxParams, weight: int, generation: int, probe: str
+    router: str,
+    service: str,
+    params: NginxParams,
+    weights: dict[str, int],
+    generation: int,
+    probe: str,
+    labels: dict[str, str] | None = None,
 ) -> str:
-    """The upstream file realising `weight` % to the canary, with its probe server."""
-    if weight == 0:
-        stable, canary = "weight=100", "down"
-    elif weight == 100:
-        stable, canary = "down", "weight=100"
-    else:
-        stable, canary = f"weight={100 - weight}", f"weight={weight}"
-    answer = f"opsapi service={service} generation={generation} canary={weight}"
+    """The upstream file realising per-slot percentages (`slot_weights`), with its probe server.
+
+    A slot at 0 % is marked `down` (nginx weights are ≥ 1); `labels` are the slots' comments."""
+    servers = []
+    for name, address in params.slots.items():
+        share = weights[name]
+        servers.append(
+            f"    # slot {name}: {(labels or {}).get(name, 'unknown version')}\n"
+            f"    server {address} {'down' if share == 0 else f'weight={share}'};\n"
+        )
+    shares = ",".join(f"{name}:{weights[name]}" for name in params.slots)
+    answer = f"opsapi service={service} generation={generation} weights={shares}"
     return (
         f'# Managed by opsapi (router "{router}", service "{service}"): the next apply replaces'
         " it.\n"
         f"upstream {params.upstream} {{\n"
-        f"    server {params.stable} {stable};\n"
-        f"    server {params.canary} {canary};\n"
+        f"{''.join(servers)}"
         "}\n"
         "\n"
         "# Answers with this file's generation: opsapi polls it to confirm a reload is live.\n"
@@ -164,14 +226,15 @@ def render(
     )
 
 
-def file_percent(content: str, params: NginxParams) -> int | None:
-    """The canary percentage the `upstream` block of a file sends, whoever wrote it."""
+def file_percent(content: str, params: NginxParams, slot: str) -> int | None:
+    """The percentage the `upstream` block of a file sends to `slot`'s server (found by its
+    address), whoever wrote the file; None when the block is missing or sends nothing."""
     block = re.search(
         r"^\s*upstream\s+" + re.escape(params.upstream) + r"\s*\{(.*?)\}", content, re.S | re.M
     )
     if block is None:
         return None
-    weights: dict[str, int] = {}
+    weights: dict[tuple[str, int] | str, int] = {}
     for match in _SERVER_LINE.finditer(block.group(1)):
         options = match.group(2).split()
         weight = 1
@@ -181,16 +244,17 @@ def file_percent(content: str, params: NginxParams) -> int | None:
         # A `down` or `backup` server takes no share of normal traffic.
         if "down" in options or "backup" in options:
             weight = 0
-        weights[match.group(1).lower()] = weights.get(match.group(1).lower(), 0) + weight
+        key = address_key(match.group(1)) or match.group(1).lower()
+        weights[key] = weights.get(key, 0) + weight
     total = sum(weights.values())
     if total == 0:
         return None
-    return round(100 * weights.get(params.canary.lower(), 0) / total)
+    return round(100 * weights.get(address_key(params.slots[slot]) or "", 0) / total)
 
 
 def file_generation(content: str) -> int | None:
     """The generation a file's probe answers with, if it is one of ours."""
-    match = re.search(r"opsapi service=\S+ generation=(\d+) canary=\d+", content)
+    match = re.search(r"opsapi service=\S+ generation=(\d+) (?:weights|canary)=", content)
     return int(match.group(1)) if match else None
 
 
@@ -284,38 +348,39 @@ class NginxRouter:
         )
 
     def check_params(self, params: dict[str, Any]) -> list[dict[str, str]]:
-        """Field errors for `{"upstream", "stable", "canary"}`; these are written into nginx."""
-        errors = [
-            {"field": f"router.{key}", "message": "unknown parameter for an nginx router"}
-            for key in sorted(set(params) - set(PARAMS), key=str)
-        ]
-        for key in PARAMS:
-            value = params.get(key)
-            if value is None:
-                errors.append({"field": f"router.{key}", "message": "required"})
-            elif not isinstance(value, str):
-                errors.append({"field": f"router.{key}", "message": "must be a string"})
-            elif key == "upstream" and not UPSTREAM_NAME.fullmatch(value):
-                errors.append(
-                    {"field": "router.upstream", "message": "must match ^[A-Za-z0-9_-]{1,64}$"}
+        """Field errors for `{"upstream", "slots": {name: "host:port", name: "host:port"}}`;
+        these strings are written into nginx, so nothing loose passes."""
+        errors = unknown_parameters(params, PARAMS, KIND, TURN_ONE_PARAMS)
+        upstream = params.get("upstream")
+        if upstream is None:
+            errors.append({"field": "router.upstream", "message": "required"})
+        elif not isinstance(upstream, str):
+            errors.append({"field": "router.upstream", "message": "must be a string"})
+        elif not UPSTREAM_NAME.fullmatch(upstream):
+            errors.append(
+                {"field": "router.upstream", "message": "must match ^[A-Za-z0-9_-]{1,64}$"}
+            )
+        slot_errors = check_slots(params, KIND, _address_error)
+        if not slot_errors:
+            (first, one), (second, other) = params["slots"].items()
+            if address_key(one) == address_key(other):
+                slot_errors.append(
+                    {"field": f"router.slots.{second}", "message": f"same address as slot {first}"}
                 )
-            elif key != "upstream" and split_host_port(value) is None:
-                errors.append(
-                    {"field": f"router.{key}", "message": "must be host:port or [ipv6]:port"}
-                )
-        stable, canary = params.get("stable"), params.get("canary")
-        if isinstance(stable, str) and isinstance(canary, str) and stable.lower() == canary.lower():
-            errors.append({"field": "router.canary", "message": "must differ from stable"})
-        return errors
+        return errors + slot_errors
 
     async def apply(self, target: RouteTarget, weight: int) -> None:
-        """Write, test, reload, and confirm through the probe; restore the old file on failure."""
+        """Write `weight` % for the canary slot's server and the rest for the other slot's, test,
+        reload, and confirm through the probe; restore the old file on failure."""
         params = self._params(target)
-        check_weight(weight)
+        weights = slot_weights(target, weight)
+        labels = slot_labels(target)
         path = self._path(target.service)
         async with self._lock, self._dir_lock():
             generation = self._next_generation()
-            content = render(self.name, target.service, params, weight, generation, self.probe)
+            content = render(
+                self.name, target.service, params, weights, generation, self.probe, labels
+            )
             previous = await self._io(_read, path)
             await self._io(_atomic_write, path, content.encode())
             try:
@@ -336,21 +401,21 @@ class NginxRouter:
                 raise
 
     async def read_back(self, target: RouteTarget) -> int | None:
-        """The live percentage: the file's weights when the probe shows that file is live,
-        else what the live probe says; None when this service has never been applied."""
+        """The canary slot's live percentage: the file's weights when the probe shows that file
+        is live, else what the live probe says; None when this service was never applied."""
         params = self._params(target)
+        slot_weights(target, 0)  # refuses a canary slot that is not one of the two
         content = await self._io(_read, self._path(target.service))
         live = await self._probe(target.service)
-        if content is None:
-            return live.canary if live else None
-        text = content.decode("utf-8", "replace")
         if live is None:
             return None
-        if live.generation != file_generation(text):
-            # The file on disk is not what nginx runs (written without a reload).
-            return live.canary
+        if content is None or live.generation != file_generation(
+            text := content.decode("utf-8", "replace")
+        ):
+            # The file on disk is not what nginx runs (removed, or written without a reload).
+            return None if live.weights is None else live.weights.get(target.canary_slot)
         # Weights read from the file itself, so a hand edit plus reload shows up as drift.
-        return file_percent(text, params)
+        return file_percent(text, params, target.canary_slot)
 
     async def health(self) -> str:
         """The binary is there and the probe address answers."""
@@ -365,11 +430,7 @@ class NginxRouter:
         if errors:
             detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
             raise RouterError(f"nginx router {self.name!r}: invalid parameters ({detail})")
-        return NginxParams(
-            upstream=target.params["upstream"],
-            stable=target.params["stable"],
-            canary=target.params["canary"],
-        )
+        return NginxParams(upstream=target.params["upstream"], slots=dict(target.params["slots"]))
 
     def _path(self, service: str) -> Path:
         return self.upstreams_dir / f"{service}.conf"
@@ -473,7 +534,11 @@ class NginxRouter:
         match = _PROBE_ANSWER.fullmatch(response.text.strip())
         if response.status_code != 200 or match is None or match.group(1) != service:
             return None
-        return ProbeAnswer(match.group(1), int(match.group(2)), int(match.group(3)))
+        weights = None
+        if match.group(3) is not None:
+            pairs = (pair.partition(":") for pair in match.group(3).split(",") if pair)
+            weights = {name: int(share) for name, _, share in pairs}
+        return ProbeAnswer(match.group(1), int(match.group(2)), weights)
 
     async def _confirm(self, service: str, generation: int) -> None:
         loop = asyncio.get_running_loop()

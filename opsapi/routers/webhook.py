@@ -1,7 +1,18 @@
 """Webhook router: a signed POST to the user's own system, which moves the traffic itself.
 
-Each apply is one POST of the JSON body `{"canary_percent": 25, "rollout_id": 42, "service":
-"checkout"}` (compact, keys sorted; `rollout_id` may be null) with headers:
+Each apply is one POST of a JSON body (compact, keys sorted; shown here spread out)::
+
+    {"canary_percent": 25, "canary_slot": "green", "canary_version": "v3",
+     "rollout_id": 42, "service": "checkout", "stable_slot": "blue",
+     "stable_version": "v2", "state": "progressing", "weights": {"blue": 75, "green": 25}}
+
+The receiver routes by version, never by position: `weights` gives each slot's percentage (the
+slots are `blue` and `green`; the canary slot gets `canary_percent`, the other slot the rest) and
+the versions say what runs where. Consecutive releases alternate slots: after a success
+`stable_slot` equals `canary_slot`, and the next rollout's canary is in the other slot.
+`rollout_id`, the versions and `state` may be null when unknown.
+
+Headers:
 
 - `X-Opsapi-Timestamp`: Unix time in seconds, as a decimal string;
 - `X-Opsapi-Signature`: `sha256=` + hex HMAC-SHA256, keyed with the instance's secret, of the
@@ -26,8 +37,7 @@ from typing import Any
 import httpx
 
 from opsapi.canary.policy import is_service_name
-from opsapi.routers.base import RouterError, RouteTarget
-from opsapi.routers.nginx import check_weight
+from opsapi.routers.base import RouterError, RouteTarget, slot_weights
 
 SIGNATURE_HEADER = "X-Opsapi-Signature"
 TIMESTAMP_HEADER = "X-Opsapi-Timestamp"
@@ -47,6 +57,23 @@ def redact_url(url: str) -> str:
         return "<invalid url>"
     port = f":{parsed.port}" if parsed.port else ""
     return f"{parsed.scheme}://{parsed.host}{port}{parsed.path}"
+
+
+def payload(target: RouteTarget, weight: int) -> bytes:
+    """The JSON body announcing `weight` % for the target's canary slot (see the module doc)."""
+    weights = slot_weights(target, weight)
+    body = {
+        "service": target.service,
+        "rollout_id": target.rollout_id,
+        "canary_percent": weight,
+        "canary_slot": target.canary_slot,
+        "stable_slot": target.stable_slot,
+        "canary_version": target.canary_version,
+        "stable_version": target.stable_version,
+        "state": target.state,
+        "weights": weights,
+    }
+    return json.dumps(body, separators=(",", ":"), sort_keys=True).encode()
 
 
 class WebhookRouter:
@@ -102,16 +129,7 @@ class WebhookRouter:
         """One signed POST; returns on 2xx, raises RouterError otherwise."""
         if not is_service_name(target.service):
             raise RouterError(f"webhook router {self.name!r}: invalid service name")
-        check_weight(weight)
-        body = json.dumps(
-            {
-                "service": target.service,
-                "rollout_id": target.rollout_id,
-                "canary_percent": weight,
-            },
-            separators=(",", ":"),
-            sort_keys=True,
-        ).encode()
+        body = payload(target, weight)
         timestamp = str(int(time.time()))
         headers = {
             "Content-Type": "application/json",

@@ -69,6 +69,11 @@ def test_json_and_yaml_load(tmp_path: Path, name: str) -> None:
         assert SECRET not in repr(router)
         assert SECRET not in str(router)
     assert routers["lb"].check_params({"backend": "b"})  # parameters checked per type
+    assert (
+        routers["lb"].check_params({"backend": "b", "slots": {"blue": "s1", "green": "s2"}}) == []
+    )
+    assert edge.check_params({"upstream": "u", "slots": {"blue": "h:1", "green": "h:2"}}) == []
+    assert hook.check_params({}) == []
 
 
 def test_no_file_no_instances(tmp_path: Path) -> None:
@@ -175,6 +180,9 @@ async def test_pull_router_is_a_no_op() -> None:
     assert router.check_params({}) == []
     assert router.check_params({"x": 1}) == [
         {"field": "router.x", "message": "the pull router takes no parameters"}
+    ]
+    assert router.check_params({"slots": {"blue": "a", "green": "b"}}) == [
+        {"field": "router.slots", "message": "the pull router takes no parameters"}
     ]
     await router.apply(RouteTarget("checkout"), 50)
     assert await router.read_back(RouteTarget("checkout")) is None

@@ -1,15 +1,19 @@
-"""The nginx router against a real nginx on loopback, in front of real backends."""
+"""The nginx router against a real nginx on loopback, in front of real backends: slot `blue` is
+the backend answering "stable", slot `green` the one answering "canary" (the canary's slot)."""
 
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from opsapi.routers.base import Router, RouterError, RouteTarget
-from opsapi.routers.nginx import NginxParams, NginxRouter, file_percent, render
+from opsapi.routers.base import Router, RouterError, RouteTarget, is_slot_name, slot_weights
+from opsapi.routers.nginx import NginxParams, NginxRouter, file_percent, render, slot_labels
 from tests.support.databases import unavailable
 from tests.support.proxies import (
     Backends,
@@ -21,6 +25,7 @@ from tests.support.proxies import (
     running_nginx,
     split,
 )
+from tests.support.slots import SlotBackend, slot_backends, slot_shares
 
 STEPS = (10, 25, 50, 75, 100)
 
@@ -59,7 +64,9 @@ def target(servers: Backends) -> RouteTarget:
     return RouteTarget(
         "checkout",
         rollout_id=7,
-        params={"upstream": "checkout", "stable": servers.stable, "canary": servers.canary},
+        params={"upstream": "checkout", "slots": {"blue": servers.stable, "green": servers.canary}},
+        canary_slot="green",
+        stable_slot="blue",
     )
 
 
@@ -90,6 +97,67 @@ async def test_rollback_sends_nothing_to_canary_once_apply_returns(
     assert traffic.before["canary"] > 0
     assert traffic.after["canary"] == 0, traffic.after
     assert traffic.after["stable"] >= 500
+
+
+def release(
+    slots: dict[str, SlotBackend], canary: str, stable: str, versions: tuple[str, str]
+) -> RouteTarget:
+    """The target of a rollout with its canary in `canary`; versions (stable, canary)."""
+    return RouteTarget(
+        "checkout",
+        rollout_id=1,
+        params={"upstream": "checkout", "slots": {n: b.address for n, b in slots.items()}},
+        canary_slot=canary,
+        stable_slot=stable,
+        stable_version=versions[0],
+        canary_version=versions[1],
+    )
+
+
+async def shares(port: int, requests: int) -> dict[str, float]:
+    return slot_shares(await asyncio.to_thread(split, port, requests))
+
+
+async def test_consecutive_releases_alternate_slots(nginx: Nginx) -> None:
+    router = router_for(nginx)
+    path = nginx.upstreams_dir / "checkout.conf"
+    with slot_backends(blue="v1", green="v2") as slots:
+        # Given v1 stable in blue, when v2's canary in green gets 25 %,
+        first = release(slots, canary="green", stable="blue", versions=("v1", "v2"))
+        await router.apply(first, 25)
+        # then a quarter of real requests reach green.
+        measured = await shares(nginx.port, 400)
+        assert abs(measured["green"] - 25) <= 7, measured
+        assert abs(measured["blue"] - 75) <= 7, measured
+        assert await router.read_back(first) == 25
+        assert "# slot green: v2 (canary)" in path.read_text()
+
+        # When v2 reaches 100 % and succeeds (green becomes the stable slot),
+        await router.apply(first, 100)
+        assert await shares(nginx.port, 400) == {"green": 100}
+        succeeded = replace(first, stable_slot="green")
+        await router.apply(succeeded, 100)
+        assert await shares(nginx.port, 400) == {"green": 100}
+        assert await router.read_back(succeeded) == 100
+        assert "# slot green: v2 (stable)" in path.read_text()
+
+        # then the second release deploys v3 into the other slot, blue, and gets 50 %:
+        slots["blue"].deploy("v3")
+        second = release(slots, canary="blue", stable="green", versions=("v2", "v3"))
+        await router.apply(second, 50)
+        answers = await asyncio.to_thread(split, nginx.port, 400)
+        assert set(answers) == {"blue v3", "green v2"}, answers
+        assert abs(slot_shares(answers)["blue"] - 50) <= 7, answers
+        assert await router.read_back(second) == 50
+        content = path.read_text()
+        assert "# slot blue: v3 (canary)" in content
+        assert "# slot green: v2 (stable)" in content
+
+        # When v3 is rolled back, no request reaches blue: all go to v2 in green.
+        await router.apply(second, 0)
+        assert await asyncio.to_thread(split, nginx.port, 300) == Counter({"green v2": 300})
+        assert await router.read_back(second) == 0
+        assert f"server {slots['blue'].address} down;" in path.read_text()
 
 
 async def test_failed_validation_keeps_the_old_configuration_serving(
@@ -149,6 +217,18 @@ async def test_drift_is_read_back_and_repaired(nginx: Nginx, servers: Backends) 
     assert abs(await measured(nginx) - 25) <= 3
 
 
+async def test_a_file_nginx_does_not_run_is_not_read_back(nginx: Nginx, servers: Backends) -> None:
+    router = router_for(nginx)
+    await router.apply(target(servers), 25)
+    path = nginx.upstreams_dir / "checkout.conf"
+    # Someone writes another file without reloading: what nginx runs is still 25 % to green.
+    params = NginxParams("checkout", target(servers).params["slots"])
+    path.write_text(render("edge", "checkout", params, {"blue": 40, "green": 60}, 1, nginx.probe))
+    assert await router.read_back(target(servers)) == 25
+    assert await router.read_back(replace(target(servers), canary_slot="blue")) == 75
+    assert abs(await measured(nginx, 1000) - 25) <= 3
+
+
 async def test_reload_that_never_shows_up_is_refused_and_undone(
     nginx: Nginx, servers: Backends, tmp_path: Path
 ) -> None:
@@ -189,10 +269,16 @@ async def test_invalid_parameters_never_reach_a_file(nginx: Nginx, servers: Back
     router = router_for(nginx)
     bad = RouteTarget(
         "checkout",
-        params={"upstream": "checkout", "stable": servers.stable, "canary": "x; include /etc:1"},
+        params={
+            "upstream": "checkout",
+            "slots": {"blue": servers.stable, "green": "x; include /etc:1"},
+        },
     )
-    with pytest.raises(RouterError, match=r"router\.canary"):
+    with pytest.raises(RouterError, match=r"router\.slots\.green") as error:
         await router.apply(bad, 10)
+    assert "include" not in str(error.value)
+    with pytest.raises(RouterError, match="canary slot red is not one of the policy's slots"):
+        await router.apply(replace(target(servers), canary_slot="red"), 10)
     with pytest.raises(RouterError, match="invalid service name"):
         await router.apply(RouteTarget("../etc", params=target(servers).params), 10)
     with pytest.raises(RouterError, match="0-100"):
@@ -200,38 +286,157 @@ async def test_invalid_parameters_never_reach_a_file(nginx: Nginx, servers: Back
     assert not (nginx.upstreams_dir / "checkout.conf").exists()
 
 
-def test_check_params() -> None:
-    router = NginxRouter(
+GOOD = {"upstream": "checkout_v2", "slots": {"blue": "10.0.0.1:8080", "green": "[::1]:8081"}}
+BLUE, GREEN, SLOTS = "router.slots.blue", "router.slots.green", "router.slots"
+G = "10.0.0.2:80"  # a good address for green, when blue's is the one tested
+SLOT_CASES: list[tuple[str, Any, list[str]]] = [
+    ("host names and other slot names", {"a-1": "canary.internal:80", "b_2": "10.0.0.1:80"}, []),
+    ("turn-1 names as slot names", {"stable": "10.0.0.1:80", "canary": G}, []),
+    ("one slot", {"blue": "10.0.0.1:80"}, [SLOTS]),
+    ("three slots", {"a": "10.0.0.1:80", "b": G, "c": "10.0.0.3:80"}, [SLOTS]),
+    ("no slots", {}, [SLOTS]),
+    ("a list", ["10.0.0.1:80", G], [SLOTS]),
+    ("a string", "10.0.0.1:80,10.0.0.2:80", [SLOTS]),
+    ("upper-case name", {"Blue": "10.0.0.1:80", "green": G}, [SLOTS]),
+    ("name with a space", {"b lue": "10.0.0.1:80", "green": G}, [SLOTS]),
+    ("name with a brace", {"b}": "10.0.0.1:80", "green": G}, [SLOTS]),
+    ("name too long", {"b" * 33: "10.0.0.1:80", "green": G}, [SLOTS]),
+    ("name starting with -", {"-b": "10.0.0.1:80", "green": G}, [SLOTS]),
+    ("same address twice", {"blue": "10.0.0.1:80", "green": "10.0.0.1:80"}, [GREEN]),
+    ("same host, other case", {"blue": "App.internal:80", "green": "app.INTERNAL:80"}, [GREEN]),
+    ("same IPv6, other spelling", {"blue": "[::1]:80", "green": "[0:0::1]:80"}, [GREEN]),
+    ("a number", {"blue": 8080, "green": G}, [BLUE]),
+    ("null", {"blue": None, "green": G}, [BLUE]),
+    ("a nested object", {"blue": {"host": "h"}, "green": G}, [BLUE]),
+    ("no port", {"blue": "10.0.0.1", "green": G}, [BLUE]),
+    ("injected include", {"blue": "10.0.0.1:80; include /etc/passwd", "green": G}, [BLUE]),
+    ("injected directive", {"blue": "10.0.0.1:80\nserver evil:80", "green": G}, [BLUE]),
+    ("injected block end", {"blue": "10.0.0.1:80;}", "green": G}, [BLUE]),
+    ("server option", {"blue": "10.0.0.1:80 backup", "green": G}, [BLUE]),
+    ("nginx variable", {"blue": "$host:80", "green": G}, [BLUE]),
+    ("unix socket", {"blue": "unix:/tmp/x.sock", "green": G}, [BLUE]),
+    ("a URL", {"blue": "http://h:80", "green": G}, [BLUE]),
+    ("port too high", {"blue": "h:123456", "green": G}, [BLUE]),
+    ("port 0", {"blue": "h:0", "green": G}, [BLUE]),
+    ("bad IPv6", {"blue": "[zz]:80", "green": G}, [BLUE]),
+    ("bare IPv6", {"blue": "::1:80", "green": G}, [BLUE]),
+    ("host starting with -", {"blue": "-h:80", "green": G}, [BLUE]),
+    ("huge host", {"blue": "h" * 300 + ":80", "green": G}, [BLUE]),
+    ("both values bad", {"blue": "x y", "green": 1}, [BLUE, GREEN]),
+]
+
+
+def nginx_router() -> NginxRouter:
+    return NginxRouter(
         "edge", Path("/etc/nginx/nginx.conf"), Path("/etc/nginx"), Path("/etc/nginx/opsapi"),
         probe="127.0.0.1:8099",
     )  # fmt: skip
-    good = {"upstream": "checkout_v2", "stable": "10.0.0.1:8080", "canary": "[::1]:8081"}
-    assert router.check_params(good) == []
-    assert router.check_params({**good, "canary": "canary.internal:80"}) == []
-
-    def fields(params: dict[str, object]) -> list[str]:
-        return [error["field"] for error in router.check_params(params)]
-
-    assert fields({}) == ["router.upstream", "router.stable", "router.canary"]
-    assert fields({**good, "extra": 1}) == ["router.extra"]
-    assert fields({**good, "upstream": "check out"}) == ["router.upstream"]
-    assert fields({**good, "upstream": "x" * 65}) == ["router.upstream"]
-    for address in ("10.0.0.1", "10.0.0.1:80;", "a b:80", "h:123456", "h:0", "[zz]:80", "-h:80",
-                    "::1:80", "http://h:80", 8080):  # fmt: skip
-        assert fields({**good, "stable": address}) == ["router.stable"], address
-    assert fields({**good, "canary": good["stable"]}) == ["router.canary"]
 
 
-def test_render_marks_the_idle_server_down() -> None:
-    params = NginxParams("checkout", "10.0.0.1:80", "10.0.0.2:80")
-    zero = render("edge", "checkout", params, 0, 1, "127.0.0.1:8099")
-    assert "server 10.0.0.1:80 weight=100;" in zero
-    assert "server 10.0.0.2:80 down;" in zero
-    full = render("edge", "checkout", params, 100, 2, "127.0.0.1:8099")
-    assert "server 10.0.0.1:80 down;" in full
-    assert "server 10.0.0.2:80 weight=100;" in full
+@pytest.mark.parametrize(("slots", "expected"), [case[1:] for case in SLOT_CASES],
+                         ids=[case[0] for case in SLOT_CASES])  # fmt: skip
+def test_check_params_slots(slots: Any, expected: list[str]) -> None:
+    errors = nginx_router().check_params({"upstream": "checkout", "slots": slots})
+    assert [error["field"] for error in errors] == expected
+    # Field errors never echo a value, nor a slot name that is not a valid one.
+    shown = " ".join(f"{error['field']} {error['message']}" for error in errors)
+    values = list(slots.values()) if isinstance(slots, dict) else [slots]
+    names = [name for name in slots if not is_slot_name(name)] if isinstance(slots, dict) else []
+    for value in [*values, *names]:
+        if value not in (None, 1):  # too short to tell
+            assert str(value) not in shown
+
+
+@pytest.mark.parametrize(
+    ("params", "expected"),
+    [
+        (GOOD, []),
+        ({}, ["router.upstream", "router.slots"]),
+        ({**GOOD, "extra": 1}, ["router.extra"]),
+        ({**GOOD, "upstream": "check out"}, ["router.upstream"]),
+        ({**GOOD, "upstream": "x" * 65}, ["router.upstream"]),
+        ({**GOOD, "upstream": "x;}"}, ["router.upstream"]),
+        ({**GOOD, "upstream": 3}, ["router.upstream"]),
+        ({**GOOD, "x; include /etc/passwd": 1}, ["router"]),
+        # Turn-1 parameters: refused, told to use slots.
+        ({"upstream": "checkout", "stable": "10.0.0.1:80", "canary": "10.0.0.2:80"},
+         ["router.canary", "router.stable", "router.slots"]),
+        ({**GOOD, "stable": "10.0.0.1:80"}, ["router.stable"]),
+    ],
+)  # fmt: skip
+def test_check_params(params: dict[str, Any], expected: list[str]) -> None:
+    errors = nginx_router().check_params(params)
+    assert [error["field"] for error in errors] == expected
+    assert all("x; include" not in error["message"] for error in errors)
+
+
+def test_turn_one_parameters_are_told_to_use_slots() -> None:
+    errors = nginx_router().check_params({"upstream": "u", "stable": "h:1", "canary": "h:2"})
+    assert {"field": "router.stable",
+            "message": 'no longer accepted: name two slots instead, "slots": {"blue": '
+                       '"10.0.0.1:8080", "green": "10.0.0.2:8080"}'} in errors  # fmt: skip
+    assert all("h:1" not in error["message"] for error in errors)
+
+
+def slots_target(
+    canary: str, stable: str, versions: tuple[str | None, str | None] = (None, None)
+) -> RouteTarget:
+    """A target with the canary in `canary` and the stable in `stable`; versions (stable,
+    canary)."""
+    return RouteTarget(
+        "checkout",
+        params={"upstream": "checkout", "slots": {"blue": "10.0.0.1:80", "green": "10.0.0.2:80"}},
+        canary_slot=canary,
+        stable_slot=stable,
+        stable_version=versions[0],
+        canary_version=versions[1],
+    )
+
+
+PARAMS = NginxParams("checkout", {"blue": "10.0.0.1:80", "green": "10.0.0.2:80"})
+
+
+def rendered(canary: str, weight: int, stable: str | None = None,
+             versions: tuple[str | None, str | None] = (None, None)) -> str:  # fmt: skip
+    other = "blue" if canary == "green" else "green"
+    chosen = slots_target(canary, stable or other, versions)
+    weights = slot_weights(chosen, weight)
+    return render("edge", "checkout", PARAMS, weights, 1, "127.0.0.1:8099", slot_labels(chosen))
+
+
+def test_render_marks_the_idle_slot_down_whichever_slot_runs_the_canary() -> None:
+    assert "server 10.0.0.1:80 weight=100;" in rendered("green", 0)
+    assert "server 10.0.0.2:80 down;" in rendered("green", 0)
+    assert "server 10.0.0.1:80 down;" in rendered("green", 100)
+    assert "server 10.0.0.2:80 weight=100;" in rendered("green", 100)
+    # The second release: the canary in blue, the stable in green.
+    assert "server 10.0.0.1:80 weight=25;" in rendered("blue", 25)
+    assert "server 10.0.0.2:80 weight=75;" in rendered("blue", 25)
+    assert "server 10.0.0.1:80 down;" in rendered("blue", 0)
+    assert "server 10.0.0.2:80 weight=100;" in rendered("blue", 0)
     for weight in range(101):
-        assert file_percent(render("e", "s", params, weight, 3, "127.0.0.1:1"), params) == weight
+        for canary in ("blue", "green"):
+            content = rendered(canary, weight)
+            assert file_percent(content, PARAMS, canary) == weight
+            assert file_percent(content, PARAMS, "green" if canary == "blue" else "blue") == (
+                100 - weight
+            )
+
+
+def test_render_names_each_slot_and_its_version() -> None:
+    canary = rendered("blue", 25, versions=("v2", "v3"))
+    assert "    # slot blue: v3 (canary)\n    server 10.0.0.1:80 weight=25;" in canary
+    assert "    # slot green: v2 (stable)\n    server 10.0.0.2:80 weight=75;" in canary
+    # After a success the canary's slot is the stable one; the other slot is idle.
+    succeeded = rendered("blue", 100, stable="blue", versions=("v2", "v3"))
+    assert "    # slot blue: v3 (stable)\n    server 10.0.0.1:80 weight=100;" in succeeded
+    assert "    # slot green: idle\n    server 10.0.0.2:80 down;" in succeeded
+    unknown = rendered("green", 10)
+    assert "# slot green: unknown version (canary)" in unknown
+    # A version that is not a valid version never reaches the file (it could end the comment).
+    hostile = rendered("green", 10, versions=("v1", "v2\n}\nserver { listen 80; }"))
+    assert "listen 80" not in hostile
+    assert "# slot green: unknown version (canary)" in hostile
 
 
 async def test_hung_nginx_command_times_out_and_cancel_undoes(

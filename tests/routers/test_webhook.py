@@ -8,7 +8,7 @@ import json
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
@@ -19,7 +19,31 @@ from opsapi.routers.webhook import WebhookRouter, redact_url, signature
 from tests.support.processes import free_port
 
 SECRET = "webhook-secret-0123456789abcdef"
-TARGET = RouteTarget("checkout", rollout_id=42, params={})
+TARGET = RouteTarget(
+    "checkout",
+    rollout_id=42,
+    params={},
+    canary_slot="green",
+    stable_slot="blue",
+    stable_version="v1",
+    canary_version="v2",
+    state="progressing",
+)
+
+
+def body(target: RouteTarget, percent: int, weights: dict[str, int]) -> dict[str, object]:
+    """What the receiver must be sent for `target` at `percent`."""
+    return {
+        "service": target.service,
+        "rollout_id": target.rollout_id,
+        "canary_percent": percent,
+        "canary_slot": target.canary_slot,
+        "stable_slot": target.stable_slot,
+        "canary_version": target.canary_version,
+        "stable_version": target.stable_version,
+        "state": target.state,
+        "weights": weights,
+    }
 
 
 @dataclass
@@ -31,6 +55,7 @@ class Receiver:
     statuses: list[int] = field(default_factory=list)  # answers to come; then 204
     delay: float = 0.0
     accepted: list[dict[str, object]] = field(default_factory=list)
+    raw: list[bytes] = field(default_factory=list)  # accepted bodies exactly as received
     rejected: list[str] = field(default_factory=list)
 
 
@@ -55,6 +80,7 @@ class _Handler(BaseHTTPRequestHandler):
             status = receiver.statuses.pop(0) if receiver.statuses else 204
             if status < 300:
                 receiver.accepted.append(json.loads(body))
+                receiver.raw.append(body)
             self._answer(status, "" if status == 204 else "try later")
 
     def _answer(self, status: int, text: str) -> None:
@@ -96,10 +122,58 @@ async def test_signed_post_is_accepted(receiver: Receiver) -> None:
     await router.apply(TARGET, 25)
     await router.apply(RouteTarget("checkout"), 0)
     assert receiver.accepted == [
-        {"service": "checkout", "rollout_id": 42, "canary_percent": 25},
-        {"service": "checkout", "rollout_id": None, "canary_percent": 0},
-    ]
+        body(TARGET, 25, {"blue": 75, "green": 25}),
+        {"service": "checkout", "rollout_id": None, "canary_percent": 0, "canary_slot": "green",
+         "stable_slot": "blue", "canary_version": None, "stable_version": None, "state": None,
+         "weights": {"blue": 100, "green": 0}},
+    ]  # fmt: skip
+    # Compact JSON with sorted keys: what the signature covers is reproducible by a receiver.
+    assert (
+        receiver.raw[0]
+        == json.dumps(receiver.accepted[0], separators=(",", ":"), sort_keys=True).encode()
+    )
     assert await router.read_back(TARGET) is None
+
+
+async def test_consecutive_releases_carry_versions_slots_and_weights(receiver: Receiver) -> None:
+    router = WebhookRouter("hook", receiver.url, SECRET, timeout=2.0)
+    # v2's canary in green at 25 %, then 100 %, then its success (green is the stable slot);
+    first = TARGET
+    await router.apply(first, 25)
+    await router.apply(first, 100)
+    succeeded = replace(first, stable_slot="green", state="succeeded")
+    await router.apply(succeeded, 100)
+    # v3's canary in blue (the other slot) at 50 %, then rolled back.
+    second = replace(
+        first, rollout_id=43, canary_slot="blue", stable_slot="green", stable_version="v2",
+        canary_version="v3",
+    )  # fmt: skip
+    await router.apply(second, 50)
+    rolled_back = replace(second, state="rolled_back")
+    await router.apply(rolled_back, 0)
+
+    assert receiver.rejected == []  # every delivery's signature verified
+    assert receiver.accepted == [
+        body(first, 25, {"blue": 75, "green": 25}),
+        body(first, 100, {"blue": 0, "green": 100}),
+        body(succeeded, 100, {"blue": 0, "green": 100}),
+        body(second, 50, {"blue": 50, "green": 50}),
+        body(rolled_back, 0, {"blue": 0, "green": 100}),
+    ]
+    # Routing by version: after the rollback all traffic goes to the slot running v2.
+    last = receiver.accepted[-1]
+    assert last["weights"] == {last["stable_slot"]: 100, last["canary_slot"]: 0}
+    assert last["stable_version"] == "v2"
+
+
+async def test_a_canary_slot_outside_the_slots_is_never_sent(receiver: Receiver) -> None:
+    router = WebhookRouter("hook", receiver.url, SECRET, timeout=2.0)
+    with pytest.raises(RouterError, match="canary slot red is not one of the policy's slots"):
+        await router.apply(replace(TARGET, canary_slot="red"), 25)
+    with pytest.raises(RouterError, match="0-100"):
+        await router.apply(TARGET, 101)
+    assert receiver.accepted == []
+    assert receiver.rejected == []
 
 
 async def test_wrong_secret_is_rejected(receiver: Receiver) -> None:
@@ -121,7 +195,7 @@ async def test_failing_receiver_then_recovery(receiver: Receiver) -> None:
     with pytest.raises(RouterError, match="answered 500"):
         await router.apply(TARGET, 10)
     await router.apply(TARGET, 10)
-    assert receiver.accepted == [{"service": "checkout", "rollout_id": 42, "canary_percent": 10}]
+    assert receiver.accepted == [body(TARGET, 10, {"blue": 90, "green": 10})]
 
 
 async def test_timeout_and_network_errors_are_router_errors(receiver: Receiver) -> None:
