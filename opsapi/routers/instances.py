@@ -143,7 +143,8 @@ _MODELS: dict[str, type[InstanceConfig]] = {
 
 class PullRouter:
     """The built-in `pull` router: clients poll the API for the weight, so applying is storing
-    it (done by the service layer) and there is nothing to read back."""
+    it (done by the service layer) and there is nothing to read back. It takes no parameters;
+    its slots are `DEFAULT_SLOTS` (blue, green)."""
 
     name = PULL
 
