@@ -55,65 +55,53 @@ def _controller(settings: Settings) -> int:
     import signal
 
     from opsapi.clock import system_clock
-    from opsapi.controller.loop import Controller
-    from opsapi.http.app import build_provider
-    from opsapi.metrics import Metrics
-    from opsapi.pagerduty.worker import DeliveryWorker
-    from opsapi.routers.instances import load_routers
-    from opsapi.routers.traffic import Traffic
-    from opsapi.storage.db import create_engine, session_factory
+    from opsapi.runtime import build_runtime
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
 
     async def run() -> None:
-        engine = create_engine(settings.database_url)
-        provider = build_provider(settings)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
-        sessions = session_factory(engine)
-        metrics = Metrics()
-        routers = load_routers(settings.routers_file)
-        controller = Controller(
-            sessions,
-            system_clock,
-            metrics,
-            provider=provider,
-            traffic=Traffic(engine, sessions, routers, system_clock, metrics),
-            batch_size=settings.controller_batch_size,
-            poll_seconds=settings.controller_poll_seconds,
-        )
-        # The PagerDuty outbox is delivered here too (a controller-only deployment pages).
-        worker = DeliveryWorker.from_settings(settings, sessions, system_clock, metrics)
-        delivery = (
-            asyncio.create_task(worker.run(stop)) if settings.pagerduty_worker_enabled else None
-        )
-        try:
-            await controller.run(stop)
-        finally:
-            stop.set()
-            if delivery is not None:
-                await delivery
-            worker.close()
-            await engine.dispose()
+        # The same runtime as `opsapi serve`, without the API: the controller loop and the
+        # PagerDuty delivery worker (a controller-only deployment pages too).
+        async with build_runtime(settings, clock=system_clock, serve_api=False):
+            await stop.wait()
 
     asyncio.run(run())
+    _abandon_hung_threads()
     return 0
 
 
+def _abandon_hung_threads(grace: float = 1.0) -> None:
+    """Exit now if a worker thread still hangs after the runtime closed.
+
+    A gate query or PagerDuty call blocked on a silent peer holds its thread until its own
+    client timeout; the interpreter would wait for it at exit. Everything durable is already
+    flushed and closed here, so such threads are abandoned instead.
+    """
+    import os
+    import threading
+    import time
+
+    deadline = time.monotonic() + grace
+    for thread in threading.enumerate():
+        if thread is threading.main_thread() or thread.daemon:
+            continue
+        thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        if thread.is_alive():
+            logging.getLogger("opsapi").warning("abandoning hung worker thread %s", thread.name)
+            logging.shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
+
+
 def _migrate(settings: Settings) -> int:
-    from opsapi.storage.db import create_engine
-    from opsapi.storage.migrate import upgrade
+    from opsapi.runtime import migrate
 
-    async def run() -> None:
-        engine = create_engine(settings.database_url)
-        try:
-            await upgrade(engine)
-        finally:
-            await engine.dispose()
-
-    asyncio.run(run())
+    asyncio.run(migrate(settings))
     print("database is up to date")
     return 0
 

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from opsapi.storage.db import DatabaseLimits
 
 
 class Settings(BaseSettings):
@@ -16,6 +19,14 @@ class Settings(BaseSettings):
 
     env: Literal["development", "test", "production"] = "development"
     database_url: str = "sqlite+aiosqlite:///./opsapi.db"
+    # PostgreSQL: the pool, and how long any database work may wait (seconds).
+    database_pool_size: int = Field(default=20, ge=1)
+    database_max_overflow: int = Field(default=10, ge=0)
+    database_pool_timeout_seconds: float = Field(default=10.0, gt=0)
+    database_connect_timeout_seconds: float = Field(default=5.0, gt=0)
+    database_statement_timeout_seconds: float = Field(default=15.0, gt=0)
+    database_lock_timeout_seconds: float = Field(default=10.0, gt=0)
+    database_idle_in_transaction_timeout_seconds: float = Field(default=60.0, gt=0)
     data_dir: Path = Path(".opsapi")
     migrate_on_start: bool = True
 
@@ -43,6 +54,8 @@ class Settings(BaseSettings):
     pagerduty_worker_enabled: bool = True
     pagerduty_poll_seconds: float = Field(default=1.0, gt=0)
     routers_file: Path | None = None
+    notifications_file: Path | None = None  # notification channels (docs/notifications.md)
+    public_url: str | None = None  # e.g. https://opsapi.example.com, for links in notifications
 
     # Optional client allowlist (comma-separated CIDRs), and the proxies whose X-Forwarded-For
     # is believed (comma-separated CIDRs); both empty by default.
@@ -50,6 +63,11 @@ class Settings(BaseSettings):
     trusted_proxies: str = ""
 
     max_body_bytes: int = 64 * 1024
+    # The HTTP server: request head size and read time, concurrent requests, shutdown grace.
+    max_header_bytes: int = Field(default=64 * 1024, ge=8192)
+    header_timeout_seconds: float = Field(default=10.0, ge=1, le=60)
+    max_concurrent_requests: int = Field(default=512, ge=1)
+    shutdown_timeout_seconds: float = Field(default=10.0, gt=0)
     idempotency_ttl_hours: int = 24
 
     @model_validator(mode="after")
@@ -86,3 +104,17 @@ class Settings(BaseSettings):
     @property
     def is_sqlite(self) -> bool:
         return self.database_url.startswith("sqlite")
+
+    def database_limits(self) -> DatabaseLimits:
+        """The pool size and every database wait bound these settings describe."""
+        from opsapi.storage.db import DatabaseLimits
+
+        return DatabaseLimits(
+            pool_size=self.database_pool_size,
+            max_overflow=self.database_max_overflow,
+            pool_timeout=self.database_pool_timeout_seconds,
+            connect_timeout=self.database_connect_timeout_seconds,
+            statement_timeout=self.database_statement_timeout_seconds,
+            lock_timeout=self.database_lock_timeout_seconds,
+            idle_in_transaction_timeout=self.database_idle_in_transaction_timeout_seconds,
+        )

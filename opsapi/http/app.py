@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from datetime import timedelta
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
@@ -17,57 +16,26 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 
 from opsapi.audit import views as audit_views
-from opsapi.audit.writer import AuditWriter
-from opsapi.auth.cache import CachedVerifier
-from opsapi.auth.tokens import JwksVerifier, LocalSigner, TokenVerifier
+from opsapi.auth.tokens import TokenVerifier
 from opsapi.canary import service as canary_service
 from opsapi.canary import views as canary_views
-from opsapi.canary.policy import default_policy
 from opsapi.clock import Clock, system_clock
 from opsapi.config import Settings
-from opsapi.controller.loop import Controller
 from opsapi.errors import Problem
 from opsapi.execute import views as execute_views
 from opsapi.gates import views as gate_views
-from opsapi.gates.prometheus import PrometheusProvider
-from opsapi.gates.provider import GateProvider, NoProvider
+from opsapi.gates.provider import GateProvider
 from opsapi.http.endpoint import problem_response
 from opsapi.http.openapi import openapi_document
 from opsapi.http.runtime import Runtime
-from opsapi.metrics import Metrics
 from opsapi.pagerduty import outbox as pagerduty_outbox
 from opsapi.pagerduty import webhook as pagerduty_webhook
-from opsapi.pagerduty.worker import DeliveryWorker
-from opsapi.routers.instances import load_routers
-from opsapi.routers.traffic import Traffic
-from opsapi.storage.db import create_engine, session_factory
-from opsapi.storage.migrate import upgrade
+from opsapi.runtime import build_provider, build_runtime, build_verifier
 
 log = logging.getLogger("opsapi")
+__all__ = ["build_provider", "build_verifier", "create_app"]
 API_PREFIX = "/internal/ops"
-
-
-def build_verifier(settings: Settings) -> TokenVerifier:
-    """A JWKS verifier when one is configured; otherwise the embedded local signer's."""
-    if settings.jwks_url:
-        assert settings.jwt_issuer
-        assert settings.jwt_audience
-        return JwksVerifier(
-            jwks_url=settings.jwks_url,
-            issuer=settings.jwt_issuer,
-            audience=settings.jwt_audience,
-            roles_claim=settings.roles_claim,
-        )
-    return LocalSigner.load_or_create(settings.signing_key_path).verifier()
-
-
-def build_provider(settings: Settings) -> GateProvider:
-    """Prometheus when configured; otherwise every gate query is no data."""
-    if settings.prometheus_url:
-        return PrometheusProvider(
-            settings.prometheus_url, timeout_seconds=settings.prometheus_timeout_seconds
-        )
-    return NoProvider()
+READY_TIMEOUT_SECONDS = 2.0
 
 
 def create_app(
@@ -82,59 +50,17 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        engine = create_engine(settings.database_url)
-        if settings.migrate_on_start:
-            await upgrade(engine)
-        sessions = session_factory(engine)
-        metrics = Metrics()
-        traffic = Traffic(engine, sessions, load_routers(settings.routers_file), clock, metrics)
-        runtime = Runtime(
-            settings=settings,
-            engine=engine,
-            sessions=sessions,
-            verifier=CachedVerifier(verifier or build_verifier(settings)),
-            clock=clock,
-            metrics=metrics,
-            audit_writer=AuditWriter(engine),
-            default_policy=default_policy(with_gates=bool(settings.prometheus_url)),
-            traffic=traffic,
-        )
-        runtime.audit_writer.start()
-        app.state.runtime = runtime
-        provider = gate_provider or build_provider(settings)
-        controller = Controller(
-            runtime.sessions,
-            clock,
-            runtime.metrics,
-            provider=provider,
-            traffic=traffic,
-            batch_size=settings.controller_batch_size,
-            poll_seconds=settings.controller_poll_seconds,
-            idempotency_ttl=timedelta(hours=settings.idempotency_ttl_hours),
-        )
-        app.state.controller = controller
-        # Delivers the PagerDuty outbox (alerts are enqueued with the changes causing them).
-        worker = DeliveryWorker.from_settings(settings, runtime.sessions, clock, runtime.metrics)
-        app.state.pagerduty_worker = worker
-        stop = asyncio.Event()
-        task = asyncio.create_task(controller.run(stop)) if settings.controller_enabled else None
-        delivery = (
-            asyncio.create_task(worker.run(stop)) if settings.pagerduty_worker_enabled else None
-        )
-        try:
-            yield
-        finally:
-            stop.set()
-            if task is not None:
-                await task
-            if delivery is not None:
-                await delivery
-            worker.close()
-            await pagerduty_webhook.drain()
-            await runtime.audit_writer.stop()
-            await engine.dispose()
-            if isinstance(provider, PrometheusProvider):
-                provider.close()
+        async with build_runtime(
+            settings, clock=clock, verifier=verifier, gate_provider=gate_provider
+        ) as runtime:
+            app.state.runtime = runtime
+            app.state.controller = runtime.controller
+            app.state.pagerduty_worker = runtime.delivery
+            try:
+                yield
+            finally:
+                # Router applies a PagerDuty rollback started still need the database.
+                await pagerduty_webhook.drain()
 
     api_routes = [
         *canary_views.routes,
@@ -163,14 +89,22 @@ async def healthz(request: Request) -> Response:
 
 
 async def readyz(request: Request) -> Response:
-    """Readiness: the database answers."""
+    """Readiness: the database answers within 2 s and database work is not failing."""
     runtime: Runtime = request.app.state.runtime
+    if runtime.database_health.failing():
+        return problem_response(_NotReady("requests are failing on the database"))
     try:
-        async with runtime.engine.connect() as connection:
-            await asyncio.wait_for(connection.execute(text("SELECT 1")), timeout=2)
+        # The whole probe is bounded, pool checkout and connect included: a database that
+        # stopped answering must not hold the probe (or its caller) longer than this.
+        await asyncio.wait_for(_probe(runtime), timeout=READY_TIMEOUT_SECONDS)
     except Exception:
         return problem_response(_NotReady("the database is not reachable"))
     return JSONResponse({"status": "ready"})
+
+
+async def _probe(runtime: Runtime) -> None:
+    async with runtime.engine.connect() as connection:
+        await connection.execute(text("SELECT 1"))
 
 
 async def metrics(request: Request) -> Response:

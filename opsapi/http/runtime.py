@@ -1,8 +1,9 @@
-"""What a running server holds: settings, database, token verifier, clock, metrics."""
+"""What a running process holds: settings, database, token verifier, clock, metrics, workers."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -13,11 +14,18 @@ from opsapi.clock import Clock
 from opsapi.config import Settings
 from opsapi.metrics import Metrics
 from opsapi.routers.traffic import Traffic
-from opsapi.storage.db import SessionFactory
+from opsapi.storage.db import DatabaseHealth, SessionFactory
+
+if TYPE_CHECKING:
+    from opsapi.controller.loop import Controller
+    from opsapi.gates.provider import GateProvider
+    from opsapi.pagerduty.worker import DeliveryWorker
 
 
 @dataclass
 class Runtime:
+    """Everything `opsapi.runtime.build_runtime` builds; one per process (or test app)."""
+
     settings: Settings
     engine: AsyncEngine
     sessions: SessionFactory
@@ -27,3 +35,8 @@ class Runtime:
     audit_writer: AuditWriter
     default_policy: Policy
     traffic: Traffic
+    provider: GateProvider
+    controller: Controller
+    delivery: DeliveryWorker
+    # Told the outcome of every statement; `/readyz` answers 503 while database work fails.
+    database_health: DatabaseHealth

@@ -2,26 +2,160 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import event
+from sqlalchemy.engine import ExceptionContext
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 SessionFactory = async_sessionmaker[AsyncSession]
 
+# SQLSTATEs that say the database could not do the work, as opposed to refusing it
+# (constraint violations, serialisation conflicts): lock_not_available, query_canceled
+# (statement_timeout), idle_in_transaction_session_timeout, too_many_connections,
+# cannot_connect_now, admin/crash shutdown, and the connection exception class.
+_UNAVAILABLE_STATES = ("55P03", "57014", "25P03", "53300", "57P03", "57P01", "57P02")
+_UNAVAILABLE_CLASSES = ("08", "53", "58")
 
-def create_engine(url: str, *, pool_size: int = 20) -> AsyncEngine:
-    """An async engine; on SQLite every transaction takes the write lock up front."""
+
+@dataclass(frozen=True)
+class DatabaseLimits:
+    """How long database work may wait; every bound is in seconds."""
+
+    pool_size: int = 20
+    max_overflow: int = 10
+    pool_timeout: float = 10.0
+    connect_timeout: float = 5.0
+    statement_timeout: float = 15.0
+    lock_timeout: float = 10.0
+    idle_in_transaction_timeout: float = 60.0
+
+    def connect_args(self) -> dict[str, Any]:
+        """asyncpg's connect arguments: client-side bounds and the server's own timeouts."""
+        return {
+            "timeout": self.connect_timeout,
+            # The server cancels first (a clean error, the connection stays usable); the
+            # client bound only fires when the server itself stopped answering.
+            "command_timeout": self.statement_timeout + 1,
+            "server_settings": {
+                "statement_timeout": _millis(self.statement_timeout),
+                "lock_timeout": _millis(self.lock_timeout),
+                "idle_in_transaction_session_timeout": _millis(self.idle_in_transaction_timeout),
+            },
+        }
+
+
+def _millis(seconds: float) -> str:
+    return str(max(1, round(seconds * 1000)))
+
+
+class DatabaseHealth:
+    """Recent outcomes of database work: readiness fails while it keeps failing.
+
+    Not ready once `threshold` operations failed on an unavailable database within `window`
+    seconds with no success since the last failure; a quiet window makes it ready again, so a
+    replica taken out of the load balancer is retried rather than kept out for good.
+    """
+
+    def __init__(
+        self,
+        *,
+        threshold: int = 3,
+        window: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.threshold = threshold
+        self.window = window
+        self._clock = clock
+        self._failures: list[float] = []
+
+    def failed(self) -> None:
+        """Record database work that failed because the database was unavailable."""
+        now = self._clock()
+        self._failures = [at for at in self._failures if now - at < self.window]
+        self._failures.append(now)
+
+    def succeeded(self) -> None:
+        """Record database work that completed."""
+        if self._failures:
+            self._failures = []
+
+    def failing(self) -> bool:
+        """Whether recent database work has been failing (see the class docstring)."""
+        now = self._clock()
+        recent = [at for at in self._failures if now - at < self.window]
+        return len(recent) >= self.threshold
+
+
+def is_unavailable(error: BaseException) -> bool:
+    """Whether `error` means the database could not do the work (timeout, lost, overloaded)."""
+    if isinstance(error, PoolTimeout | TimeoutError | ConnectionError | OSError):
+        return True
+    if isinstance(error, DBAPIError):
+        if error.connection_invalidated:
+            return True
+        original = error.orig
+        state = getattr(original, "sqlstate", None) or getattr(original, "pgcode", None)
+        if isinstance(state, str):
+            return state in _UNAVAILABLE_STATES or state[:2] in _UNAVAILABLE_CLASSES
+        cause = original.__cause__ if original is not None else None
+        return cause is not None and is_unavailable(cause)
+    return False
+
+
+def create_engine(
+    url: str,
+    *,
+    pool_size: int = 20,
+    limits: DatabaseLimits | None = None,
+    health: DatabaseHealth | None = None,
+) -> AsyncEngine:
+    """An async engine; on SQLite every transaction takes the write lock up front.
+
+    `limits` bounds every wait on PostgreSQL (without it nothing is bounded: migrations wait
+    for each other's lock); `health` is told the outcome of every statement.
+    """
     if url.startswith("sqlite"):
         engine = create_async_engine(url, connect_args={"timeout": 30})
         _serialize_sqlite(engine)
-        return engine
-    # Overflow connections are closed on return; a pool big enough for the usual concurrency
-    # avoids reconnecting under load (each connect is several round trips).
-    return create_async_engine(
-        url, pool_size=pool_size, max_overflow=pool_size // 2, pool_recycle=300
-    )
+    elif limits is None:
+        # Overflow connections are closed on return; a pool big enough for the usual
+        # concurrency avoids reconnecting under load (each connect is several round trips).
+        engine = create_async_engine(
+            url, pool_size=pool_size, max_overflow=pool_size // 2, pool_recycle=300
+        )
+    else:
+        # No pre-ping: it costs a round trip on every checkout. A connection found dead is
+        # invalidated with every older one in the pool, so a database restart fails only the
+        # requests in flight at that moment.
+        engine = create_async_engine(
+            url,
+            pool_size=limits.pool_size,
+            max_overflow=limits.max_overflow,
+            pool_timeout=limits.pool_timeout,
+            pool_recycle=300,
+            connect_args=limits.connect_args(),
+        )
+    if health is not None:
+        _track(engine, health)
+    return engine
+
+
+def _track(engine: AsyncEngine, health: DatabaseHealth) -> None:
+    @event.listens_for(engine.sync_engine, "handle_error")
+    def _failed(context: ExceptionContext) -> None:
+        if is_unavailable(context.original_exception) or context.is_disconnect:
+            health.failed()
+
+    @event.listens_for(engine.sync_engine, "after_cursor_execute")
+    def _succeeded(*_args: Any) -> None:
+        health.succeeded()
 
 
 def _serialize_sqlite(engine: AsyncEngine) -> None:

@@ -1,0 +1,165 @@
+"""The one builder of a process's runtime, shared by `opsapi serve` and `opsapi controller`.
+
+`build_runtime` opens the database (migrating it if the settings say so), builds the metrics,
+audit writer, routers, gate provider, controller and PagerDuty delivery worker, starts the
+background loops the settings enable, and on exit stops and closes all of it in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from datetime import timedelta
+
+from opsapi.audit.writer import AuditWriter
+from opsapi.auth.cache import CachedVerifier
+from opsapi.auth.identity import AuthError, Identity
+from opsapi.auth.tokens import JwksVerifier, LocalSigner, TokenVerifier
+from opsapi.canary.policy import default_policy
+from opsapi.clock import Clock
+from opsapi.config import Settings
+from opsapi.controller.loop import Controller
+from opsapi.gates.prometheus import PrometheusProvider
+from opsapi.gates.provider import GateProvider, NoProvider
+from opsapi.http.runtime import Runtime
+from opsapi.metrics import Metrics
+from opsapi.pagerduty.worker import DeliveryWorker
+from opsapi.routers.instances import load_routers
+from opsapi.routers.traffic import Traffic
+from opsapi.storage.db import DatabaseHealth, create_engine, session_factory
+from opsapi.storage.migrate import upgrade
+
+log = logging.getLogger("opsapi")
+
+
+def build_verifier(settings: Settings) -> TokenVerifier:
+    """A JWKS verifier when one is configured; otherwise the embedded local signer's."""
+    if settings.jwks_url:
+        assert settings.jwt_issuer
+        assert settings.jwt_audience
+        return JwksVerifier(
+            jwks_url=settings.jwks_url,
+            issuer=settings.jwt_issuer,
+            audience=settings.jwt_audience,
+            roles_claim=settings.roles_claim,
+        )
+    return LocalSigner.load_or_create(settings.signing_key_path).verifier()
+
+
+def build_provider(settings: Settings) -> GateProvider:
+    """Prometheus when configured; otherwise every gate query is no data."""
+    if settings.prometheus_url:
+        return PrometheusProvider(
+            settings.prometheus_url, timeout_seconds=settings.prometheus_timeout_seconds
+        )
+    return NoProvider()
+
+
+async def migrate(settings: Settings) -> None:
+    """Bring the database to the latest schema (what `opsapi migrate` does)."""
+    # No statement or lock timeout here: a replica waits for another's migration (advisory
+    # lock) and an index build may take long; connecting is still bounded.
+    engine = create_engine(settings.database_url)
+    try:
+        await upgrade(engine)
+    finally:
+        await engine.dispose()
+
+
+@contextlib.asynccontextmanager
+async def build_runtime(
+    settings: Settings,
+    *,
+    clock: Clock,
+    verifier: TokenVerifier | None = None,
+    gate_provider: GateProvider | None = None,
+    serve_api: bool = True,
+) -> AsyncIterator[Runtime]:
+    """Everything a process runs, started per `settings`; closed in order on exit.
+
+    The controller loop runs when `OPSAPI_CONTROLLER_ENABLED` (or when `serve_api` is false:
+    that process exists to run it), the delivery worker when `OPSAPI_PAGERDUTY_WORKER_ENABLED`.
+    A `gate_provider` passed in is the caller's to close; one built here is closed here.
+    """
+    if settings.migrate_on_start:
+        await migrate(settings)
+    health = DatabaseHealth()
+    engine = create_engine(settings.database_url, limits=settings.database_limits(), health=health)
+    own_provider = gate_provider is None
+    provider = gate_provider or build_provider(settings)
+    tasks: list[asyncio.Task[None]] = []
+    stop = asyncio.Event()
+    worker: DeliveryWorker | None = None
+    audit_writer: AuditWriter | None = None
+    try:
+        sessions = session_factory(engine)
+        metrics = Metrics()
+        traffic = Traffic(engine, sessions, load_routers(settings.routers_file), clock, metrics)
+        controller = Controller(
+            sessions,
+            clock,
+            metrics,
+            provider=provider,
+            traffic=traffic,
+            batch_size=settings.controller_batch_size,
+            poll_seconds=settings.controller_poll_seconds,
+            idempotency_ttl=timedelta(hours=settings.idempotency_ttl_hours),
+        )
+        # Delivers the PagerDuty outbox (alerts are enqueued with the changes causing them).
+        worker = DeliveryWorker.from_settings(settings, sessions, clock, metrics)
+        audit_writer = AuditWriter(engine)
+        runtime = Runtime(
+            settings=settings,
+            engine=engine,
+            sessions=sessions,
+            verifier=CachedVerifier(verifier or _verifier_for(settings, serve_api)),
+            clock=clock,
+            metrics=metrics,
+            audit_writer=audit_writer,
+            default_policy=default_policy(with_gates=bool(settings.prometheus_url)),
+            traffic=traffic,
+            provider=provider,
+            controller=controller,
+            delivery=worker,
+            database_health=health,
+        )
+        audit_writer.start()
+        if settings.controller_enabled or not serve_api:
+            tasks.append(asyncio.create_task(controller.run(stop), name="controller"))
+        if settings.pagerduty_worker_enabled:
+            tasks.append(asyncio.create_task(worker.run(stop), name="pagerduty-delivery"))
+        yield runtime
+    finally:
+        stop.set()
+        await _finish(tasks, settings.shutdown_timeout_seconds)
+        if worker is not None:
+            worker.close()
+        if audit_writer is not None:
+            await audit_writer.stop()
+        await engine.dispose()
+        if own_provider and isinstance(provider, PrometheusProvider):
+            provider.close()
+
+
+def _verifier_for(settings: Settings, serve_api: bool) -> TokenVerifier:
+    # A controller-only process verifies no tokens: it must not create a signing key.
+    return build_verifier(settings) if serve_api else _NoTokens()
+
+
+class _NoTokens:
+    async def verify(self, token: str) -> Identity:
+        raise AuthError("this process serves no API")
+
+
+async def _finish(tasks: list[asyncio.Task[None]], grace: float) -> None:
+    """Let the loops end their pass; past `grace` seconds, cancel them (their leases expire)."""
+    if not tasks:
+        return
+    _, pending = await asyncio.wait(tasks, timeout=grace)
+    for task in pending:
+        log.warning("%s did not stop within %.0f s; cancelled", task.get_name(), grace)
+        task.cancel()
+    if pending:
+        await asyncio.wait(pending, timeout=grace)
