@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import itertools
+import math
 import re
 from datetime import timedelta
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -20,12 +22,16 @@ from pydantic import (
 
 from opsapi.canary.machine import Step
 from opsapi.durations import format_duration, parse_duration
+from opsapi.gates.templates import check_template
 
 SERVICE_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 GATE_NAME = r"^[a-z0-9][a-z0-9_.-]{0,62}$"
 VERSION = r"^[A-Za-z0-9][A-Za-z0-9._+:@/-]{0,127}$"
 ROUTER_NAME = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 MIN_INTERVAL = timedelta(seconds=1)
+# Validation context of a policy put through the API. The query and number checks run only under
+# it, so that a stored policy or a rollout's snapshot written before they existed still loads.
+_INPUT = "opsapi.policy_input"
 
 
 def is_service_name(name: str) -> bool:
@@ -46,6 +52,30 @@ Duration = Annotated[
 ]
 
 
+def _is_input(info: ValidationInfo) -> bool:
+    return bool(info.context and info.context.get(_INPUT))
+
+
+def _checked_template(query: str, info: ValidationInfo) -> str:
+    if _is_input(info):
+        check_template(query)
+    return query
+
+
+def _checked_number(value: float, info: ValidationInfo) -> float:
+    if _is_input(info) and not math.isfinite(value):
+        raise ValueError("must be a finite number")
+    return value
+
+
+# A gate's PromQL template; put through the API it must use only the exact placeholders and parse.
+QueryTemplate = Annotated[
+    str, Field(min_length=1, max_length=4000), AfterValidator(_checked_template)
+]
+# JSON allows 1e999 (infinity) and Python's reader NaN; put through the API neither is a number.
+FiniteNumber = Annotated[float, AfterValidator(_checked_number)]
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -57,19 +87,19 @@ class StepPolicy(_Strict):
 
 class GatePolicy(_Strict):
     name: str = Field(pattern=GATE_NAME)
-    query: str = Field(min_length=1, max_length=4000)
+    query: QueryTemplate
     op: Literal["<", "<=", ">", ">="]
-    threshold: float
+    threshold: FiniteNumber
     for_: Duration = Field(default=timedelta(0), alias="for")
     on_no_data: Literal["hold", "fail", "pass"] = "hold"
-    baseline_query: str | None = Field(default=None, min_length=1, max_length=4000)
+    baseline_query: QueryTemplate | None = None
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
 class MinSample(_Strict):
-    query: str = Field(min_length=1, max_length=4000)
-    min: float = Field(ge=0)
+    query: QueryTemplate
+    min: FiniteNumber = Field(ge=0)
 
 
 class RouterPolicy(BaseModel):
@@ -175,39 +205,49 @@ class Policy(_Strict):
 # The release checklist's rollback triggers as gates over the metric conventions in
 # docs/metrics.md. Request-based gates hold on no data (a canary without traffic proves
 # nothing); webhook and database gates pass on no data, since many services have neither.
-_REQUESTS = 'http_requests_total{{service="{{service}}",version="{{canary_version}}"{extra}}}'
-_RATE = "sum(rate(" + _REQUESTS + "[5m]))"
+_CANARY = 'service="{service}",version="{canary_version}"'
+
+
+def _share(metric: str, part: str, window: str) -> str:
+    """The canary's `part` of `metric` as a ratio of all of it, over `window`.
+
+    A labelled series exists only once it has been incremented: a canary that never failed has
+    no error series, one that always failed has no success series. `or vector(0)` reads the
+    missing part as 0 while the denominator has traffic; without traffic the division stays
+    empty (no data). Both sides carry no labels after `sum()`, so they match.
+    """
+    whole = f"sum(rate({metric}{{{_CANARY}}}[{window}]))"
+    part_rate = f"sum(rate({metric}{{{_CANARY},{part}}}[{window}]))"
+    return f"({part_rate} or vector(0)) / {whole}"
+
+
 CHECKLIST_GATES = (
     GatePolicy.model_validate({
         "name": "p95-latency",
-        "query": 'histogram_quantile(0.95, sum by (le) (rate(http_request_duration_seconds_bucket'
-                 '{service="{service}",version="{canary_version}"}[5m])))',
+        "query": "histogram_quantile(0.95, sum by (le) (rate(http_request_duration_seconds_bucket"
+                 f"{{{_CANARY}}}[5m])))",
         "op": "<", "threshold": 10, "for": "5m", "on_no_data": "hold",
     }),
     GatePolicy.model_validate({
         "name": "error-rate",
-        "query": _RATE.format(extra=',code=~"5.."') + " / " + _RATE.format(extra=""),
+        "query": _share("http_requests_total", 'code=~"5.."', "5m"),
         "op": "<", "threshold": 0.01, "for": "5m", "on_no_data": "hold",
     }),
     GatePolicy.model_validate({
+        # A canary serving only errors has no 2xx/3xx series: 0, which fails (not no data).
         "name": "success-rate",
-        "query": _RATE.format(extra=',code=~"[23].."') + " / " + _RATE.format(extra=""),
+        "query": _share("http_requests_total", 'code=~"[23].."', "5m"),
         "op": ">=", "threshold": 0.95, "for": "5m", "on_no_data": "hold",
     }),
     GatePolicy.model_validate({
+        # Every verification failing leaves no "ok" series: 0, which fails (not a no-data pass).
         "name": "webhook-signature-verification",
-        "query": 'sum(rate(webhook_signature_verifications_total{service="{service}",'
-                 'version="{canary_version}",result="ok"}[5m])) / sum(rate('
-                 'webhook_signature_verifications_total{service="{service}",'
-                 'version="{canary_version}"}[5m]))',
+        "query": _share("webhook_signature_verifications_total", 'result="ok"', "5m"),
         "op": ">=", "threshold": 0.999, "for": "5m", "on_no_data": "pass",
     }),
     GatePolicy.model_validate({
         "name": "db-connection-failures",
-        "query": 'sum(rate(db_connection_attempts_total{service="{service}",'
-                 'version="{canary_version}",result="error"}[2m])) / sum(rate('
-                 'db_connection_attempts_total{service="{service}",version="{canary_version}"}'
-                 "[2m]))",
+        "query": _share("db_connection_attempts_total", 'result="error"', "2m"),
         "op": "<", "threshold": 0.05, "for": "2m", "on_no_data": "pass",
     }),
 )  # fmt: skip
@@ -217,3 +257,26 @@ def default_policy(*, with_gates: bool) -> Policy:
     """The policy of a service never configured: the checklist's steps, and its gates when
     a metrics backend is configured (without one, gates could only ever hold)."""
     return Policy(gates=list(CHECKLIST_GATES)) if with_gates else Policy()
+
+
+def effective_policy(document: dict[str, Any], default: Policy) -> Policy:
+    """The policy a PUT body means: each omitted field is `default`'s (`"gates": []` is none),
+    `bake` alone replaces the last wait of `default`'s steps, and the input checks apply
+    (placeholders, PromQL, finite numbers). Raises pydantic's ValidationError."""
+    context = {_INPUT: True}
+    if not isinstance(document, dict):
+        return Policy.model_validate(document, context=context)  # refused: not an object
+    base = default.model_dump(by_alias=True, exclude={"bake"})
+    merged = {**base, **document}
+    if "steps" not in document and document.get("bake") is not None:
+        bake = _duration_or_none(document["bake"])
+        if bake is not None:  # an invalid bake is reported on `bake`, not on the steps
+            merged["steps"] = [*base["steps"][:-1], {**base["steps"][-1], "wait": bake}]
+    return Policy.model_validate(merged, context=context)
+
+
+def _duration_or_none(value: Any) -> timedelta | None:
+    try:
+        return _to_duration(value)
+    except (TypeError, ValueError):
+        return None

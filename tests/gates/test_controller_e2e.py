@@ -25,7 +25,8 @@ def error_rate_gate(**overrides: Any) -> dict[str, Any]:
     requests = 'http_requests_total{service="{service}",version="{canary_version}"%s}'
     errors = requests % ',code=~"5.."'
     total = requests % ""
-    query = f"sum(rate({errors}[{WINDOW}])) / sum(rate({total}[{WINDOW}]))"
+    # A healthy canary has no 5xx series at all: its error share is 0, not missing.
+    query = f"(sum(rate({errors}[{WINDOW}])) or vector(0)) / sum(rate({total}[{WINDOW}]))"
     gate = {"name": "error-rate", "query": query, "op": "<", "threshold": 0.05, "for": "2s"}
     return {**gate, **overrides}
 
@@ -149,15 +150,17 @@ async def test_errors_at_25_roll_back_within_for_plus_two_intervals(
 async def test_a_blip_shorter_than_for_blocks_readiness_but_does_not_roll_back(
     live: Harness, metrics_app: MetricsApp
 ) -> None:
-    # given a rollout whose error gate must fail 8 s before it breaches
+    # given a rollout whose error gate must fail 10 s before it breaches
     metrics_app.set("blip", "v2", rps=30)
-    body = policy(wait="1s", auto_promote=False, gates=[error_rate_gate(**{"for": "8s"})])
+    body = policy(wait="1s", auto_promote=False, gates=[error_rate_gate(**{"for": "10s"})])
     await start(live, "blip", body)
     await eventually(lambda: in_state(live, "blip", "awaiting_promotion"), timeout=20)
 
-    # when errors appear for 1 s
+    # when errors appear for 2.5 s (a first error creates the 5xx series, and rate() sees only
+    # increases between two scrapes of it: the blip spans at least two 1 s scrapes; the gate then
+    # fails for about the blip plus the 3 s window, well short of 10 s)
     metrics_app.set("blip", "v2", rps=30, error_ratio=0.6)
-    await asyncio.sleep(1)
+    await asyncio.sleep(2.5)
     metrics_app.set("blip", "v2", rps=30, error_ratio=0.0)
 
     # then readiness is lost while the gate fails, and a promote is refused naming the gate

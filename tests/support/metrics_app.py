@@ -13,9 +13,13 @@ Per simulated request the app records one `http_requests_total` increment, one
 `http_request_duration_seconds` observation, one `webhook_signature_verifications_total` and one
 `db_connection_attempts_total` increment.
 
-Series lifecycle, as Prometheus sees it:
-- `set()` creates every series of that (service, version) at 0 at once (both codes, both results),
-  so `rate()` counts from the first scrape and a late first error is not lost;
+Series lifecycle, as Prometheus sees it (the same as a real app instrumented with
+`prometheus_client` that calls `.labels(...)` when it records something):
+- a series appears when it is first incremented: a healthy (service, version) has a `code="200"`
+  series and **no** `code="500"` series, an app whose webhooks all verify has no `result="fail"`
+  series. Gates must read a missing error series as 0 (`… or vector(0)`, see docs/metrics.md).
+  The first increment of a new series is not seen by `rate()` (Prometheus has no earlier sample
+  to compare it with), exactly as with a real app's first error;
 - `stop_traffic()` keeps the series but stops increments: rates go to 0 and a ratio of rates is
   `0/0 = NaN` (a result with value "NaN", not an empty result);
 - `remove()` deletes the series: Prometheus marks them stale on the next scrape and queries return
@@ -24,6 +28,7 @@ Series lifecycle, as Prometheus sees it:
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from dataclasses import dataclass
@@ -140,9 +145,7 @@ class MetricsApp:
         )
         key = (service, version)
         with self._lock:
-            if key not in self._carries:
-                self._init_series(service, version)
-                self._carries[key] = _Carry()
+            self._carries.setdefault(key, _Carry())
             self._profiles[key] = profile
 
     def stop_traffic(self, service: str, version: str) -> None:
@@ -156,13 +159,17 @@ class MetricsApp:
             self._profiles.pop((service, version), None)
             if self._carries.pop((service, version), None) is None:
                 return
-            for code in ("200", "500"):
-                self.requests.remove(service, version, code)
-            self.latency.remove(service, version)
-            for result in ("ok", "fail"):
-                self.webhook.remove(service, version, result)
-            for result in ("ok", "error"):
-                self.db.remove(service, version, result)
+            # Only the series that were ever recorded exist; older clients raise on the others.
+            for metric, labels in (
+                (self.requests, ("200", "500")),
+                (self.webhook, ("ok", "fail")),
+                (self.db, ("ok", "error")),
+            ):
+                for label in labels:
+                    with contextlib.suppress(KeyError):
+                        metric.remove(service, version, label)
+            with contextlib.suppress(KeyError):
+                self.latency.remove(service, version)
 
     def profile(self, service: str, version: str) -> Profile | None:
         with self._lock:
@@ -194,15 +201,6 @@ class MetricsApp:
 
     # -- internals ---------------------------------------------------------------------------
 
-    def _init_series(self, service: str, version: str) -> None:
-        for code in ("200", "500"):
-            self.requests.labels(service, version, code)
-        self.latency.labels(service, version)
-        for result in ("ok", "fail"):
-            self.webhook.labels(service, version, result)
-        for result in ("ok", "error"):
-            self.db.labels(service, version, result)
-
     def _run(self) -> None:
         last = time.monotonic()
         while not self._stop.wait(self.tick):
@@ -232,18 +230,20 @@ class MetricsApp:
         db_fails = min(count, int(carry.db_fails))
         carry.db_fails -= db_fails
 
-        self.requests.labels(service, version, "200").inc(count - errors)
-        if errors:
-            self.requests.labels(service, version, "500").inc(errors)
+        # `.labels()` creates a series at 0: call it only for what happened, like a real app.
+        for metric, label, amount in (
+            (self.requests, "200", count - errors),
+            (self.requests, "500", errors),
+            (self.webhook, "ok", count - webhook_fails),
+            (self.webhook, "fail", webhook_fails),
+            (self.db, "ok", count - db_fails),
+            (self.db, "error", db_fails),
+        ):
+            if amount:
+                metric.labels(service, version, label).inc(amount)
         histogram = self.latency.labels(service, version)
         for _ in range(count):
             histogram.observe(profile.latency_seconds)
-        self.webhook.labels(service, version, "ok").inc(count - webhook_fails)
-        if webhook_fails:
-            self.webhook.labels(service, version, "fail").inc(webhook_fails)
-        self.db.labels(service, version, "ok").inc(count - db_fails)
-        if db_fails:
-            self.db.labels(service, version, "error").inc(db_fails)
 
 
 def start_metrics_app(*, tick: float = 0.05) -> MetricsApp:
