@@ -1,4 +1,5 @@
-"""Tables of the PagerDuty integration: the outbox and the webhook events already processed."""
+"""Tables of the outbox (PagerDuty alerts and notifications) and of the PagerDuty webhook events
+already processed."""
 
 from __future__ import annotations
 
@@ -21,10 +22,17 @@ class OutboxState(enum.StrEnum):
 class OutboxKind(enum.StrEnum):
     TRIGGER = "pagerduty.trigger"
     RESOLVE = "pagerduty.resolve"
+    # A rollout event told to a notification channel (opsapi.notifications).
+    NOTIFICATION = "notification"
 
 
 class OutboxMessage(SQLModel, table=True):
-    """One notification to deliver, written in the same transaction as its cause."""
+    """One alert or notification to deliver, written in the same transaction as its cause.
+
+    PagerDuty rows carry a dedup and a routing key; notification rows carry the channel's name
+    (its URL stays in the channels file), an empty routing key, and the transition's cause as
+    dedup key.
+    """
 
     __tablename__ = "outbox"
     __table_args__ = (
@@ -46,9 +54,10 @@ class OutboxMessage(SQLModel, table=True):
         default=None, sa_type=sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True
     )
     kind: str = Field(max_length=32)
-    cause: str = Field(max_length=128)
+    cause: str = Field(max_length=255)
     service: str = Field(max_length=63)
     rollout_id: int | None = None
+    channel: str | None = Field(default=None, max_length=63)
     dedup_key: str = Field(max_length=255)
     # A secret: never copied into audit details, API answers or logs.
     routing_key: str = Field(max_length=64)
