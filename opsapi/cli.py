@@ -7,12 +7,19 @@ import asyncio
 import logging
 import sys
 
+from pydantic import ValidationError
+
 from opsapi.auth.identity import Role
 from opsapi.config import Settings
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `opsapi` console script."""
+    """Entry point of the `opsapi` console script.
+
+    Exit codes: 0 done, 1 the command failed (database unreachable, …), 2 bad arguments or
+    settings. Failures are one line on stderr that names what to fix, never a traceback and
+    never a secret.
+    """
     parser = argparse.ArgumentParser(prog="opsapi", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run the API server (and its controller)")
@@ -23,21 +30,113 @@ def main(argv: list[str] | None = None) -> int:
     token = commands.add_parser("token", help="print a locally signed bearer token")
     token.add_argument("--role", required=True, choices=[role.value for role in Role])
     token.add_argument("--subject", required=True)
-    token.add_argument("--ttl", default="8h", help="lifetime, e.g. 30m or 8h")
+    token.add_argument("--ttl", default="8h", help="lifetime, e.g. 30m or 8h (at most 30d)")
     args = parser.parse_args(argv)
 
     try:
         settings = Settings()
-    except ValueError as error:
-        print(f"opsapi: invalid settings: {error}", file=sys.stderr)
+    except ValidationError as error:
+        print(f"opsapi: invalid settings: {settings_problems(error)}", file=sys.stderr)
         return 2
-    if args.command == "serve":
-        return _serve(settings, args.host, args.port)
-    if args.command == "migrate":
-        return _migrate(settings)
-    if args.command == "controller":
-        return _controller(settings)
-    return _token(settings, args.role, args.subject, args.ttl)
+    try:
+        if args.command == "serve":
+            return _serve(settings, args.host, args.port)
+        if args.command == "migrate":
+            return _migrate(settings)
+        if args.command == "controller":
+            return _controller(settings)
+        return _token(settings, args.role, args.subject, args.ttl)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as error:
+        print(f"opsapi {args.command}: {describe_failure(error, settings)}", file=sys.stderr)
+        return 1
+
+
+def settings_problems(error: ValidationError) -> str:
+    """Which settings are wrong and why, on one line; the values themselves are never shown."""
+    problems = []
+    for item in error.errors(include_url=False, include_input=False, include_context=False):
+        message = str(item["msg"]).removeprefix("Value error, ")
+        fields = [str(part) for part in item["loc"] if isinstance(part, str)]
+        name = f"OPSAPI_{fields[0].upper()}: " if fields else ""
+        problems.append(f"{name}{message}")
+    return "; ".join(problems)
+
+
+def describe_failure(error: BaseException, settings: Settings) -> str:
+    """One line on what failed and what to do about it, with every secret masked."""
+    database = _database_failure(error, settings)
+    if database is not None:
+        return database
+    return _masked(f"{type(error).__name__}: {error}", settings)
+
+
+def _database_failure(error: BaseException, settings: Settings) -> str | None:
+    from sqlalchemy.engine import make_url
+
+    chain = _causes(error)
+    names = {type(item).__name__ for item in chain}
+    try:
+        url = make_url(settings.database_url)
+        where = f"{url.host or 'localhost'}:{url.port or 5432}/{url.database or ''}"
+    except Exception:
+        where = "OPSAPI_DATABASE_URL"
+    if settings.is_sqlite:
+        where = settings.database_url.split("///", 1)[-1]
+    if names & {"InvalidPasswordError", "InvalidAuthorizationSpecificationError"}:
+        return f"the database at {where} refused the user or password; check OPSAPI_DATABASE_URL"
+    if "InvalidCatalogNameError" in names:
+        return f"the database at {where} does not exist; create it or fix OPSAPI_DATABASE_URL"
+    if any(isinstance(item, TimeoutError) for item in chain):
+        return (
+            f"the database at {where} did not answer within "
+            f"{settings.database_connect_timeout_seconds:g} s; check OPSAPI_DATABASE_URL and "
+            "that the database is up"
+        )
+    if any(isinstance(item, OSError) for item in chain) or "OperationalError" in names:
+        return (
+            f"cannot reach the database at {where} ({_network_reason(chain)}); check "
+            "OPSAPI_DATABASE_URL and that the database is up"
+        )
+    return None
+
+
+def _network_reason(chain: list[BaseException]) -> str:
+    import socket
+
+    for item in chain:
+        if isinstance(item, ConnectionRefusedError):
+            return "connection refused"
+        if isinstance(item, socket.gaierror):
+            return "unknown host"
+        if isinstance(item, OSError) and item.strerror:
+            return item.strerror.lower()
+    return "cannot connect"
+
+
+def _causes(error: BaseException) -> list[BaseException]:
+    chain: list[BaseException] = []
+    current: BaseException | None = error
+    while current is not None and current not in chain:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    return chain
+
+
+def _masked(text: str, settings: Settings) -> str:
+    from sqlalchemy.engine import make_url
+
+    secrets = list(settings.webhook_secrets)
+    try:
+        password = make_url(settings.database_url).password
+    except Exception:
+        password = None
+    if password:
+        secrets.append(str(password))
+    for secret in secrets:
+        text = text.replace(secret, "***")
+    return text.splitlines()[0][:300] if text else ""
 
 
 def _serve(settings: Settings, host: str, port: int) -> int:
@@ -46,9 +145,31 @@ def _serve(settings: Settings, host: str, port: int) -> int:
     from opsapi.http.app import create_app
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    # Reach (and migrate) the database before serving: a wrong URL or a database that is
+    # down is one clear line here, not a failed server start.
+    asyncio.run(_prepare(settings))
+    settings = settings.model_copy(update={"migrate_on_start": False})
     # Forwarded headers are handled by opsapi itself (OPSAPI_TRUSTED_PROXIES), not by uvicorn.
     uvicorn.run(create_app(settings), host=host, port=port, access_log=False, proxy_headers=False)
     return 0
+
+
+async def _prepare(settings: Settings) -> None:
+    """Migrate per the settings, or at least check that the database answers."""
+    from sqlalchemy import text
+
+    from opsapi.runtime import migrate
+    from opsapi.storage.db import create_engine
+
+    if settings.migrate_on_start:
+        await migrate(settings)
+        return
+    engine = create_engine(settings.database_url, limits=settings.database_limits())
+    try:
+        async with engine.connect() as connection:
+            await connection.execute(text("SELECT 1"))
+    finally:
+        await engine.dispose()
 
 
 def _controller(settings: Settings) -> int:
@@ -114,8 +235,12 @@ def _token(settings: Settings, role: str, subject: str, ttl: str) -> int:
         print("opsapi: tokens come from your identity provider (OPSAPI_JWKS_URL is set)",
               file=sys.stderr)  # fmt: skip
         return 2
+    try:
+        seconds = int(parse_duration(ttl).total_seconds())
+    except ValueError as error:
+        print(f"opsapi token: --ttl: {error}", file=sys.stderr)
+        return 2
     signer = LocalSigner.load_or_create(settings.signing_key_path)
-    seconds = int(parse_duration(ttl).total_seconds())
     print(signer.mint(subject=subject, roles=[Role(role)], ttl_seconds=seconds))
     return 0
 

@@ -86,6 +86,11 @@ class Settings(BaseSettings):
             raise ValueError(f"OPSAPI_ALLOWED_CIDRS / OPSAPI_TRUSTED_PROXIES: {error}") from None
         if self.jwks_url and not (self.jwt_issuer and self.jwt_audience):
             raise ValueError("OPSAPI_JWKS_URL needs OPSAPI_JWT_ISSUER and OPSAPI_JWT_AUDIENCE")
+        if not self.database_url.startswith(("postgresql+asyncpg://", "sqlite+aiosqlite://")):
+            raise ValueError(
+                "OPSAPI_DATABASE_URL must start with postgresql+asyncpg:// (PostgreSQL) or "
+                "sqlite+aiosqlite:// (embedded SQLite); other drivers are not installed"
+            )
         if not self.pagerduty_events_url.startswith("https://"):
             raise ValueError("OPSAPI_PAGERDUTY_EVENTS_URL must be an https:// URL")
         return self

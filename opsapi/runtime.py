@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections.abc import AsyncIterator
 from datetime import timedelta
@@ -61,7 +62,15 @@ async def migrate(settings: Settings) -> None:
     """Bring the database to the latest schema (what `opsapi migrate` does)."""
     # No statement or lock timeout here: a replica waits for another's migration (advisory
     # lock) and an index build may take long; connecting is still bounded.
-    engine = create_engine(settings.database_url)
+    unbounded = dataclasses.replace(
+        settings.database_limits(),
+        statement_timeout=0,
+        lock_timeout=0,
+        idle_in_transaction_timeout=0,
+        pool_size=1,
+        max_overflow=0,
+    )
+    engine = create_engine(settings.database_url, limits=unbounded)
     try:
         await upgrade(engine)
     finally:

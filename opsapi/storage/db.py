@@ -26,7 +26,7 @@ _UNAVAILABLE_CLASSES = ("08", "53", "58")
 
 @dataclass(frozen=True)
 class DatabaseLimits:
-    """How long database work may wait; every bound is in seconds."""
+    """How long database work may wait; every bound is in seconds (0: unbounded)."""
 
     pool_size: int = 20
     max_overflow: int = 10
@@ -42,7 +42,7 @@ class DatabaseLimits:
             "timeout": self.connect_timeout,
             # The server cancels first (a clean error, the connection stays usable); the
             # client bound only fires when the server itself stopped answering.
-            "command_timeout": self.statement_timeout + 1,
+            "command_timeout": self.statement_timeout + 1 if self.statement_timeout else None,
             "server_settings": {
                 "statement_timeout": _millis(self.statement_timeout),
                 "lock_timeout": _millis(self.lock_timeout),
@@ -52,7 +52,7 @@ class DatabaseLimits:
 
 
 def _millis(seconds: float) -> str:
-    return str(max(1, round(seconds * 1000)))
+    return str(max(1, round(seconds * 1000))) if seconds > 0 else "0"
 
 
 class DatabaseHealth:
