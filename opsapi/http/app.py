@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from sqlalchemy import text
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -31,6 +29,7 @@ from opsapi.http.runtime import Runtime
 from opsapi.pagerduty import outbox as pagerduty_outbox
 from opsapi.pagerduty import webhook as pagerduty_webhook
 from opsapi.runtime import build_provider, build_runtime, build_verifier
+from opsapi.storage.db import answers
 
 log = logging.getLogger("opsapi")
 __all__ = ["build_provider", "build_verifier", "create_app"]
@@ -59,7 +58,7 @@ def create_app(
             try:
                 yield
             finally:
-                # Router applies a PagerDuty rollback started still need the database.
+                # Router applies that outlived their answer's budget still need the database.
                 await pagerduty_webhook.drain()
 
     api_routes = [
@@ -93,18 +92,11 @@ async def readyz(request: Request) -> Response:
     runtime: Runtime = request.app.state.runtime
     if runtime.database_health.failing():
         return problem_response(_NotReady("requests are failing on the database"))
-    try:
-        # The whole probe is bounded, pool checkout and connect included: a database that
-        # stopped answering must not hold the probe (or its caller) longer than this.
-        await asyncio.wait_for(_probe(runtime), timeout=READY_TIMEOUT_SECONDS)
-    except Exception:
+    # Bounded end to end, pool checkout and connect included.
+    if not await answers(runtime.engine, within=READY_TIMEOUT_SECONDS):
+        runtime.database_health.failed()
         return problem_response(_NotReady("the database is not reachable"))
     return JSONResponse({"status": "ready"})
-
-
-async def _probe(runtime: Runtime) -> None:
-    async with runtime.engine.connect() as connection:
-        await connection.execute(text("SELECT 1"))
 
 
 async def metrics(request: Request) -> Response:

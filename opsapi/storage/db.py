@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import event
+from sqlalchemy import event, text
 from sqlalchemy.engine import ExceptionContext
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
@@ -91,6 +92,37 @@ class DatabaseHealth:
         now = self._clock()
         recent = [at for at in self._failures if now - at < self.window]
         return len(recent) >= self.threshold
+
+
+_probes: set[asyncio.Task[None]] = set()
+
+
+async def answers(engine: AsyncEngine, *, within: float) -> bool:
+    """Whether the database answers `SELECT 1` within `within` seconds, checkout included.
+
+    Bounded end to end: a probe still waiting then is abandoned (it ends at its own connect or
+    statement bound), because cancelling it would wait for its connection's cleanup, which a
+    database that stopped answering never finishes.
+    """
+    probe = asyncio.create_task(_select_one(engine))
+    done, _ = await asyncio.wait({probe}, timeout=within)
+    if probe in done:
+        return probe.exception() is None
+    _probes.add(probe)
+    probe.add_done_callback(_forget)
+    probe.cancel()
+    return False
+
+
+async def _select_one(engine: AsyncEngine) -> None:
+    async with engine.connect() as connection:
+        await connection.execute(text("SELECT 1"))
+
+
+def _forget(probe: asyncio.Task[None]) -> None:
+    _probes.discard(probe)
+    if not probe.cancelled():
+        probe.exception()
 
 
 def is_unavailable(error: BaseException) -> bool:
