@@ -85,3 +85,9 @@ class Metrics:
             "PagerDuty alerts waiting in the outbox for delivery",
             registry=self.registry,
         )
+        self.notifications = Counter(
+            "opsapi_notifications",
+            "Notification delivery attempts by channel and outcome (delivered, retry, failed)",
+            ["channel", "outcome"],
+            registry=self.registry,
+        )
