@@ -27,6 +27,7 @@ from opsapi.notifications import plugins
 from opsapi.notifications.channels import (
     DEFAULT_TIMEOUT,
     ChannelConfig,
+    EmailChannel,
     WebhookChannel,
     redact,
     secret_fragments,
@@ -114,6 +115,9 @@ def _through_apprise(config: ChannelConfig, rendered: Rendered) -> None:
     plugin.retry = 0
     plugin.socket_connect_timeout = config.timeout
     plugin.socket_read_timeout = config.timeout
+    if isinstance(config, EmailChannel):
+        # A plain-text mail keeps the body's lines (apprise's HTML conversion joins them).
+        plugin.notify_format = NotifyFormat.TEXT
     with plugins.captured() as warnings:
         try:
             delivered = plugin.notify(

@@ -34,7 +34,7 @@ from opsapi.pagerduty.models import OutboxMessage
 from opsapi.pagerduty.worker import DeliveryWorker
 from opsapi.storage.db import SessionFactory, create_engine, session_factory
 from tests.support.clock import ManualClock
-from tests.support.notify_receiver import NotifyReceiver, closed_port
+from tests.support.notify_receiver import NotifyReceiver, SmtpReceiver, closed_port
 
 PUBLIC_URL = "https://ops.example.com"
 HOOK_SECRET = "hook-secret-0123456789abcdef"
@@ -67,6 +67,12 @@ def receiver() -> Iterator[NotifyReceiver]:
 @pytest.fixture(scope="module")
 def tls_receiver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NotifyReceiver]:
     with NotifyReceiver(tls_dir=tmp_path_factory.mktemp("teams")) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def smtp() -> Iterator[SmtpReceiver]:
+    with SmtpReceiver() as running:
         yield running
 
 
@@ -123,9 +129,13 @@ class Outbox:
         return 0.0
 
 
-def channels(receiver: NotifyReceiver, tls_receiver: NotifyReceiver) -> dict[str, Any]:
+def channels(
+    receiver: NotifyReceiver, tls_receiver: NotifyReceiver, smtp: SmtpReceiver
+) -> dict[str, Any]:
     down = closed_port()
     return {
+        "mail": {"type": "email", "url": f"mailto://127.0.0.1:{smtp.port}"
+                 "?from=opsapi@example.com&to=release@example.com"},
         "chat": {"type": "apprise", "url": f"json://127.0.0.1:{receiver.port}/chat"},
         "hook": {"type": "webhook", "url": f"{receiver.url}/hook?team=ops",
                  "secret": HOOK_SECRET},
@@ -151,12 +161,16 @@ async def database(url: str) -> AsyncIterator[SessionFactory]:
 
 @pytest.fixture
 async def box(
-    pg_url: str, tmp_path: Path, receiver: NotifyReceiver, tls_receiver: NotifyReceiver
+    pg_url: str,
+    tmp_path: Path,
+    receiver: NotifyReceiver,
+    tls_receiver: NotifyReceiver,
+    smtp: SmtpReceiver,
 ) -> AsyncIterator[Outbox]:
     receiver.reset()
     tls_receiver.reset()
     channels_file = tmp_path / "channels.json"
-    channels_file.write_text(json.dumps(channels(receiver, tls_receiver)))
+    channels_file.write_text(json.dumps(channels(receiver, tls_receiver, smtp)))
     async with database(pg_url) as sessions:
         yield Outbox(pg_url, sessions, ManualClock(), Metrics(), channels_file)
 
@@ -279,6 +293,28 @@ async def test_teams_through_apprise_over_https(
     [row] = await box.rows()
     assert (row.state, row.attempts) == ("delivered", 1)
     assert TEAMS_SIG not in json.dumps(await box.deliveries())
+
+
+async def test_email_through_apprise_to_an_smtp_server(box: Outbox, smtp: SmtpReceiver) -> None:
+    paused = replace(MESSAGE, event="paused", state="paused", weight=25, reason="holiday freeze")
+    before = len(smtp.messages)
+
+    assert await box.enqueue([rule("mail", "paused")], paused) == ["mail"]
+    worker = box.worker()
+    assert await worker.run_once() == 1
+    worker.close()
+
+    [mail] = smtp.messages[before:]
+    text = mail.decode()
+    assert "Subject: checkout: canary v2 paused at 25%" in text
+    assert "To: release@example.com" in text
+    for line in (
+        "Canary: v2 in slot green, at 25% of traffic",
+        "By: alice (user)",
+        "Reason: holiday freeze",
+        f"Rollout #42: {PUBLIC_URL}/internal/ops/canary/checkout",
+    ):
+        assert line in text.splitlines()  # fmt: skip
 
 
 # --- failures -----------------------------------------------------------------------------------

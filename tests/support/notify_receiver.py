@@ -156,3 +156,78 @@ def closed_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
+
+
+class SmtpReceiver:
+    """A minimal plain SMTP server on loopback keeping each message it accepts (no TLS, no
+    AUTH): enough for apprise's `mailto://127.0.0.1:PORT?from=…&to=…`."""
+
+    def __init__(self) -> None:
+        import socketserver
+
+        self._lock = threading.Lock()
+        self._messages: list[bytes] = []
+        receiver = self
+
+        class Session(socketserver.StreamRequestHandler):
+            def handle(self) -> None:
+                self._say(b"220 localhost test SMTP")
+                data: list[bytes] | None = None
+                for line in self.rfile:
+                    if data is not None:
+                        if line in (b".\r\n", b".\n"):
+                            receiver._keep(b"".join(data))
+                            data = None
+                            self._say(b"250 OK: queued")
+                        else:
+                            data.append(line[1:] if line.startswith(b"..") else line)
+                        continue
+                    verb = line[:4].upper()
+                    if verb == b"EHLO":
+                        self._say(b"250-localhost\r\n250 8BITMIME")
+                    elif verb == b"DATA":
+                        data = []
+                        self._say(b"354 end with <CRLF>.<CRLF>")
+                    elif verb == b"QUIT":
+                        self._say(b"221 bye")
+                        return
+                    else:  # HELO, MAIL, RCPT, RSET, NOOP
+                        self._say(b"250 OK")
+
+            def _say(self, text: bytes) -> None:
+                self.wfile.write(text + b"\r\n")
+
+        server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Session)
+        server.daemon_threads = True
+        self._server = server
+        self._thread = threading.Thread(
+            target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
+        self._thread.start()
+        self.port = server.server_address[1]
+
+    def _keep(self, message: bytes) -> None:
+        with self._lock:
+            self._messages.append(message)
+
+    @property
+    def messages(self) -> list[bytes]:
+        """The raw messages accepted, in order."""
+        with self._lock:
+            return list(self._messages)
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
