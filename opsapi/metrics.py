@@ -91,3 +91,8 @@ class Metrics:
             ["channel", "outcome"],
             registry=self.registry,
         )
+        self.notifications_pending = Gauge(
+            "opsapi_notifications_pending",
+            "Notifications waiting in the outbox for delivery",
+            registry=self.registry,
+        )
