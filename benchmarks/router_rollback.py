@@ -67,7 +67,8 @@ async def bare_reloads(router: NginxRouter, params: NginxParams, count: int) -> 
     durations = []
     for i in range(count):
         generation = 1_000_000 + i
-        path.write_text(render(router.name, "bare", params, 10, generation, router.probe))
+        weights = {"blue": 90, "green": 10}
+        path.write_text(render(router.name, "bare", params, weights, generation, router.probe))
         started = time.perf_counter()
         await router._nginx("-s", "reload", what="reload")
         await router._confirm("bare", generation)
@@ -118,10 +119,9 @@ async def main() -> None:
             )
             base = f"http://127.0.0.1:{port}{API}"
             headers = {"Authorization": f"Bearer {token}"}
-            nginx_params = {"upstream": "checkout", "stable": apps.stable, "canary": apps.canary}
-            haproxy_params = {
-                "backend": "checkout", "stable_server": "stable", "canary_server": "canary",
-            }  # fmt: skip
+            slots = {"blue": apps.stable, "green": apps.canary}
+            nginx_params = {"upstream": "checkout", "slots": slots}
+            haproxy_params = {"backend": "checkout", "slots": {"blue": "stable", "green": "canary"}}
             for service, router in (("via-nginx", {"name": "edge", **nginx_params}),
                                     ("via-haproxy", {"name": "lb", **haproxy_params})):  # fmt: skip
                 policy = {"steps": [{"weight": 10, "wait": "1h"}, {"weight": 100, "wait": "1h"}],
@@ -139,7 +139,7 @@ async def main() -> None:
                 "edge", nginx.conf, nginx.directory, nginx.upstreams_dir, nginx_binary,
                 probe=nginx.probe,
             )  # fmt: skip
-            bare_params = NginxParams(**{**nginx_params, "upstream": "bare"})
+            bare_params = NginxParams("bare", slots)
             bare = await bare_reloads(bare_router, bare_params, args.rollbacks)
             print(line("rollback via nginx", via_nginx))
             print(line("rollback via HAProxy", via_haproxy))

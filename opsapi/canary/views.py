@@ -1,4 +1,4 @@
-"""HTTP handlers for rollouts and service policies (DESIGN §4)."""
+"""HTTP handlers for rollouts and service policies (DESIGN §4, §9)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,10 @@ from starlette.routing import Route
 
 from opsapi.auth.identity import Role
 from opsapi.canary import machine, service
+from opsapi.canary.document import RolloutView, VersionInSlot, rollout_view, targets_of
+from opsapi.canary.effects import Applied
 from opsapi.canary.machine import Actor, Trigger
-from opsapi.canary.models import RolloutRecord
+from opsapi.canary.models import RolloutRecord, ServiceRecord
 from opsapi.canary.policy import SERVICE_NAME, VERSION, Policy, is_service_name
 from opsapi.errors import Conflict, NotFound, Unprocessable
 from opsapi.http.endpoint import Call, endpoint
@@ -30,10 +32,19 @@ class _Body(BaseModel):
 class PromoteBody(_Body):
     service: str = ServiceName
     version: str | None = Field(default=None, pattern=VERSION)
+    # The version running before opsapi knew the service (its first rollout's baseline).
+    stable_version: str | None = Field(default=None, pattern=VERSION)
     reason: str | None = Field(default=None, max_length=2000)
     force: bool = False
     target_percent: int | None = Field(default=None, ge=1, le=100)
     from_percent: int | None = Field(default=None, ge=0, le=100)
+
+
+class PolicyBody(Policy):
+    """A PUT body: a policy. `status`, as GET answers it, is read-only and ignored, so that a
+    policy read can be edited and put back."""
+
+    status: dict[str, Any] | None = Field(default=None, exclude=True)
 
 
 class RollbackBody(_Body):
@@ -50,37 +61,21 @@ def _actor(call: Call) -> Actor:
     return Actor(Trigger.USER, call.identity.subject)
 
 
-async def _rollout_response(call: Call, applied: service.Applied) -> JSONResponse:
-    record = applied.record
-    call.rollout_id = record.id
-    call.details.update(applied.audit_details, triggered_by=record.triggered_by)
-    for effect in applied.transition.effects:
-        if isinstance(effect, machine.Audit):
-            call.runtime.metrics.transitions.labels(effect.action, record.triggered_by).inc()
-    moved = any(isinstance(effect, machine.SetWeight) for effect in applied.transition.effects)
-    if moved and record.applied_weight != record.desired_weight:
-        call.after_commit.append(lambda: _apply_now(call, record.id, record.service))
-    return JSONResponse(await _view(call, record))
+async def _transition(call: Call, name: str, event: machine.Event, **kwargs: Any) -> Response:
+    """Run `event` through the one interpreter; answer once the router has applied it."""
+    applied = await call.effects.run(
+        name, event, now=call.now, cause=call.cause(), session=call.session, **kwargs
+    )
+    call.rollout_id = applied.record.id
+    alerts = await pagerduty_outbox.alerts_for(call.session, applied.record.id)
+    call.after_commit.append(lambda: _answer(call, applied, alerts))
+    return call.pending()
 
 
-async def _view(
-    call: Call, record: RolloutRecord, session: AsyncSession | None = None
-) -> dict[str, Any]:
-    view = service.rollout_view(record, call.now)
-    # Whether no request can reach the canary any more (the answer a rollback waits for).
-    view["traffic_at_zero"] = record.applied_weight == 0
-    view["alerts"] = await pagerduty_outbox.alerts_for(session or call.session, record.id)
-    return view
-
-
-async def _apply_now(call: Call, rollout_id: int | None, name: str) -> Response:
-    """Apply the committed weight through the router inside the request, answer what is live."""
-    assert rollout_id is not None
-    await call.runtime.traffic.apply(rollout_id, name, reason=call.action)
-    async with call.runtime.sessions() as session:
-        record = await session.get(RolloutRecord, rollout_id)
-        assert record is not None
-        return JSONResponse(await _view(call, record, session))
+async def _answer(call: Call, applied: Applied, alerts: list[dict[str, Any]]) -> Response:
+    await call.effects.finish(applied)
+    view = rollout_view(applied.record, applied.service, call.now, alerts)
+    return JSONResponse(view.model_dump(mode="json"))
 
 
 @endpoint(action="canary.promote", role=Role.OPERATOR, body=PromoteBody, mutating=True)
@@ -94,24 +89,28 @@ async def promote(call: Call) -> Response:
         call.action = "canary.promote.target"
         call.require(Role.ADMIN, "target_percent")
     call.details.update(body.model_dump(exclude_none=True, exclude={"service"}))
-    record = await service.open_rollout(body.service, session=call.session, lock=True)
+    record = await service.open_rollout(body.service, session=call.session)
     if record is None:
         if body.version is None:
             raise Conflict(
                 f"{body.service} has no open rollout; give a version to start one",
                 reason_code="no_open_rollout",
             )
-        applied = await service.start_rollout(
-            body.service,
-            body.version,
+        policy = await service.load_policy(
+            body.service, default=call.runtime.default_policy, session=call.session
+        )
+        start = machine.Start(
+            service=body.service,
+            canary_version=body.version,
+            stable_version=body.stable_version,
+            steps=policy.machine_steps(),
             actor=_actor(call),
-            now=call.now,
-            default=call.runtime.default_policy,
-            session=call.session,
+            auto_promote=policy.auto_promote,
+            gate_names=tuple(gate.name for gate in policy.gates),
             target_percent=body.target_percent,
             reason=body.reason,
         )
-        return await _rollout_response(call, applied)
+        return await _transition(call, body.service, start, policy=policy)
     call.rollout_id = record.id
     if body.version is not None and body.version != record.canary_version:
         raise Conflict(
@@ -127,49 +126,59 @@ async def promote(call: Call) -> Response:
         from_percent=body.from_percent,
         reason=body.reason,
     )
-    applied = await service.apply_event(record, event, now=call.now, session=call.session)
-    return await _rollout_response(call, applied)
+    return await _transition(call, body.service, event)
 
 
 @endpoint(action="canary.rollback", role=Role.OPERATOR, body=RollbackBody, mutating=True)
 async def rollback(call: Call) -> Response:
-    """Roll the service's open rollout back to 0 % now."""
+    """Roll the service's open rollout back: 100 % to the stable slot, now."""
     body = call.body_as(RollbackBody)
     call.details["reason"] = body.reason
-    record = await service.lock_open_rollout(body.service, session=call.session)
-    call.rollout_id = record.id
     event = machine.Rollback(reason=body.reason, actor=_actor(call))
-    applied = await service.apply_event(record, event, now=call.now, session=call.session)
-    return await _rollout_response(call, applied)
+    return await _transition(call, body.service, event)
+
+
+@endpoint(action="canary.revert", role=Role.OPERATOR, body=RollbackBody, mutating=True)
+async def revert(call: Call) -> Response:
+    """After a success, send 100 % back to the previous version's slot and make it stable."""
+    body = call.body_as(RollbackBody)
+    call.details["reason"] = body.reason
+    event = machine.Revert(reason=body.reason, actor=_actor(call))
+    return await _transition(call, body.service, event)
 
 
 @endpoint(action="canary.pause", role=Role.OPERATOR, body=PauseBody, mutating=True)
 async def pause(call: Call) -> Response:
     """Freeze the wait clock of the open rollout (gates keep running)."""
     body = call.body_as(PauseBody)
-    record = await service.lock_open_rollout(body.service, session=call.session)
-    call.rollout_id = record.id
-    event = machine.Pause(actor=_actor(call), reason=body.reason)
-    applied = await service.apply_event(record, event, now=call.now, session=call.session)
-    return await _rollout_response(call, applied)
+    return await _transition(call, body.service, machine.Pause(_actor(call), body.reason))
 
 
 @endpoint(action="canary.resume", role=Role.OPERATOR, body=PauseBody, mutating=True)
 async def resume(call: Call) -> Response:
     """Unfreeze the wait clock of a paused rollout."""
     body = call.body_as(PauseBody)
-    record = await service.lock_open_rollout(body.service, session=call.session)
-    call.rollout_id = record.id
-    event = machine.Resume(actor=_actor(call), reason=body.reason)
-    applied = await service.apply_event(record, event, now=call.now, session=call.session)
-    return await _rollout_response(call, applied)
+    return await _transition(call, body.service, machine.Resume(_actor(call), body.reason))
+
+
+async def _views(
+    session: AsyncSession, records: list[RolloutRecord], call: Call
+) -> list[dict[str, Any]]:
+    rows: dict[str, ServiceRecord | None] = {}
+    for record in records:
+        if record.service not in rows:
+            rows[record.service] = await session.get(ServiceRecord, record.service)
+    return [
+        rollout_view(record, rows[record.service], call.now).model_dump(mode="json")
+        for record in records
+    ]
 
 
 @endpoint(action="canary.list", role=Role.VIEWER)
 async def list_rollouts(call: Call) -> Response:
     """Every open rollout."""
-    records = await service.list_open(session=call.session)
-    return JSONResponse({"items": [service.rollout_view(r, call.now) for r in records]})
+    records = list(await service.list_open(session=call.session))
+    return JSONResponse({"items": await _views(call.session, records, call)})
 
 
 def _service_param(call: Call) -> str:
@@ -189,9 +198,9 @@ async def get_rollout(call: Call) -> Response:
     if record is None:
         raise NotFound(f"{name} has no rollout")
     call.rollout_id = record.id
-    view = service.rollout_view(record, call.now)
-    view["alerts"] = await pagerduty_outbox.alerts_for(call.session, record.id)
-    return JSONResponse(view)
+    row = await call.session.get(ServiceRecord, name)
+    alerts = await pagerduty_outbox.alerts_for(call.session, record.id)
+    return JSONResponse(rollout_view(record, row, call.now, alerts).model_dump(mode="json"))
 
 
 @endpoint(action="canary.history", role=Role.VIEWER)
@@ -207,47 +216,84 @@ async def rollout_history(call: Call) -> Response:
         before_id = int(cursor)
     records = await service.history(name, limit=limit, before_id=before_id, session=call.session)
     next_cursor = str(records[-1].id) if len(records) == limit else None
-    return JSONResponse(
-        {
-            "items": [service.rollout_view(r, call.now) for r in records],
-            "next_cursor": next_cursor,
-        }
-    )
+    items = await _views(call.session, list(records), call)
+    return JSONResponse({"items": items, "next_cursor": next_cursor})
 
 
 @endpoint(action="canary.weight", role=Role.VIEWER)
 async def rollout_weight(call: Call) -> Response:
-    """The canary percentage the `pull` router's clients should apply now."""
+    """The canary percentage to apply now, with versions and slots (the pull router's answer)."""
     name = _service_param(call)
     record = await service.latest_rollout(name, session=call.session)
     body: dict[str, Any] = {"service": name, "weight": 0, "rollout_id": None}
-    if record is not None:
-        call.rollout_id = record.id
-        body.update(
-            weight=record.desired_weight,
-            rollout_id=record.id,
-            state=record.state,
-            canary_version=record.canary_version,
-            stable_version=record.stable_version,
-        )
+    if record is None:
+        row = await call.session.get(ServiceRecord, name)
+        body["stable_version"] = row.stable_version if row else None
+        return JSONResponse(body)
+    call.rollout_id = record.id
+    view = rollout_view(record, None, call.now)
+    body.update(
+        weight=record.desired_weight,
+        rollout_id=record.id,
+        state=record.state,
+        canary_version=record.canary_version,
+        stable_version=record.stable_version,
+        canary_slot=record.canary_slot,
+        stable_slot=record.stable_slot,
+        weights=view.weights,
+    )
     return JSONResponse(body)
+
+
+class ServiceStatus(BaseModel):
+    """A service's place in its release lifecycle (read-only; ignored in a PUT)."""
+
+    stable_version: str | None
+    stable_slot: str
+    targets: dict[str, str | None]
+    previous: VersionInSlot | None
+    latest_rollout: dict[str, Any] | None
+
+
+async def _status(call: Call, name: str, policy: Policy) -> ServiceStatus:
+    row = await call.session.get(ServiceRecord, name)
+    latest = await service.latest_rollout(name, session=call.session)
+    router = policy.router.model_dump(mode="json")
+    targets = targets_of(router)
+    previous = None
+    if row is not None and row.previous_version and row.previous_slot:
+        previous = VersionInSlot(version=row.previous_version, slot=row.previous_slot)
+    return ServiceStatus(
+        stable_version=row.stable_version if row else None,
+        stable_slot=(row.stable_slot if row and row.stable_slot else next(iter(targets))),
+        targets=targets,
+        previous=previous,
+        latest_rollout=(
+            {"id": latest.id, "state": latest.state, "canary_version": latest.canary_version}
+            if latest
+            else None
+        ),
+    )
 
 
 @endpoint(action="service.get", role=Role.VIEWER)
 async def get_policy(call: Call) -> Response:
-    """The service's policy (the default policy for a service never configured)."""
+    """The service's policy (the default policy for a service never configured) and status."""
     name = _service_param(call)
     policy = await service.load_policy(
         name, default=call.runtime.default_policy, session=call.session
     )
-    return JSONResponse(pagerduty_outbox.redact_policy_document(policy.document()))
+    document = pagerduty_outbox.redact_policy_document(policy.document())
+    status = await _status(call, name, policy)
+    return JSONResponse({**document, "status": status.model_dump(mode="json")})
 
 
-@endpoint(action="service.put", role=Role.ADMIN, body=Policy, mutating=True)
+@endpoint(action="service.put", role=Role.ADMIN, body=PolicyBody, mutating=True)
 async def put_policy(call: Call) -> Response:
     """Replace the service's policy; the audit event keeps before and after."""
     name = _service_param(call)
-    policy = call.body_as(Policy)
+    body = call.body_as(PolicyBody)
+    policy = Policy.model_validate(body.model_dump(mode="json", by_alias=True, exclude_none=True))
     check_router(policy.router, call.runtime.traffic.routers)
     # A routing key sent back as answered ("…abcd") keeps the stored one.
     stored = await service.load_policy(
@@ -263,12 +309,15 @@ async def put_policy(call: Call) -> Response:
         session=call.session,
     )
     call.details.update(before=before, after=after)
-    return JSONResponse(pagerduty_outbox.redact_policy_document(after))
+    document = pagerduty_outbox.redact_policy_document(after)
+    status = await _status(call, name, policy)
+    return JSONResponse({**document, "status": status.model_dump(mode="json")})
 
 
 routes = [
     Route("/canary/promote", promote, methods=["POST"]),
     Route("/canary/rollback", rollback, methods=["POST"]),
+    Route("/canary/revert", revert, methods=["POST"]),
     Route("/canary/pause", pause, methods=["POST"]),
     Route("/canary/resume", resume, methods=["POST"]),
     Route("/canary", list_rollouts, methods=["GET"]),
@@ -278,3 +327,5 @@ routes = [
     Route("/services/{service}", get_policy, methods=["GET"]),
     Route("/services/{service}", put_policy, methods=["PUT"]),
 ]
+
+__all__ = ["PauseBody", "PromoteBody", "RollbackBody", "RolloutView", "routes"]

@@ -16,30 +16,29 @@ import logging
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
 
 from sqlmodel import col, delete
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from opsapi.audit import service as audit
-from opsapi.audit.models import Outcome, Source
+from opsapi.audit.models import Source
 from opsapi.canary import machine, service
+from opsapi.canary.effects import Cause, Effects
 from opsapi.canary.machine import GateStatus
 from opsapi.canary.models import RolloutRecord
-from opsapi.canary.policy import GatePolicy, MinSample
+from opsapi.canary.policy import GatePolicy, MinSample, Policy
 from opsapi.clock import Clock
 from opsapi.gates import judge
 from opsapi.gates.models import GateEvaluation
 from opsapi.gates.provider import GateProvider, Measurement, NoProvider
 from opsapi.gates.templates import TemplateValues, render
 from opsapi.metrics import Metrics
-from opsapi.pagerduty import outbox as pagerduty_outbox
 from opsapi.routers.traffic import Traffic
 from opsapi.storage.db import SessionFactory
 from opsapi.storage.idempotency import IdempotencyRecord
 
 log = logging.getLogger("opsapi.controller")
 ACTOR = "controller"
+CAUSE = Cause(actor=ACTOR, source=Source.CONTROLLER)
 DEFAULT_IDEMPOTENCY_TTL = timedelta(hours=24)
 LEASE = timedelta(seconds=30)
 
@@ -49,6 +48,7 @@ class Claim:
     """What was read under the claim's lock: enough to measure without holding it."""
 
     rollout_id: int
+    service: str
     step_index: int
     values: TemplateValues
     gates: tuple[GatePolicy, ...]
@@ -78,6 +78,7 @@ class Controller:
         batch_size: int = 100,
         poll_seconds: float = 1.0,
         idempotency_ttl: timedelta = DEFAULT_IDEMPOTENCY_TTL,
+        effects: Effects | None = None,
     ) -> None:
         self.sessions = sessions
         self.clock = clock
@@ -88,6 +89,7 @@ class Controller:
         self.poll_seconds = poll_seconds
         self.idempotency_ttl = idempotency_ttl
         self._next_purge: datetime | None = None
+        self.effects = effects or Effects(traffic=traffic, metrics=metrics, default_policy=Policy())
 
     async def run_once(self) -> int:
         """Handle every rollout due now (in batches); return how many transitions happened."""
@@ -143,6 +145,8 @@ class Controller:
         claim = measured.claim
         now = self.clock()
         async with self.sessions() as session, session.begin():
+            # The service before its rollout: every transition locks in this order.
+            await service.lock_service(claim.service, now=now, session=session)
             record = await session.get(RolloutRecord, claim.rollout_id, with_for_update=True)
             if record is None or record.state not in service.OPEN_STATE_VALUES:
                 return 0
@@ -156,19 +160,16 @@ class Controller:
                 statuses = self._judge(measured, record)
                 self._store_evaluations(session, record, statuses, measured.at)
                 event = machine.GateResults(statuses)
-            applied = await service.apply_event(record, event, now=now, session=session)
-            # A breach's rollback pages (through the outbox, in this transaction).
-            page = await pagerduty_outbox.page_breach(
-                session, applied.record, applied.transition, now=now
-            )
-            transitions = await self._audit_transition(session, applied, now, page)
-        moved = any(isinstance(e, machine.SetWeight) for e in applied.transition.effects)
-        if moved and self.traffic is not None and record.applied_weight != record.desired_weight:
-            # Committed first; now make it real (a breach's rollback is not kept waiting).
-            await self.traffic.apply(
-                claim.rollout_id, record.service, reason=applied_reason(applied)
-            )
-        return transitions
+            try:
+                applied = await self.effects.run(
+                    record.service, event, now=now, cause=CAUSE, session=session,
+                    rollout_id=claim.rollout_id,
+                )  # fmt: skip
+            except service.Refused:
+                return 0  # a newer rollout replaced it while we measured
+        # Committed first; now make it real (a breach's rollback is not kept waiting).
+        await self.effects.finish(applied)
+        return sum(1 for e in applied.transition.effects if isinstance(e, machine.Audit))
 
     def _judge(self, measured: Measured, record: RolloutRecord) -> tuple[GateStatus, ...]:
         statuses = judge_measured(measured, record)
@@ -199,33 +200,6 @@ class Controller:
                     detail=(status.detail or "")[:1000] or None,
                 )
             )
-
-    async def _audit_transition(
-        self,
-        session: AsyncSession,
-        applied: service.Applied,
-        now: datetime,
-        page: dict[str, Any] | None = None,
-    ) -> int:
-        record = applied.record
-        count = 0
-        for effect in applied.transition.effects:
-            if not isinstance(effect, machine.Audit):
-                continue
-            count += 1
-            self.metrics.transitions.labels(effect.action, record.triggered_by).inc()
-            await audit.record(
-                session=session,
-                at=now,
-                actor=ACTOR,
-                source=Source.CONTROLLER,
-                action=effect.action,
-                outcome=Outcome.SUCCESS,
-                service=record.service,
-                rollout_id=record.id,
-                details={**effect.details, "triggered_by": record.triggered_by, **(page or {})},
-            )
-        return count
 
     async def purge_idempotency_keys(self) -> int:
         """Forget stored first responses older than the TTL (at most once a minute)."""
@@ -269,12 +243,6 @@ def judge_measured(measured: Measured, record: RolloutRecord) -> tuple[GateStatu
     return tuple(statuses)
 
 
-def applied_reason(applied: service.Applied) -> str:
-    """The transition that moved the weight, for the router's audit event."""
-    actions = [e.action for e in applied.transition.effects if isinstance(e, machine.Audit)]
-    return actions[-1] if actions else "controller"
-
-
 def claim_of(record: RolloutRecord, overdue: float) -> Claim:
     assert record.id is not None
     policy = record.gate_policy or {}
@@ -282,6 +250,7 @@ def claim_of(record: RolloutRecord, overdue: float) -> Claim:
     min_sample = policy.get("min_sample")
     return Claim(
         rollout_id=record.id,
+        service=record.service,
         step_index=record.step_index,
         values=TemplateValues(record.service, record.canary_version, record.stable_version),
         gates=gates,

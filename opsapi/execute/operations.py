@@ -17,10 +17,12 @@ from sqlalchemy import text
 from starlette.responses import JSONResponse
 
 from opsapi.auth.identity import Role
+from opsapi.canary import machine
 from opsapi.canary import service as canary
-from opsapi.canary.machine import GatePhase
+from opsapi.canary.machine import Actor, GatePhase, Trigger
 from opsapi.canary.models import RolloutRecord
 from opsapi.canary.policy import SERVICE_NAME
+from opsapi.canary.service import Refused
 from opsapi.controller.loop import claim_of, judge_measured
 from opsapi.errors import NotFound
 from opsapi.gates.templates import render
@@ -208,48 +210,45 @@ def _then(call: Call, work: Callable[[], Awaitable[None]], plan: dict[str, Any])
 
 
 async def set_weight(call: Call, params: SetWeightParams, dry_run: bool) -> dict[str, Any]:
-    """Emergency override: set the canary percentage now, outside the step ladder.
+    """Emergency override: pin the open rollout's canary percentage now, outside the ladder.
 
-    An open rollout is paused so that nothing promotes it past the override; its gates keep
-    running and a breach still rolls it back.
+    The rollout pauses there so that nothing promotes it past the person's weight; its gates
+    keep running and a breach still rolls it back. A machine event like any other.
     """
     call.service = params.service
-    record = await canary.latest_rollout(params.service, session=call.session)
-    if record is None:
-        raise NotFound(f"{params.service} has no rollout to override")
-    locked = await call.session.get(RolloutRecord, record.id, with_for_update=True)
-    assert locked is not None
-    call.rollout_id = locked.id
+    actor = Actor(Trigger.USER, call.identity.subject)
+    event = machine.PinWeight(params.weight, params.reason, actor)
+    decision, record = await call.effects.decide(
+        params.service, event, now=call.now, session=call.session
+    )
+    call.rollout_id = record.id if record else None
+    if isinstance(decision, machine.Refusal):
+        raise Refused(decision, record)
+    assert record is not None
     plan = {
         "service": params.service,
-        "rollout_id": locked.id,
-        "state": locked.state,
-        "from_weight": locked.desired_weight,
+        "rollout_id": record.id,
+        "state": record.state,
+        "from_weight": record.desired_weight,
         "to_weight": params.weight,
-        "pauses_rollout": locked.state in ("progressing", "awaiting_promotion", "baking"),
+        "pauses_rollout": record.state != machine.State.PAUSED,
     }
     if dry_run:
         return plan
-    if locked.state == "paused" or plan["pauses_rollout"]:
-        if locked.paused_at is None:
-            locked.paused_at = call.now
-        locked.state = "paused"
-    locked.desired_weight = params.weight
-    locked.triggered_by = "user"
-    locked.updated_at = call.now
-    if locked.router.get("name", "pull") == "pull":
-        locked.applied_weight = params.weight
-    call.session.add(locked)
-    await call.session.flush()
-    if locked.applied_weight != params.weight:
-        assert locked.id is not None
-        rollout_id = locked.id
+    call.details.update(reason=params.reason, result=plan)
+    applied = await call.effects.run(
+        params.service, event, now=call.now, cause=call.cause(), session=call.session
+    )
 
-        async def apply() -> None:
-            await call.runtime.traffic.apply(rollout_id, params.service, reason="set-weight")
+    async def answer() -> JSONResponse:
+        await call.effects.finish(applied)
+        result = {**plan, "applied_weight": applied.record.applied_weight,
+                  "router_error": applied.record.router_error}  # fmt: skip
+        return JSONResponse({"operation": "set-weight", "dry_run": False, "changes": True,
+                             "result": result})  # fmt: skip
 
-        call.after_commit.append(_then(call, apply, plan))
-    return {**plan, "applied_weight": locked.applied_weight}
+    call.after_commit.append(answer)
+    return plan
 
 
 # pagerduty-test ---------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from starlette.routing import Mount, Route
 
 from opsapi.audit import views as audit_views
 from opsapi.auth.tokens import TokenVerifier
+from opsapi.canary import effects as canary_effects
 from opsapi.canary import service as canary_service
 from opsapi.canary import views as canary_views
 from opsapi.clock import Clock, system_clock
@@ -59,7 +60,7 @@ def create_app(
                 yield
             finally:
                 # Router applies that outlived their answer's budget still need the database.
-                await pagerduty_webhook.drain()
+                await canary_effects.drain()
 
     api_routes = [
         *canary_views.routes,

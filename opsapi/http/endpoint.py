@@ -7,6 +7,7 @@ state change and that event commit in one transaction.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
@@ -28,7 +29,9 @@ from opsapi.audit import chain
 from opsapi.audit import service as audit
 from opsapi.audit.models import Outcome, Source
 from opsapi.auth.identity import AuthError, Identity, Role
+from opsapi.canary.effects import Cause, Effects
 from opsapi.canary.policy import is_service_name
+from opsapi.canary.service import Refused
 from opsapi.errors import (
     BadRequest,
     Forbidden,
@@ -39,6 +42,7 @@ from opsapi.errors import (
     UnsupportedMediaType,
 )
 from opsapi.http.clients import client_address, is_allowed, networks
+from opsapi.http.problems import refusal_problem
 from opsapi.http.runtime import Runtime
 from opsapi.storage.idempotency import IdempotencyRecord
 
@@ -47,6 +51,9 @@ log = logging.getLogger("opsapi.http")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 _IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
 ANONYMOUS = "anonymous"
+# A replay of a call whose router apply is still running waits this long for its final answer.
+_REPLAY_WAITS = 150
+_REPLAY_WAIT_SECONDS = 0.1
 
 BodyT = TypeVar("BodyT", bound=BaseModel)
 
@@ -62,6 +69,7 @@ class Call:
     now: datetime
     request_id: str
     body: BaseModel | None
+    client_address: str | None = None
     service: str | None = None
     rollout_id: int | None = None
     details: dict[str, Any] = field(default_factory=dict)
@@ -69,6 +77,12 @@ class Call:
     # Work that must follow the commit (applying a weight through a router); each may
     # return a fresher response to answer with.
     after_commit: list[Callable[[], Awaitable[Response | None]]] = field(default_factory=list)
+    # Set when the handler's transition wrote the request's audit event itself.
+    audited: bool = False
+    # The outcome of a request that succeeds without acting (a webhook event that does not act).
+    outcome: Outcome | None = None
+    # The request body's bytes as received (read before parsing).
+    raw_body: bytes = b""
 
     def body_as(self, model: type[BodyT]) -> BodyT:
         """The parsed body, typed."""
@@ -79,6 +93,28 @@ class Call:
         """Refuse (403) unless the caller holds `role`; `what` names the privileged part."""
         if not self.identity.has(role):
             raise Forbidden(f"{what} requires the {role.value} role")
+
+    def cause(self, source: Source = Source.API) -> Cause:
+        """This request as the cause of a transition: its audit event is the transition's."""
+        self.audited = True
+        return Cause(
+            actor=self.identity.subject,
+            source=source,
+            roles=tuple(sorted(self.identity.roles)),
+            request_id=self.request_id,
+            client_address=self.client_address,
+            action=self.action,
+            details={"status": 200, **self.details},
+        )
+
+    def pending(self) -> Response:
+        """The placeholder a handler returns when an after-commit hook builds the answer."""
+        return Response(status_code=200)
+
+    @property
+    def effects(self) -> Effects:
+        """The runtime's effect interpreter."""
+        return effects_of(self.runtime)
 
 
 Handler = Callable[[Call], Awaitable[Response]]
@@ -104,19 +140,45 @@ def _outcome_for(status: int) -> Outcome:
     return Outcome.ERROR
 
 
+# How a route authenticates its caller: a bearer token by default; a sender's signature over
+# the raw body for webhooks (the authenticator may read the body through `read_body`).
+Authenticator = Callable[["_Request"], Awaitable[Identity]]
+
+
+@dataclass(frozen=True)
+class _Spec:
+    action: str
+    role: Role | None
+    body: type[BaseModel] | None
+    mutating: bool
+    authenticate: Authenticator | None
+    source: Source
+    unknown_actor: str
+    challenge: str
+
+
 def endpoint(
     *,
     action: str,
-    role: Role,
+    role: Role | None,
     body: type[BaseModel] | None = None,
     mutating: bool = False,
+    authenticate: Authenticator | None = None,
+    source: Source = Source.API,
+    unknown_actor: str = ANONYMOUS,
+    challenge: str = 'Bearer realm="opsapi"',
 ) -> Callable[[Handler], Callable[[Request], Awaitable[Response]]]:
-    """Wrap a handler with authentication, authorisation, parsing, idempotency and audit."""
+    """Wrap a handler with authentication, authorisation, parsing, idempotency and audit.
+
+    `role` None: being authenticated is enough (a webhook's signature). `source` and
+    `unknown_actor` say how refusals of callers not yet identified are audited.
+    """
+    spec = _Spec(action, role, body, mutating, authenticate, source, unknown_actor, challenge)
 
     def wrap(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
         async def run(request: Request) -> Response:
             runtime: Runtime = request.app.state.runtime
-            return await _Request(runtime, request, action, role, body, mutating).serve(handler)
+            return await _Request(runtime, request, spec).serve(handler)
 
         run.__name__ = handler.__name__
         run.__doc__ = handler.__doc__
@@ -126,21 +188,14 @@ def endpoint(
 
 
 class _Request:
-    def __init__(
-        self,
-        runtime: Runtime,
-        request: Request,
-        action: str,
-        role: Role,
-        body_model: type[BaseModel] | None,
-        mutating: bool,
-    ) -> None:
+    def __init__(self, runtime: Runtime, request: Request, spec: _Spec) -> None:
         self.runtime = runtime
         self.request = request
-        self.action = action
-        self.role = role
-        self.body_model = body_model
-        self.mutating = mutating
+        self.spec = spec
+        self.action = spec.action
+        self.role = spec.role
+        self.body_model = spec.body
+        self.mutating = spec.mutating
         supplied = request.headers.get("x-request-id", "")
         self.request_id = supplied if _REQUEST_ID.fullmatch(supplied) else uuid.uuid4().hex
         settings = runtime.settings
@@ -151,7 +206,14 @@ class _Request:
         )
         self.client_allowed = is_allowed(self.client_address, networks(settings.allowed_cidrs))
         self.identity: Identity | None = None
+        self.raw_body: bytes | None = None
         self.service = _audit_service(request.path_params.get("service"))
+
+    async def read_body(self) -> bytes:
+        """The request body (read once, size-limited: 413 past the limit)."""
+        if self.raw_body is None:
+            self.raw_body = await read_limited(self.request, self.runtime.settings.max_body_bytes)
+        return self.raw_body
 
     async def serve(self, handler: Handler) -> Response:
         started = time.perf_counter()
@@ -169,8 +231,9 @@ class _Request:
         try:
             if not self.client_allowed:
                 raise Forbidden("this client address is not allowed to call the API")
-            self.identity = await self._authenticate()
-            if not self.identity.has(self.role):
+            authenticate = self.spec.authenticate or _bearer
+            self.identity = await authenticate(self)
+            if self.role is not None and not self.identity.has(self.role):
                 raise Forbidden(
                     f"{self.action} requires the {self.role.value} role; "
                     f"this token grants: {', '.join(sorted(self.identity.roles)) or 'none'}"
@@ -199,9 +262,17 @@ class _Request:
             try:
                 async with session.begin():
                     response = await handler(call)
-                    await audit.record(session=session, **self._audit_fields(call, response))
+                    if not call.audited:
+                        await audit.record(session=session, **self._audit_fields(call, response))
                     if key is not None:
-                        self._remember(key, request_hash, response, now, session)
+                        # Completed below once the after-commit work built the final answer.
+                        self._remember(key, request_hash, response, now, session,
+                                       complete=not call.after_commit)  # fmt: skip
+            except Refused as refused:
+                return await self._refuse(
+                    refusal_problem(refused), now, call.details, key=key,
+                    request_hash=request_hash, call=call,
+                )  # fmt: skip
             except Problem as problem:
                 return await self._refuse(
                     problem, now, call.details, key=key, request_hash=request_hash, call=call
@@ -222,6 +293,8 @@ class _Request:
             except Exception:
                 # The change is committed; the reconcile pass finishes what failed here.
                 log.exception("after-commit work failed in %s", self.action)
+        if key is not None and call.after_commit:
+            await self._complete(key, response)
         return response
 
     async def _serve_read(
@@ -261,8 +334,10 @@ class _Request:
             now=now,
             request_id=self.request_id,
             body=parsed,
+            client_address=self.client_address,
             service=self.service,
             action=self.action,
+            raw_body=self.raw_body or b"",
         )
 
     async def _peek_service(self) -> None:
@@ -270,27 +345,17 @@ class _Request:
         if self.body_model is None:
             return
         try:
-            raw = await read_limited(self.request, self.runtime.settings.max_body_bytes)
+            raw = await self.read_body()
             document = json.loads(raw)
         except (Problem, ValueError, UnicodeDecodeError):
             return
         if isinstance(document, dict):
             self.service = _audit_service(document.get("service"))
 
-    async def _authenticate(self) -> Identity:
-        header = self.request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise Unauthorized("a bearer token is required")
-        try:
-            return await self.runtime.verifier.verify(token.strip())
-        except AuthError as error:
-            raise Unauthorized(f"invalid bearer token: {error}") from None
-
     async def _parse_body(self) -> tuple[bytes, BaseModel | None]:
         if self.body_model is None:
-            return b"", None
-        raw = await read_limited(self.request, self.runtime.settings.max_body_bytes)
+            return self.raw_body or b"", None
+        raw = await self.read_body()
         # curl's default form content type is tolerated; the body must still be JSON.
         content_type = self.request.headers.get("content-type", "")
         if content_type.startswith("multipart/"):
@@ -315,8 +380,7 @@ class _Request:
 
     async def _replay(self, key: str, request_hash: str, now: datetime) -> Response | None:
         assert self.identity is not None
-        async with self.runtime.sessions() as session:
-            stored = await session.get(IdempotencyRecord, (self.identity.subject, key))
+        stored = await self._stored(key)
         if stored is None:
             return None
         if stored.request_hash != request_hash:
@@ -329,7 +393,7 @@ class _Request:
             at=now,
             actor=self.identity.subject,
             roles=self.identity.roles,
-            source=Source.API,
+            source=self.spec.source,
             action=self.action,
             outcome=_outcome_for(stored.status_code),
             service=self.service,
@@ -349,6 +413,17 @@ class _Request:
             headers={"Idempotent-Replayed": "true"},
         )
 
+    async def _stored(self, key: str) -> IdempotencyRecord | None:
+        """The stored first answer; while the first call is still applying, wait for it."""
+        assert self.identity is not None
+        for _ in range(_REPLAY_WAITS):
+            async with self.runtime.sessions() as session:
+                stored = await session.get(IdempotencyRecord, (self.identity.subject, key))
+            if stored is None or stored.complete:
+                return stored
+            await asyncio.sleep(_REPLAY_WAIT_SECONDS)
+        return stored
+
     def _remember(
         self,
         key: str,
@@ -356,6 +431,8 @@ class _Request:
         response: Response,
         now: datetime,
         session: AsyncSession,
+        *,
+        complete: bool = True,
     ) -> None:
         assert self.identity is not None
         session.add(
@@ -368,17 +445,35 @@ class _Request:
                 status_code=response.status_code,
                 response_body=bytes(response.body).decode(),
                 created_at=now,
+                complete=complete,
             )
         )
+
+    async def _complete(self, key: str, response: Response) -> None:
+        """Store the answer the first call got (built after the commit) for its replays."""
+        assert self.identity is not None
+        try:
+            async with self.runtime.sessions() as session, session.begin():
+                stored = await session.get(
+                    IdempotencyRecord, (self.identity.subject, key), with_for_update=True
+                )
+                if stored is not None:
+                    stored.status_code = response.status_code
+                    stored.response_body = bytes(response.body).decode()
+                    stored.complete = True
+                    session.add(stored)
+        except Exception:
+            # A replay then answers what was committed (without the router's result).
+            log.exception("could not store the final answer for an Idempotency-Key")
 
     def _audit_fields(self, call: Call, response: Response) -> dict[str, Any]:
         return {
             "at": call.now,
             "actor": call.identity.subject,
             "roles": call.identity.roles,
-            "source": Source.API,
+            "source": self.spec.source,
             "action": call.action,
-            "outcome": _outcome_for(response.status_code),
+            "outcome": call.outcome or _outcome_for(response.status_code),
             "service": _audit_service(call.service),
             "rollout_id": call.rollout_id,
             "request_id": self.request_id,
@@ -397,16 +492,16 @@ class _Request:
         call: Call | None = None,
     ) -> Response:
         """Answer with `problem`; the refusal's audit event is committed first."""
-        headers = {"WWW-Authenticate": 'Bearer realm="opsapi"'} if problem.status == 401 else None
+        headers = {"WWW-Authenticate": self.spec.challenge} if problem.status == 401 else None
         response = problem_response(problem, headers)
         if call is not None:
             self.service = _audit_service(call.service)
         identity = self.identity
         row = audit.event_row(
             at=now,
-            actor=identity.subject if identity else ANONYMOUS,
+            actor=identity.subject if identity else self.spec.unknown_actor,
             roles=identity.roles if identity else (),
-            source=Source.API,
+            source=self.spec.source,
             action=call.action if call else self.action,
             outcome=_outcome_for(problem.status),
             service=self.service,
@@ -438,9 +533,32 @@ class _Request:
         return response
 
 
+def effects_of(runtime: Runtime) -> Effects:
+    """The runtime's one effect interpreter."""
+    effects = getattr(runtime, "effects", None)
+    if isinstance(effects, Effects):
+        return effects
+    effects = Effects(
+        traffic=runtime.traffic, metrics=runtime.metrics, default_policy=runtime.default_policy
+    )
+    runtime.effects = effects  # type: ignore[attr-defined]
+    return effects
+
+
 class _Unavailable(Problem):
     status = 503
     title = "Service Unavailable"
+
+
+async def _bearer(pipeline: _Request) -> Identity:
+    header = pipeline.request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthorized("a bearer token is required")
+    try:
+        return await pipeline.runtime.verifier.verify(token.strip())
+    except AuthError as error:
+        raise Unauthorized(f"invalid bearer token: {error}") from None
 
 
 def _audit_service(name: Any) -> str | None:

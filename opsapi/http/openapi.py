@@ -16,7 +16,10 @@ from opsapi.execute.views import ExecuteBody
 OPERATIONS: list[tuple[str, str, str, str, type[BaseModel] | None]] = [
     ("post", "/canary/promote", "operator (force, target_percent: admin)",
      "Start a rollout or advance it one step", PromoteBody),
-    ("post", "/canary/rollback", "operator", "Roll back to 0 % now", RollbackBody),
+    ("post", "/canary/rollback", "operator", "Roll back: 100 % to the stable slot now",
+     RollbackBody),
+    ("post", "/canary/revert", "operator", "After a success, make the previous version stable "
+     "again (100 % to its slot)", RollbackBody),
     ("post", "/canary/pause", "operator", "Freeze the wait clock", PauseBody),
     ("post", "/canary/resume", "operator", "Unfreeze the wait clock", PauseBody),
     ("get", "/canary", "viewer", "Open rollouts", None),

@@ -20,7 +20,6 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlmodel import col, func, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from opsapi.canary import machine
 from opsapi.canary.models import RolloutRecord, ServiceRecord
 from opsapi.canary.policy import PagerDutyPolicy, Policy
 from opsapi.errors import Unprocessable
@@ -98,32 +97,21 @@ async def enqueue(
 # What causes alerts ----------------------------------------------------------------------------
 
 
-def _breach_of(transition: machine.Transition) -> dict[str, Any] | None:
-    for effect in transition.effects:
-        if isinstance(effect, machine.Audit) and effect.action == "rollout.rolled_back":
-            breach = effect.details.get("breach")
-            return {**effect.details, "breach": breach} if breach else None
-    return None
-
-
 async def page_breach(
     session: AsyncSession,
     record: RolloutRecord,
-    transition: machine.Transition,
+    details: Mapping[str, Any],
     *,
     now: datetime,
 ) -> dict[str, Any]:
-    """Enqueue the trigger of an automatic (gate breach) rollback; {} for any other transition.
-
-    Returns what the rollback's audit event should say about the page.
-    """
-    details = _breach_of(transition)
-    if details is None:
+    """Enqueue the trigger of an automatic (gate breach) rollback whose audit `details` name
+    the breach; return what the rollback's audit event should say about the page."""
+    breach = details.get("breach")
+    if not isinstance(breach, Mapping):
         return {}
     routing_key = await routing_key_of(session, record.service)
     if routing_key is None:
         return {"page": "no routing key"}
-    breach = details["breach"]
     key = dedup_key(record.id)
     summary = (
         f"{record.service}: canary {record.canary_version} rolled back by opsapi, gate "

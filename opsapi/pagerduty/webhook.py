@@ -18,29 +18,25 @@ import hmac
 import json
 import logging
 import re
-import time
-import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from datetime import datetime
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import select
-from sqlmodel.ext.asyncio.session import AsyncSession
-from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from opsapi.audit import service as audit
 from opsapi.audit.models import Outcome, Source
+from opsapi.auth.identity import Identity
 from opsapi.canary import machine
-from opsapi.canary import service as canary
+from opsapi.canary.effects import Applied, Cause
 from opsapi.canary.machine import Actor, Trigger
-from opsapi.canary.models import RolloutRecord, ServiceRecord
+from opsapi.canary.models import ServiceRecord
 from opsapi.canary.policy import PagerDutyPolicy
-from opsapi.errors import BadRequest, Problem, Unauthorized
-from opsapi.http.endpoint import problem_response, read_limited
-from opsapi.http.runtime import Runtime
+from opsapi.canary.service import Refused
+from opsapi.errors import BadRequest, Unauthorized
+from opsapi.http.endpoint import Call, endpoint
 from opsapi.pagerduty.models import PagerDutyEvent
 from opsapi.pagerduty.outbox import mapped_services
 
@@ -54,10 +50,8 @@ ACTING_EVENTS = frozenset({"incident.triggered", "incident.reopened", "incident.
 # How long the answer may wait for the router to apply the rollback's 0 % (the rest goes on in
 # the background; the reconcile pass re-applies if it fails).
 APPLY_BUDGET_SECONDS = 2.0
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 _OWN_ALERT = re.compile(r"^opsapi-rollout-\d+$")
 _AS_ROLLBACK = Actor(Trigger.PAGERDUTY, ACTOR)
-_background: set[asyncio.Task[Any]] = set()
 
 
 def signature_matches(body: bytes, header: str | None, secrets: Sequence[str]) -> str | None:
@@ -163,230 +157,150 @@ def qualifies(event_type: str, incident: Incident, policy: PagerDutyPolicy) -> b
     return by_priority or by_urgency
 
 
-@dataclass
-class _Outcome:
-    """What one delivery did, per opsapi service, for the audit log and the answer."""
-
-    audits: list[dict[str, Any]] = field(default_factory=list)
-    rolled_back: list[RolloutRecord] = field(default_factory=list)
-    answer: list[dict[str, Any]] = field(default_factory=list)
-
-
-async def pagerduty_webhook(request: Request) -> Response:
-    """Receive one PagerDuty v3 webhook event."""
-    runtime: Runtime = request.app.state.runtime
-    started = time.perf_counter()
-    hook = _Webhook(runtime, request)
-    response = await hook.serve()
-    response.headers["X-Request-Id"] = hook.request_id
-    runtime.metrics.requests.labels(ACTION, "POST", response.status_code).inc()
-    runtime.metrics.request_seconds.labels(ACTION, "POST").observe(time.perf_counter() - started)
-    return response
+async def verify_signature(pipeline: Any) -> Identity:
+    """The webhook's authentication step: a valid `X-PagerDuty-Signature` over the raw body."""
+    raw = await pipeline.read_body()
+    refused = signature_matches(
+        raw,
+        pipeline.request.headers.get(SIGNATURE_HEADER),
+        pipeline.runtime.settings.webhook_secrets,
+    )
+    if refused is not None:
+        raise Unauthorized("a valid X-PagerDuty-Signature is required", reason=refused)
+    return Identity(ACTOR)
 
 
-class _Webhook:
-    def __init__(self, runtime: Runtime, request: Request) -> None:
-        self.runtime = runtime
-        self.request = request
-        supplied = request.headers.get("x-request-id", "")
-        self.request_id = supplied if _REQUEST_ID.fullmatch(supplied) else uuid.uuid4().hex
-        self.client_address = request.client.host if request.client else None
-
-    async def serve(self) -> Response:
-        now = self.runtime.clock()
-        try:
-            raw = await read_limited(self.request, self.runtime.settings.max_body_bytes)
-            refused = signature_matches(
-                raw,
-                self.request.headers.get(SIGNATURE_HEADER),
-                self.runtime.settings.webhook_secrets,
-            )
-            if refused is not None:
-                raise Unauthorized("a valid X-PagerDuty-Signature is required", reason=refused)
-            event_id, event_type, data = _parse(raw)
-        except Problem as problem:
-            return await self._refuse(problem, now)
-        try:
-            return await self._handle(event_id, event_type, Incident.of(data), now)
-        except Exception:
-            log.exception("PagerDuty webhook %s failed", event_id)
-            return await self._refuse(
-                Problem("an internal error occurred; nothing was changed"),
-                now,
-                {"event_id": event_id, "event_type": event_type},
-            )
-
-    async def _handle(
-        self, event_id: str, event_type: str, incident: Incident, now: datetime
-    ) -> Response:
-        base = {"event_id": event_id, "event_type": event_type}
-        # The session is closed before auditing: on SQLite it holds the database lock.
-        async with self.runtime.sessions() as session:
-            seen = await session.get(PagerDutyEvent, event_id) is not None
-        if seen:
-            return await self._duplicate(base, now)
-        outcome = _Outcome()
-        try:
-            async with self.runtime.sessions() as session, session.begin():
-                session.add(
-                    PagerDutyEvent(id=event_id, event_type=event_type, received_at=now,
-                                   outcome="pending")
-                )  # fmt: skip
-                # A concurrent delivery of the same event waits here for ours, then conflicts.
-                await session.flush()
-                await self._decide(session, event_type, incident, now, base, outcome)
-                record = await session.get(PagerDutyEvent, event_id)
-                assert record is not None
-                record.outcome = (Outcome.SUCCESS if outcome.rolled_back else Outcome.IGNORED).value
-                session.add(record)
-                for row in outcome.audits:
-                    await audit.record(session=session, **row)
-        except IntegrityError:
-            async with self.runtime.sessions() as session:
-                if await session.get(PagerDutyEvent, event_id) is None:
-                    raise
-            return await self._duplicate(base, now)
-        if outcome.rolled_back:
-            self.runtime.metrics.transitions.labels(
-                "rollout.rolled_back", Trigger.PAGERDUTY.value
-            ).inc(len(outcome.rolled_back))
-        applied = await self._apply(outcome.rolled_back)
-        for item in outcome.answer:
-            if item["rollout_id"] in applied:
-                item["traffic_at_zero"] = applied[item["rollout_id"]]
-        status = "rolled_back" if outcome.rolled_back else "ignored"
-        body = {**base, "outcome": status, "services": outcome.answer}
-        if not outcome.rolled_back:
-            body["reason"] = outcome.audits[0]["details"]["reason"]
-        return JSONResponse(body)
-
-    async def _decide(
-        self,
-        session: AsyncSession,
-        event_type: str,
-        incident: Incident,
-        now: datetime,
-        base: dict[str, Any],
-        outcome: _Outcome,
-    ) -> None:
-        """Roll back what the event asks for; note an audit event per service (or one)."""
-
-        def ignore(reason: str, service: str | None = None, rollout_id: int | None = None) -> None:
-            outcome.audits.append(self._row(now, ACTION, Outcome.IGNORED, service, rollout_id,
-                                            {**base, "reason": reason}))  # fmt: skip
-            if service is not None:
-                outcome.answer.append({"service": service, "rollout_id": rollout_id,
-                                       "outcome": "ignored", "reason": reason})  # fmt: skip
-
-        if event_type not in ACTING_EVENTS:
-            return ignore(f"event type {event_type} does not act")
-        base["incident"] = incident.details()
-        if incident.incident_key and _OWN_ALERT.fullmatch(incident.incident_key):
-            return ignore(f"the incident is opsapi's own alert {incident.incident_key}")
-        if incident.service_id is None:
-            return ignore("the event names no PagerDuty service")
-        records = (await session.exec(select(ServiceRecord))).all()
-        mapped = mapped_services(records, incident.service_id)
-        if not mapped:
-            return ignore(f"PagerDuty service {incident.service_id} is not mapped to any service")
-        for name, policy in mapped:
-            if not qualifies(event_type, incident, policy):
-                ignore(
-                    f"priority {incident.priority} / urgency {incident.urgency} does not qualify "
-                    f"(policy: priorities {policy.priorities}, urgencies {policy.urgencies}"
-                    + (", priority changes act by priority only)"
-                       if event_type == "incident.priority_updated" else ")"),
-                    name,
-                )  # fmt: skip
-                continue
-            record = await canary.open_rollout(name, session=session, lock=True)
-            if record is None:
-                ignore("no open rollout", name)
-                continue
-            reason = incident.rollback_reason()
-            event = machine.Rollback(reason=reason, actor=_AS_ROLLBACK)
-            applied = await canary.apply_event(record, event, now=now, session=session)
-            outcome.rolled_back.append(applied.record)
-            outcome.audits.append(
-                self._row(now, "rollout.rolled_back", Outcome.SUCCESS, name, record.id,
-                          {**base, **applied.audit_details, "triggered_by": record.triggered_by})
-            )  # fmt: skip
-            outcome.answer.append({"service": name, "rollout_id": record.id,
-                                   "outcome": "rolled_back", "reason": reason,
-                                   "traffic_at_zero": record.applied_weight == 0})  # fmt: skip
-        return None
-
-    async def _apply(self, records: list[RolloutRecord]) -> dict[int, bool]:
-        """Apply the rollbacks' 0 % now, waiting at most the budget; the rest goes on alone."""
-        tasks: dict[int, asyncio.Task[Any]] = {}
-        for record in records:
-            if record.id is None or record.applied_weight == record.desired_weight:
-                continue
-            task = asyncio.create_task(
-                self.runtime.traffic.apply(record.id, record.service, reason="rollout.rolled_back")
-            )
-            _background.add(task)
-            task.add_done_callback(_finished)
-            tasks[record.id] = task
-        if not tasks:
-            return {}
-        done, _ = await asyncio.wait(tasks.values(), timeout=APPLY_BUDGET_SECONDS)
-        at_zero = {}
-        for rollout_id, task in tasks.items():
-            outcome = task.result() if task in done and not task.exception() else None
-            at_zero[rollout_id] = outcome is not None and outcome.applied_weight == 0
-        return at_zero
-
-    async def _duplicate(self, base: dict[str, Any], now: datetime) -> Response:
-        row = self._row(now, ACTION, Outcome.IGNORED, None, None,
-                        {**base, "reason": "duplicate event"})  # fmt: skip
-        try:
-            await self.runtime.audit_writer.write(audit.event_row(**row))
-        except Exception:
-            return _audit_unavailable()
-        return JSONResponse({**base, "outcome": "ignored", "reason": "duplicate event"})
-
-    async def _refuse(
-        self, problem: Problem, now: datetime, details: dict[str, Any] | None = None
-    ) -> Response:
-        """Answer `problem`; its audit event is committed first."""
-        headers = (
-            {"WWW-Authenticate": 'PagerDuty-Signature realm="opsapi"'}
-            if problem.status == 401
-            else None
+@endpoint(
+    action=ACTION,
+    role=None,
+    mutating=True,
+    authenticate=verify_signature,
+    source=Source.PAGERDUTY,
+    unknown_actor=ACTOR,
+    challenge='PagerDuty-Signature realm="opsapi"',
+)
+async def pagerduty_webhook(call: Call) -> Response:
+    """Receive one PagerDuty v3 webhook event: a qualifying incident rolls back."""
+    event_id, event_type, data = _parse(call.raw_body)
+    base: dict[str, Any] = {"event_id": event_id, "event_type": event_type}
+    call.details.update(base)
+    if not await _first_delivery(call, event_id, event_type):
+        return _ignored(call, "duplicate event")
+    if event_type not in ACTING_EVENTS:
+        return _ignored(call, f"event type {event_type} does not act")
+    incident = Incident.of(data)
+    call.details["incident"] = incident.details()
+    if incident.incident_key and _OWN_ALERT.fullmatch(incident.incident_key):
+        return _ignored(call, f"the incident is opsapi's own alert {incident.incident_key}")
+    if incident.service_id is None:
+        return _ignored(call, "the event names no PagerDuty service")
+    records = (await call.session.exec(select(ServiceRecord))).all()
+    mapped = mapped_services(records, incident.service_id)
+    if not mapped:
+        return _ignored(
+            call, f"PagerDuty service {incident.service_id} is not mapped to any service"
         )
-        outcome = Outcome.DENIED if problem.status == 401 else Outcome.ERROR
-        row = self._row(now, ACTION, outcome, None, None,
-                        {**(details or {}), "status": problem.status, "detail": problem.detail,
-                         **problem.extra})  # fmt: skip
-        try:
-            await self.runtime.audit_writer.write(audit.event_row(**row))
-        except Exception:
-            log.exception("could not write the audit event of a refused PagerDuty webhook")
-            return _audit_unavailable()
-        return problem_response(problem, headers)
+    answer: list[dict[str, Any]] = []
+    rolled_back: list[Applied] = []
+    for name, policy in mapped:
+        reason = _does_not_qualify(event_type, incident, policy)
+        if reason is None:
+            rollback = machine.Rollback(reason=incident.rollback_reason(), actor=_AS_ROLLBACK)
+            cause = Cause(
+                actor=ACTOR,
+                source=Source.PAGERDUTY,
+                request_id=call.request_id,
+                client_address=call.client_address,
+                details=dict(call.details),
+            )
+            try:
+                applied = await call.effects.run(
+                    name, rollback, now=call.now, cause=cause, session=call.session
+                )
+            except Refused:
+                reason = "no open rollout"
+            else:
+                rolled_back.append(applied)
+                answer.append({"service": name, "rollout_id": applied.record.id,
+                               "outcome": "rolled_back", "reason": rollback.reason})  # fmt: skip
+                continue
+        await _audit_ignored(call, reason, name)
+        answer.append({"service": name, "rollout_id": None, "outcome": "ignored",
+                       "reason": reason})  # fmt: skip
+    call.audited = True
+    stored = await call.session.get(PagerDutyEvent, event_id)
+    assert stored is not None
+    stored.outcome = (Outcome.SUCCESS if rolled_back else Outcome.IGNORED).value
+    call.session.add(stored)
+    outcome = "rolled_back" if rolled_back else "ignored"
+    body: dict[str, Any] = {**base, "outcome": outcome, "services": answer}
+    if not rolled_back:
+        body["reason"] = answer[0]["reason"]
+    call.after_commit.append(lambda: _answer(call, rolled_back, body))
+    return call.pending()
 
-    def _row(
-        self,
-        now: datetime,
-        action: str,
-        outcome: Outcome,
-        service: str | None,
-        rollout_id: int | None,
-        details: dict[str, Any],
-    ) -> dict[str, Any]:
-        return {
-            "at": now,
-            "actor": ACTOR,
-            "source": Source.PAGERDUTY,
-            "action": action,
-            "outcome": outcome,
-            "service": service,
-            "rollout_id": rollout_id,
-            "request_id": self.request_id,
-            "client_address": self.client_address,
-            "details": details,
-        }
+
+async def _answer(call: Call, rolled_back: list[Applied], body: dict[str, Any]) -> Response:
+    """Apply the rollbacks' weights within the budget (PagerDuty wants 2xx within ~5 s); the
+    applies go on after the answer and the reconcile pass finishes any that fail."""
+    finished = await asyncio.gather(
+        *(call.effects.finish(applied, budget=APPLY_BUDGET_SECONDS) for applied in rolled_back)
+    )
+    at_zero = {applied.record.id: applied.record.applied_weight == 0 for applied in finished}
+    for item in body["services"]:
+        if item["rollout_id"] in at_zero:
+            item["traffic_at_zero"] = at_zero[item["rollout_id"]]
+    return JSONResponse(body)
+
+
+async def _first_delivery(call: Call, event_id: str, event_type: str) -> bool:
+    """Remember the event id in this transaction; False when it was already handled."""
+    if await call.session.get(PagerDutyEvent, event_id) is not None:
+        return False
+    try:
+        # A concurrent delivery of the same event waits here for the first, then conflicts.
+        async with call.session.begin_nested():
+            call.session.add(PagerDutyEvent(id=event_id, event_type=event_type,
+                                            received_at=call.now, outcome="pending"))  # fmt: skip
+    except IntegrityError:
+        return False
+    return True
+
+
+def _ignored(call: Call, reason: str) -> Response:
+    call.outcome = Outcome.IGNORED
+    call.details["reason"] = reason
+    return JSONResponse({**_base(call), "outcome": "ignored", "reason": reason})
+
+
+def _base(call: Call) -> dict[str, Any]:
+    return {"event_id": call.details["event_id"], "event_type": call.details["event_type"]}
+
+
+async def _audit_ignored(call: Call, reason: str, service: str) -> None:
+    await audit.record(
+        session=call.session,
+        at=call.now,
+        actor=ACTOR,
+        source=Source.PAGERDUTY,
+        action=ACTION,
+        outcome=Outcome.IGNORED,
+        service=service,
+        request_id=call.request_id,
+        client_address=call.client_address,
+        details={**call.details, "reason": reason},
+    )
+
+
+def _does_not_qualify(event_type: str, incident: Incident, policy: PagerDutyPolicy) -> str | None:
+    if qualifies(event_type, incident, policy):
+        return None
+    return (
+        f"priority {incident.priority} / urgency {incident.urgency} does not qualify "
+        f"(policy: priorities {policy.priorities}, urgencies {policy.urgencies}"
+        + (", priority changes act by priority only)"
+           if event_type == "incident.priority_updated" else ")")
+    )  # fmt: skip
 
 
 def _parse(raw: bytes) -> tuple[str, str, Any]:
@@ -404,24 +318,3 @@ def _parse(raw: bytes) -> tuple[str, str, Any]:
     if not (isinstance(event_type, str) and 0 < len(event_type) <= 64):
         raise BadRequest("not a PagerDuty webhook v3 event (no event type)")
     return event_id, event_type, event.get("data")
-
-
-def _finished(task: asyncio.Task[Any]) -> None:
-    _background.discard(task)
-    if not task.cancelled() and task.exception() is not None:
-        log.error("applying a PagerDuty rollback failed: %r", task.exception())
-
-
-async def drain(seconds: float = 10.0) -> None:
-    """Let router applies still running after their answer finish (at shutdown)."""
-    if _background:
-        await asyncio.wait(set(_background), timeout=seconds)
-
-
-class _Unavailable(Problem):
-    status = 503
-    title = "Service Unavailable"
-
-
-def _audit_unavailable() -> Response:
-    return problem_response(_Unavailable("the audit log could not be written; nothing was done"))

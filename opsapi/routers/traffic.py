@@ -254,4 +254,13 @@ def _drift_every(record: RolloutRecord) -> timedelta:
 
 def _target(record: RolloutRecord) -> RouteTarget:
     params = {key: value for key, value in record.router.items() if key != "name"}
-    return RouteTarget(service=record.service, rollout_id=record.id, params=params)
+    return RouteTarget(
+        service=record.service,
+        rollout_id=record.id,
+        params=params,
+        canary_slot=record.canary_slot,
+        stable_slot=record.stable_slot,
+        stable_version=record.stable_version,
+        canary_version=record.canary_version,
+        state=record.state,
+    )

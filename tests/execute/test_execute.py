@@ -183,8 +183,8 @@ async def wired(
     ) as api:  # fmt: skip
         policy = {
             "steps": [{"weight": 10, "wait": "1h"}, {"weight": 100, "wait": "1h"}],
-            "router": {"name": "lb", "backend": "checkout", "stable_server": "stable",
-                       "canary_server": "canary"},
+            "router": {"name": "lb", "backend": "checkout",
+                       "slots": {"blue": "stable", "green": "canary"}},
             "gates": [{"name": "traffic", "query": 'sum(rate(http_requests_total{service='
                        '"{service}",version="{canary_version}"}[5s]))', "op": ">", "threshold": 1}],
         }  # fmt: skip
@@ -231,8 +231,8 @@ async def test_gate_check_measures_now_and_stores_nothing(
 
 async def test_router_sync_restores_a_drifted_weight(wired: Harness, haproxy: Haproxy) -> None:
     await wired.post("/canary/promote", {"service": "checkout", "version": "v2"})
-    target = RouteTarget("checkout", None, {"backend": "checkout", "stable_server": "stable",
-                                             "canary_server": "canary"})  # fmt: skip
+    slots = {"blue": "stable", "green": "canary"}
+    target = RouteTarget("checkout", None, {"backend": "checkout", "slots": slots})
     manual = HaproxyRouter("manual", haproxy.socket)
     await manual.apply(target, 90)
 

@@ -24,11 +24,13 @@ CALLERS = (None, "viewer", "operator", "admin", "auditor")
 
 # fmt: off
 # The RBAC matrix: (method, path, state before the request) -> status per caller.
-# "started" = an open rollout at its first step; "paused" = the same rollout, paused.
+# "started" = an open rollout at its first step; "paused" = the same rollout, paused;
+# "succeeded" = v2 released to 100 % after v1 (a revert goes back to v1).
 RBAC: dict[tuple[str, str, str], tuple[int, int, int, int, int]] = {
     #  method  path                            given          none viewer operator admin auditor
     ("POST", "/canary/promote",               "nothing"):   (401,  403,   200,    200,  403),
     ("POST", "/canary/rollback",              "started"):   (401,  403,   200,    200,  403),
+    ("POST", "/canary/revert",                "succeeded"): (401,  403,   200,    200,  403),
     ("POST", "/canary/pause",                 "started"):   (401,  403,   200,    200,  403),
     ("POST", "/canary/resume",                "paused"):    (401,  403,   200,    200,  403),
     ("GET",  "/canary",                       "started"):   (401,  200,   200,    200,  200),
@@ -61,6 +63,7 @@ NEW_POLICY = {
 BODIES: dict[tuple[str, str], Any] = {
     ("POST", "/canary/promote"): {"service": SERVICE, "version": "v2", "reason": "release"},
     ("POST", "/canary/rollback"): {"service": SERVICE, "reason": "error rate up"},
+    ("POST", "/canary/revert"): {"service": SERVICE, "reason": "v2 leaks memory"},
     ("POST", "/canary/pause"): {"service": SERVICE, "reason": "investigating"},
     ("POST", "/canary/resume"): {"service": SERVICE},
     ("PUT", "/services/checkout"): NEW_POLICY,
@@ -82,6 +85,12 @@ def _cases() -> list[Any]:
 async def given_state(api: Harness, given: str) -> None:
     """Put the database in the named state (through the API, as an operator)."""
     if given == "nothing":
+        return
+    if given == "succeeded":
+        body = {"service": SERVICE, "version": "v2", "stable_version": "v1", "target_percent": 100}
+        assert (await api.post("/canary/promote", body, role="admin")).status_code == 200
+        done = await api.post("/canary/promote", {"service": SERVICE, "force": True}, role="admin")
+        assert done.json()["state"] == "succeeded", done.text
         return
     started = await api.post("/canary/promote", {"service": SERVICE, "version": "v2"})
     assert started.status_code == 200, started.text

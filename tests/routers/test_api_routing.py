@@ -68,12 +68,13 @@ def proxy(request: pytest.FixtureRequest, tmp_path: Path, servers: Backends) -> 
                 "upstreams_dir": str(nginx.upstreams_dir), "binary": nginx.binary,
                 "probe": nginx.probe, "confirm_timeout": 3,
             }  # fmt: skip
-            params = {"upstream": "checkout", "stable": servers.stable, "canary": servers.canary}
+            slots = {"blue": servers.stable, "green": servers.canary}
+            params = {"upstream": "checkout", "slots": slots}
             yield Proxy("nginx", nginx.port, instance, params, nginx)
     else:
         with running_haproxy(_binary("haproxy"), servers.stable, servers.canary) as haproxy:
             instance = {"type": "haproxy", "socket": haproxy.socket, "timeout": 1}
-            params = {"backend": "checkout", "stable_server": "stable", "canary_server": "canary"}
+            params = {"backend": "checkout", "slots": {"blue": "stable", "green": "canary"}}
             yield Proxy("haproxy", haproxy.port, instance, params, haproxy)
 
 
@@ -275,9 +276,13 @@ async def test_webhook_router_retries_until_the_receiver_recovers(
                 await asyncio.sleep(0.1)
             assert rollout["applied_weight"] == 10
             assert rollout["router_error"] is None
+            # and the receiver got versions and slots, so that it can route by version
             assert _Receiver.received == [
-                {"service": "checkout", "rollout_id": started.json()["id"], "canary_percent": 10}
-            ]
+                {"service": "checkout", "rollout_id": started.json()["id"], "canary_percent": 10,
+                 "canary_slot": "green", "stable_slot": "blue", "canary_version": "v2",
+                 "stable_version": None, "state": "progressing",
+                 "weights": {"blue": 90, "green": 10}}
+            ]  # fmt: skip
             outcomes = [e.outcome for e in await api.audit_events(action="router.apply")]
             assert outcomes == ["error", "success"]  # repeated failures are not re-audited
             assert "s3cret" not in json.dumps(
@@ -292,7 +297,8 @@ async def test_webhook_router_retries_until_the_receiver_recovers(
 async def test_unknown_router_instance_and_bad_parameters_are_422(routed: Harness) -> None:
     unknown = await routed.put("/services/other", {"router": {"name": "nope"}})
     assert unknown.status_code == 422
-    bad = await routed.put("/services/other", {"router": {"name": "edge", "stable": "x y"}})
+    router = {"name": "edge", "upstream": "x y", "slots": {"blue": "a"}}
+    bad = await routed.put("/services/other", {"router": router})
     assert bad.status_code == 422
     assert bad.json()["errors"]
 

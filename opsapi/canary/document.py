@@ -1,0 +1,194 @@
+"""The rollout as every route answers it (DESIGN §4 and §9): one model, also the OpenAPI schema."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from opsapi.canary import machine, service
+from opsapi.canary.machine import State
+from opsapi.canary.models import RolloutRecord, ServiceRecord
+from opsapi.durations import format_duration
+from opsapi.http.params import iso
+from opsapi.http.problems import whole_seconds
+from opsapi.routers.base import slot_names
+
+
+class _Answer(BaseModel):
+    model_config = ConfigDict(frozen=True, populate_by_name=True, serialize_by_alias=True)
+
+
+class StepView(_Answer):
+    weight: int
+    wait: str
+
+
+class GateView(_Answer):
+    name: str
+    phase: Literal["pending", "pass", "fail", "no_data"]
+    value: float | None
+    threshold: float | None
+    failing_since: str | None
+    breached: bool
+    detail: str | None
+    # The rule the gate was started with (absent for a gate no longer in the rollout's policy).
+    op: str | None = None
+    for_: str | None = Field(default=None, alias="for")
+    on_no_data: str | None = None
+
+
+class VersionInSlot(_Answer):
+    version: str
+    slot: str
+
+
+class RolloutView(_Answer):
+    """A rollout: its versions and slots, ladder, weights, timers and gates."""
+
+    id: int
+    service: str
+    state: State
+    canary_version: str
+    stable_version: str | None
+    stable_slot: str
+    canary_slot: str
+    # The two slots' targets (addresses, servers) as the router policy names them; null values
+    # for routers without places of their own (webhook, pull).
+    targets: dict[str, str | None]
+    # The canary's desired share per slot.
+    weights: dict[str, int]
+    # What a revert goes back to (the service's previous version and slot), while possible.
+    previous: VersionInSlot | None
+    step_index: int
+    steps: list[StepView]
+    desired_weight: int
+    applied_weight: int | None
+    traffic_at_zero: bool
+    step_started_at: str | None
+    ready: bool
+    blocked_by: list[str]
+    ready_at: str | None
+    time_left: str | None
+    waited: str | None
+    paused_at: str | None
+    paused_for: str
+    auto_promote: bool
+    triggered_by: str
+    gates: list[GateView]
+    reason: str | None
+    router: dict[str, Any]
+    router_error: str | None
+    router_attempts: int
+    router_retry_at: str | None
+    created_by: str
+    created_at: str | None
+    updated_at: str | None
+    finished_at: str | None
+    next_evaluation_at: str | None
+    alerts: list[dict[str, Any]]
+
+
+def targets_of(router: dict[str, Any]) -> dict[str, str | None]:
+    """Each slot's target as the router policy names it (None when it names none)."""
+    slots = router.get("slots")
+    names = slot_names(router)
+    if not isinstance(slots, dict):
+        return dict.fromkeys(names)
+    return {name: (str(slots[name]) if name in slots else None) for name in names}
+
+
+def slot_split(record: RolloutRecord) -> dict[str, int]:
+    """The desired percentage per slot: the canary's slot gets the desired weight."""
+    first, second = slot_names(record.router)
+    other = second if record.canary_slot == first else first
+    return {record.canary_slot: record.desired_weight, other: 100 - record.desired_weight}
+
+
+def previous_of(record: RolloutRecord, row: ServiceRecord | None) -> VersionInSlot | None:
+    """What a revert of `record` would go back to, when it is the service's revertible one."""
+    if (
+        row is None
+        or record.state != State.SUCCEEDED
+        or row.previous_version is None
+        or row.previous_slot is None
+        or row.stable_version != record.canary_version
+    ):
+        return None
+    return VersionInSlot(version=row.previous_version, slot=row.previous_slot)
+
+
+def rollout_view(
+    record: RolloutRecord,
+    row: ServiceRecord | None,
+    now: datetime,
+    alerts: list[dict[str, Any]] | None = None,
+) -> RolloutView:
+    """The rollout as the API shows it."""
+    rollout = service.to_machine(record)
+    ready = machine.readiness(rollout, now) if rollout.is_open else None
+    assert record.id is not None
+    return RolloutView(
+        id=record.id,
+        service=record.service,
+        state=rollout.state,
+        canary_version=record.canary_version,
+        stable_version=record.stable_version,
+        stable_slot=record.stable_slot,
+        canary_slot=record.canary_slot,
+        targets=targets_of(record.router),
+        weights=slot_split(record),
+        previous=previous_of(record, row),
+        step_index=record.step_index,
+        steps=[StepView(weight=s.weight, wait=format_duration(s.wait)) for s in rollout.steps],
+        desired_weight=record.desired_weight,
+        applied_weight=record.applied_weight,
+        # Whether no request can reach the canary any more (what a rollback waits for).
+        traffic_at_zero=record.applied_weight == 0,
+        step_started_at=iso(record.step_started_at),
+        ready=bool(ready and ready.ready),
+        blocked_by=list(ready.blocking_gates) if ready else [],
+        ready_at=iso(ready.ready_at) if ready and ready.ready_at else None,
+        time_left=format_duration(whole_seconds(ready.time_left)) if ready else None,
+        waited=format_duration(ready.waited) if ready else None,
+        paused_at=iso(record.paused_at),
+        paused_for=format_duration(rollout.paused_for),
+        auto_promote=record.auto_promote,
+        triggered_by=record.triggered_by,
+        gates=[
+            GateView.model_validate(
+                {
+                    "name": gate.name,
+                    "phase": gate.phase.value,
+                    "value": gate.value,
+                    "threshold": gate.threshold,
+                    "failing_since": iso(gate.failing_since),
+                    "breached": gate.breached,
+                    "detail": gate.detail,
+                    **_gate_rule(record, gate.name),
+                }
+            )
+            for gate in rollout.gates
+        ],
+        reason=record.reason,
+        router=record.router,
+        router_error=record.router_error,
+        router_attempts=record.router_attempts,
+        router_retry_at=iso(record.router_retry_at),
+        created_by=record.created_by,
+        created_at=iso(record.created_at),
+        updated_at=iso(record.updated_at),
+        finished_at=iso(record.finished_at),
+        next_evaluation_at=iso(record.next_evaluation_at),
+        alerts=alerts or [],
+    )
+
+
+def _gate_rule(record: RolloutRecord, name: str) -> dict[str, Any]:
+    # The comparison the gate was started with, so that a value and threshold read on their own.
+    for gate in (record.gate_policy or {}).get("gates", []):
+        if gate.get("name") == name:
+            return {"op": gate.get("op"), "for": gate.get("for"),
+                    "on_no_data": gate.get("on_no_data", "hold")}  # fmt: skip
+    return {}

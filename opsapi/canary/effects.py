@@ -1,0 +1,303 @@
+"""The one interpreter of the machine's plans, for every caller alike.
+
+The API, the controller, the PagerDuty webhook, `/execute` and revert all change a rollout the
+same way: `Effects.run` locks the service and its latest rollout, asks the machine, and — inside
+the caller's transaction — writes the rollout and the service's lifecycle state (the slot swap of
+a success or a revert), the transition's audit event, its pages and notifications (outbox rows)
+and the desired weight. Nothing here commits. After the caller's commit, `Effects.finish` counts
+the transition in the metrics and makes the desired weight real through the router (converge),
+so that the answer is built once, from what was committed and what the router reported.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Protocol
+
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from opsapi.audit import service as audit
+from opsapi.audit.models import Outcome, Source
+from opsapi.canary import machine, service
+from opsapi.canary.machine import Audit, Event, Notify, Page, PageKind, Refusal, SetWeight, Start
+from opsapi.canary.models import RolloutRecord, ServiceRecord
+from opsapi.canary.policy import Policy
+from opsapi.metrics import Metrics
+from opsapi.pagerduty import outbox as pagerduty_outbox
+from opsapi.routers.registry import PULL
+from opsapi.routers.traffic import ApplyOutcome, Traffic
+
+log = logging.getLogger("opsapi.canary")
+
+
+@dataclass(frozen=True)
+class Cause:
+    """Who or what asks for a transition, and how its audit event reads."""
+
+    actor: str
+    source: Source
+    roles: Sequence[str] = ()
+    request_id: str | None = None
+    client_address: str | None = None
+    # The request's own audit action (`canary.promote`); None: the transition's (`rollout.ready`).
+    action: str | None = None
+    # What the request said (its body's fields), kept in the audit event beside the transition.
+    details: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Applied:
+    """A transition carried out in the caller's transaction."""
+
+    record: RolloutRecord
+    service: ServiceRecord
+    transition: machine.Transition
+    # The transition's audit details (also written into its audit event).
+    details: dict[str, Any]
+    # What the router reported after the commit (None until `finish` converged).
+    converged: ApplyOutcome | None = None
+
+    @property
+    def moved(self) -> bool:
+        """Whether the desired weight changed (a router must apply it)."""
+        return any(isinstance(effect, SetWeight) for effect in self.transition.effects)
+
+    @property
+    def changed(self) -> bool:
+        """Whether anything was recorded (an audit event written)."""
+        return any(isinstance(effect, Audit) for effect in self.transition.effects)
+
+
+class Notifier(Protocol):
+    """Writes a transition's notifications to the outbox (in the caller's transaction)."""
+
+    async def enqueue(
+        self,
+        session: AsyncSession,
+        *,
+        policy: Policy,
+        record: RolloutRecord,
+        notify: Notify,
+        cause: Cause,
+        key: str,
+        now: datetime,
+    ) -> list[str]:
+        """Enqueue `notify` for every channel the policy routes it to; their names."""
+        ...
+
+
+class Effects:
+    """Carries out the machine's plans; one instance serves every caller of a process."""
+
+    def __init__(
+        self,
+        *,
+        traffic: Traffic | None,
+        metrics: Metrics,
+        default_policy: Policy,
+        notifier: Notifier | None = None,
+    ) -> None:
+        self.traffic = traffic
+        self.metrics = metrics
+        self.default_policy = default_policy
+        self.notifier = notifier
+
+    async def decide(
+        self,
+        name: str,
+        event: Event,
+        *,
+        now: datetime,
+        session: AsyncSession,
+        policy: Policy | None = None,
+    ) -> tuple[machine.Decision, RolloutRecord | None]:
+        """What the machine would do (a dry run): nothing is locked or written."""
+        record = await service.latest_rollout(name, session=session)
+        row = await session.get(ServiceRecord, name)
+        state = _service_state(name, row, record, policy or self.default_policy, event)
+        rollout = service.to_machine(record) if record is not None else None
+        return machine.decide(rollout, event, now, state), record
+
+    async def run(
+        self,
+        name: str,
+        event: Event,
+        *,
+        now: datetime,
+        cause: Cause,
+        session: AsyncSession,
+        policy: Policy | None = None,
+        rollout_id: int | None = None,
+    ) -> Applied:
+        """Apply `event` to the service's latest rollout; raise `service.Refused` if refused.
+
+        `policy` is the service's current policy (a Start uses it); `rollout_id`, when given,
+        must be the latest rollout's id (the controller decides about the rollout it measured).
+        """
+        row = await service.lock_service(name, now=now, session=session)
+        record = await service.latest_rollout(name, session=session, lock=True)
+        if rollout_id is not None and (record is None or record.id != rollout_id):
+            raise service.Refused(
+                Refusal(machine.RefusalCode.STALE, "a newer rollout replaced this one"), record
+            )
+        current = policy or service.policy_of(row, self.default_policy)
+        state = _service_state(name, row, record, current, event)
+        rollout = service.to_machine(record) if record is not None else None
+        decision = machine.decide(rollout, event, now, state)
+        if isinstance(decision, Refusal):
+            raise service.Refused(decision, record)
+        if isinstance(event, Start):
+            record = service.new_record(decision.rollout, current, created_by=cause.actor, now=now)
+            session.add(record)
+            await session.flush()  # the id, for the audit event and the outbox
+        assert record is not None
+        return await self._carry_out(record, row, decision, current, now=now, cause=cause,
+                                     session=session)  # fmt: skip
+
+    async def _carry_out(
+        self,
+        record: RolloutRecord,
+        row: ServiceRecord,
+        transition: machine.Transition,
+        policy: Policy,
+        *,
+        now: datetime,
+        cause: Cause,
+        session: AsyncSession,
+    ) -> Applied:
+        service.store(record, transition.rollout, now)
+        for effect in transition.effects:
+            if isinstance(effect, SetWeight) and record.router.get("name", PULL) == PULL:
+                # The pull router's clients read the committed weight: committing is applying.
+                record.applied_weight = effect.weight
+                record.router_error = None
+        if transition.service is not None:
+            service.store_service(row, transition.service, now)
+            session.add(row)
+        session.add(record)
+        await session.flush()
+        details = summary(transition)
+        for effect in transition.effects:
+            if isinstance(effect, Page):
+                details.update(await self._page(session, record, effect, now))
+            elif isinstance(effect, Notify) and self.notifier is not None:
+                key = f"{record.id}:{effect.kind}:{now.isoformat()}"
+                channels = await self.notifier.enqueue(
+                    session, policy=policy, record=record, notify=effect, cause=cause, key=key,
+                    now=now,
+                )  # fmt: skip
+                if channels:
+                    details.setdefault("notified", []).extend(channels)
+        applied = Applied(record, row, transition, details)
+        if applied.changed:
+            await audit.record(
+                session=session,
+                at=now,
+                actor=cause.actor,
+                roles=cause.roles,
+                source=cause.source,
+                action=cause.action or details["transition"],
+                outcome=Outcome.SUCCESS,
+                service=record.service,
+                rollout_id=record.id,
+                request_id=cause.request_id,
+                client_address=cause.client_address,
+                details={**cause.details, **details, "triggered_by": record.triggered_by},
+            )
+        return applied
+
+    async def _page(
+        self, session: AsyncSession, record: RolloutRecord, page: Page, now: datetime
+    ) -> dict[str, Any]:
+        if page.kind == PageKind.TRIGGER:
+            return await pagerduty_outbox.page_breach(session, record, page.details, now=now)
+        resolved = await pagerduty_outbox.resolve_earlier(session, record, now=now)
+        return {"resolved_pages": resolved} if resolved else {}
+
+    async def finish(self, applied: Applied, *, budget: float | None = None) -> Applied:
+        """After the commit: count the transition, make its weight real (within `budget`
+        seconds when given; the apply goes on, and reconcile finishes what fails)."""
+        for effect in applied.transition.effects:
+            if isinstance(effect, Audit):
+                self.metrics.transitions.labels(effect.action, applied.record.triggered_by).inc()
+        record = applied.record
+        if self.traffic is None or record.id is None or not applied.moved:
+            return applied
+        if record.applied_weight == record.desired_weight and record.router_error is None:
+            return applied
+        apply = self.traffic.apply(record.id, record.service, reason=_reason(applied))
+        try:
+            if budget is None:
+                outcome = await apply
+            else:
+                outcome = await asyncio.wait_for(asyncio.shield(_background(apply)), budget)
+        except TimeoutError:
+            return applied
+        applied.converged = outcome
+        record.router_error = outcome.error
+        if outcome.ok:
+            record.applied_weight = outcome.applied_weight
+        return applied
+
+
+def summary(transition: machine.Transition) -> dict[str, Any]:
+    """The audit details of a transition: every step it took, its true before and after."""
+    audits = [effect for effect in transition.effects if isinstance(effect, Audit)]
+    if not audits:
+        return {}
+    details: dict[str, Any] = {}
+    for effect in audits:
+        details.update(effect.details)
+    details["transition"] = audits[-1].action
+    if "from_state" in audits[0].details:
+        details["from_state"] = audits[0].details["from_state"]
+    if len(audits) > 1:
+        details["transitions"] = [{"action": e.action, **e.details} for e in audits]
+    return details
+
+
+def _service_state(
+    name: str,
+    row: ServiceRecord | None,
+    record: RolloutRecord | None,
+    policy: Policy,
+    event: Event,
+) -> machine.ServiceState:
+    # A start uses the policy's router (the slots the new canary goes to); every other event
+    # the router the rollout started with.
+    router = policy.router.model_dump(mode="json")
+    if record is not None and not isinstance(event, Start):
+        router = record.router
+    return service.service_state(name, row, router)
+
+
+def _reason(applied: Applied) -> str:
+    actions = [e.action for e in applied.transition.effects if isinstance(e, Audit)]
+    return actions[-1] if actions else "transition"
+
+
+_tasks: set[asyncio.Task[Any]] = set()
+
+
+def _background(work: Any) -> asyncio.Task[ApplyOutcome]:
+    # Kept referenced until done: an answer that stops waiting must not cancel the apply.
+    task: asyncio.Task[ApplyOutcome] = asyncio.ensure_future(work)
+    _tasks.add(task)
+    task.add_done_callback(_done)
+    return task
+
+
+def _done(task: asyncio.Task[Any]) -> None:
+    _tasks.discard(task)
+    if not task.cancelled() and task.exception() is not None:
+        log.error("applying a weight failed: %r", task.exception())
+
+
+async def drain(seconds: float = 10.0) -> None:
+    """Let applies that outlived their answer's budget finish (at shutdown)."""
+    if _tasks:
+        await asyncio.wait(set(_tasks), timeout=seconds)
