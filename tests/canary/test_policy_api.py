@@ -62,10 +62,16 @@ FULL_POLICY: dict[str, Any] = {
 PREVIOUS = {"steps": [{"weight": 50, "wait": "5m"}, {"weight": 100, "wait": "1h"}]}
 
 
+def policy_of(answer: httpx.Response) -> dict[str, Any]:
+    """The policy document of a GET or PUT answer, without the read-only service `status`
+    that answers may carry beside it (it is not part of the policy)."""
+    return {key: value for key, value in answer.json().items() if key != "status"}
+
+
 async def get_policy(api: Harness, service: str = SERVICE) -> dict[str, Any]:
     response = await api.get(f"/services/{service}")
     assert response.status_code == 200, response.text
-    return response.json()  # type: ignore[no-any-return]
+    return policy_of(response)
 
 
 async def put_raw(api: Harness, path: str, content: Any, **headers: str) -> httpx.Response:
@@ -107,7 +113,7 @@ async def test_put_then_get_round_trips(api_any_db: Harness) -> None:
 
     # then the answer and every later GET give back exactly what was put, durations as strings
     assert response.status_code == 200, response.text
-    assert response.json() == FULL_POLICY
+    assert policy_of(response) == FULL_POLICY
     assert await get_policy(api_any_db) == FULL_POLICY
     # and other services keep the default
     assert (await get_policy(api_any_db, "other"))["steps"] == DEFAULT_STEPS
@@ -358,8 +364,8 @@ async def test_each_put_is_audited_with_before_and_after(api: Harness) -> None:
     assert len(events) == 2
     default = await get_policy(api, "never-configured")
     assert events[0].details["before"] == default
-    assert events[0].details["after"] == first.json()
-    assert events[1].details["before"] == first.json()
+    assert events[0].details["after"] == policy_of(first)
+    assert events[1].details["before"] == policy_of(first)
     assert events[1].details["after"] == FULL_POLICY
     for event in events:
         assert (event.outcome, event.actor, event.service) == ("success", "admin-user", SERVICE)
@@ -435,3 +441,166 @@ async def test_concurrent_first_puts_of_a_new_service_do_not_fail(api: Harness) 
         statuses = [response.status_code for response in responses]
         assert all(status in (200, 409) for status in statuses), statuses
         assert (await get_policy(api, service))["bake"] in {b["bake"] for b in bodies}
+
+
+# --- with a metrics backend: the default has the checklist's gates ------------------------------
+
+CHECKLIST_GATE_NAMES = [
+    "p95-latency",
+    "error-rate",
+    "success-rate",
+    "webhook-signature-verification",
+    "db-connection-failures",
+]
+# Never contacted: policies are validated and stored without measuring anything.
+UNUSED_PROMETHEUS = "http://127.0.0.1:9"
+
+
+@pytest.fixture
+async def api_with_metrics(pg_url: str, key_file: Path) -> AsyncIterator[Harness]:
+    """The app with OPSAPI_PROMETHEUS_URL set, so its default policy has the checklist's gates."""
+    async with running_app(pg_url, key_file, prometheus_url=UNUSED_PROMETHEUS) as harness:
+        yield harness
+
+
+def gate_names(policy: dict[str, Any]) -> list[str]:
+    return [gate["name"] for gate in policy["gates"]]
+
+
+async def test_default_policy_with_a_metrics_backend_has_the_checklist_gates(
+    api_with_metrics: Harness,
+) -> None:
+    assert gate_names(await get_policy(api_with_metrics, "never-configured")) == (
+        CHECKLIST_GATE_NAMES
+    )
+
+
+ONE_GATE = {"name": "errors", "query": "sum(rate(x[5m]))", "op": "<", "threshold": 0.01}
+
+# (partial body, what the stored policy must then hold besides the body's own fields)
+PARTIAL: list[Any] = [
+    pytest.param(
+        {"bake": "1h"},
+        {
+            "gates": CHECKLIST_GATE_NAMES,
+            "steps": [*DEFAULT_STEPS[:-1], {"weight": 100, "wait": "1h"}],
+            "bake": "1h",
+        },
+        id="bake-alone",
+    ),
+    pytest.param(
+        {"auto_promote": True},
+        {"gates": CHECKLIST_GATE_NAMES, "steps": DEFAULT_STEPS, "auto_promote": True},
+        id="auto-promote-alone",
+    ),
+    pytest.param(
+        PREVIOUS,
+        {"gates": CHECKLIST_GATE_NAMES, "steps": PREVIOUS["steps"], "bake": "1h"},
+        id="steps-alone",
+    ),
+    pytest.param(
+        {"interval": "30s", "router": {"name": "pull"}},
+        {"gates": CHECKLIST_GATE_NAMES, "interval": "30s"},
+        id="interval-and-router",
+    ),
+    pytest.param({"gates": []}, {"gates": [], "steps": DEFAULT_STEPS}, id="explicit-no-gates"),
+    pytest.param({"gates": [ONE_GATE]}, {"gates": ["errors"]}, id="own-gates"),
+]
+
+
+@pytest.mark.parametrize(("body", "expected"), PARTIAL)
+async def test_a_partial_put_keeps_the_defaults_it_does_not_name(
+    api_with_metrics: Harness, body: dict[str, Any], expected: dict[str, Any]
+) -> None:
+    api = api_with_metrics
+    # when an admin puts a body naming only some fields
+    response = await api.put(PATH, body)
+
+    # then the answer and every later GET hold the server's defaults for the others
+    assert response.status_code == 200, response.text
+    for policy in (policy_of(response), await get_policy(api)):
+        for field, value in expected.items():
+            actual = gate_names(policy) if field == "gates" else policy[field]
+            assert actual == value, (field, policy)
+
+
+def _bad_gate(**changes: Any) -> dict[str, Any]:
+    return {"gates": [ONE_GATE, {**ONE_GATE, "name": "second", **changes}]}
+
+
+# (raw body, the field the errors must name, what the message must say)
+REFUSED_GATES: list[Any] = [
+    pytest.param(
+        json.dumps(_bad_gate(query="sum(rate(x[5m])")),
+        "gates.1.query",
+        "PromQL",
+        id="bad-promql",
+    ),
+    pytest.param(
+        json.dumps(_bad_gate(query="rate(x)")), "gates.1.query", "PromQL", id="rate-of-a-vector"
+    ),
+    pytest.param(
+        json.dumps(_bad_gate(query='sum(rate(x{service="{service}",version="{canary}"}[5m]))')),
+        "gates.1.query",
+        "{canary}",
+        id="unknown-placeholder",
+    ),
+    pytest.param(
+        json.dumps(_bad_gate(baseline_query='x{version="{version}"}')),
+        "gates.1.baseline_query",
+        "{version}",
+        id="unknown-placeholder-in-baseline",
+    ),
+    pytest.param(
+        json.dumps({"min_sample": {"query": 'sum(x{service="{svc}"})', "min": 1}}),
+        "min_sample.query",
+        "{svc}",
+        id="unknown-placeholder-in-min-sample",
+    ),
+    pytest.param(
+        json.dumps(_bad_gate(threshold=0.5)).replace("0.5", "1e999"),
+        "gates.1.threshold",
+        "finite",
+        id="threshold-1e999",
+    ),
+    pytest.param(
+        json.dumps(_bad_gate(threshold=0.5)).replace("0.5", "-1e999"),
+        "gates.1.threshold",
+        "finite",
+        id="threshold-minus-1e999",
+    ),
+    pytest.param(
+        json.dumps(_bad_gate(threshold=0.5)).replace("0.5", "NaN"),
+        "gates.1.threshold",
+        "finite",
+        id="threshold-nan",
+    ),
+    pytest.param(
+        json.dumps({"min_sample": {"query": "sum(x)", "min": 0.5}}).replace("0.5", "1e999"),
+        "min_sample.min",
+        "finite",
+        id="min-sample-1e999",
+    ),
+]
+
+
+@pytest.mark.parametrize(("raw", "field", "says"), REFUSED_GATES)
+async def test_bad_gate_queries_and_numbers_are_422_naming_the_field(
+    api_with_metrics: Harness, raw: str, field: str, says: str
+) -> None:
+    api = api_with_metrics
+    assert (await api.put(PATH, PREVIOUS)).status_code == 200
+    before = await get_policy(api)
+
+    # when an admin puts a policy with a query or number that could never work
+    response = await put_raw(api, PATH, raw.encode())
+
+    # then 422 naming the field, the message short and not repeating the query
+    problem = assert_problem(response, 422)
+    messages = {error["field"]: error["message"] for error in problem["errors"]}
+    assert field in messages, messages
+    assert says in messages[field]
+    assert len(messages[field]) <= 200
+    assert "sum(rate(" not in response.text
+    # and nothing changed
+    assert await get_policy(api) == before
