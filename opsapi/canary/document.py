@@ -87,7 +87,9 @@ class RolloutView(_Answer):
     updated_at: str | None
     finished_at: str | None
     next_evaluation_at: str | None
+    # PagerDuty events about this rollout, and its notifications, with their delivery state.
     alerts: list[dict[str, Any]]
+    notifications: list[dict[str, Any]]
 
 
 def targets_of(router: dict[str, Any]) -> dict[str, str | None]:
@@ -124,6 +126,7 @@ def rollout_view(
     row: ServiceRecord | None,
     now: datetime,
     alerts: list[dict[str, Any]] | None = None,
+    notifications: list[dict[str, Any]] | None = None,
 ) -> RolloutView:
     """The rollout as the API shows it."""
     rollout = service.to_machine(record)
@@ -182,6 +185,7 @@ def rollout_view(
         finished_at=iso(record.finished_at),
         next_evaluation_at=iso(record.next_evaluation_at),
         alerts=alerts or [],
+        notifications=notifications or [],
     )
 
 

@@ -16,17 +16,29 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any
 
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from opsapi.audit import service as audit
 from opsapi.audit.models import Outcome, Source
 from opsapi.canary import machine, service
-from opsapi.canary.machine import Audit, Event, Notify, Page, PageKind, Refusal, SetWeight, Start
+from opsapi.canary.machine import (
+    Audit,
+    Event,
+    Notify,
+    Page,
+    PageKind,
+    Refusal,
+    SetWeight,
+    Start,
+    SwapSlots,
+)
 from opsapi.canary.models import RolloutRecord, ServiceRecord
 from opsapi.canary.policy import Policy
 from opsapi.metrics import Metrics
+from opsapi.notifications import outbox as notifications
+from opsapi.notifications.messages import Message
 from opsapi.pagerduty import outbox as pagerduty_outbox
 from opsapi.routers.registry import PULL
 from opsapi.routers.traffic import ApplyOutcome, Traffic
@@ -63,31 +75,13 @@ class Applied:
 
     @property
     def moved(self) -> bool:
-        """Whether the desired weight changed (a router must apply it)."""
-        return any(isinstance(effect, SetWeight) for effect in self.transition.effects)
+        """Whether a router must apply something: a new weight, or new slot roles."""
+        return any(isinstance(e, SetWeight | SwapSlots) for e in self.transition.effects)
 
     @property
     def changed(self) -> bool:
         """Whether anything was recorded (an audit event written)."""
         return any(isinstance(effect, Audit) for effect in self.transition.effects)
-
-
-class Notifier(Protocol):
-    """Writes a transition's notifications to the outbox (in the caller's transaction)."""
-
-    async def enqueue(
-        self,
-        session: AsyncSession,
-        *,
-        policy: Policy,
-        record: RolloutRecord,
-        notify: Notify,
-        cause: Cause,
-        key: str,
-        now: datetime,
-    ) -> list[str]:
-        """Enqueue `notify` for every channel the policy routes it to; their names."""
-        ...
 
 
 class Effects:
@@ -99,12 +93,10 @@ class Effects:
         traffic: Traffic | None,
         metrics: Metrics,
         default_policy: Policy,
-        notifier: Notifier | None = None,
     ) -> None:
         self.traffic = traffic
         self.metrics = metrics
         self.default_policy = default_policy
-        self.notifier = notifier
 
     async def decide(
         self,
@@ -170,11 +162,16 @@ class Effects:
         session: AsyncSession,
     ) -> Applied:
         service.store(record, transition.rollout, now)
+        pull = record.router.get("name", PULL) == PULL
         for effect in transition.effects:
-            if isinstance(effect, SetWeight) and record.router.get("name", PULL) == PULL:
+            if isinstance(effect, SetWeight) and pull:
                 # The pull router's clients read the committed weight: committing is applying.
                 record.applied_weight = effect.weight
                 record.router_error = None
+            elif isinstance(effect, SwapSlots) and not pull:
+                # What is live must be applied again under the new roles (the same percentage
+                # may now mean another version is stable): unknown until the router confirms.
+                record.applied_weight = None
         if transition.service is not None:
             service.store_service(row, transition.service, now)
             session.add(row)
@@ -184,12 +181,16 @@ class Effects:
         for effect in transition.effects:
             if isinstance(effect, Page):
                 details.update(await self._page(session, record, effect, now))
-            elif isinstance(effect, Notify) and self.notifier is not None:
-                key = f"{record.id}:{effect.kind}:{now.isoformat()}"
-                channels = await self.notifier.enqueue(
-                    session, policy=policy, record=record, notify=effect, cause=cause, key=key,
+            elif isinstance(effect, Notify) and policy.notify:
+                channels = await notifications.enqueue(
+                    session,
+                    rules=policy.notify,
+                    message=_message(record, effect, cause),
+                    # One transition, one cause: the same event twice in a rollout (promoted
+                    # at each step) are different transitions.
+                    cause=f"rollout:{record.id}:{effect.kind}:{now.isoformat()}",
                     now=now,
-                )  # fmt: skip
+                )
                 if channels:
                     details.setdefault("notified", []).extend(channels)
         applied = Applied(record, row, transition, details)
@@ -273,6 +274,29 @@ def _service_state(
     if record is not None and not isinstance(event, Start):
         router = record.router
     return service.service_state(name, row, router)
+
+
+def _message(record: RolloutRecord, notify: Notify, cause: Cause) -> Message:
+    reason = notify.details.get("reason") or record.reason
+    if notify.kind == "gate_failing":
+        reason = (
+            f"gate {notify.details.get('gate')} failing: value {notify.details.get('value')} "
+            f"against threshold {notify.details.get('threshold')}"
+        )
+    return Message(
+        event=notify.kind,
+        service=record.service,
+        rollout_id=record.id,
+        state=record.state,
+        canary_version=record.canary_version,
+        stable_version=record.stable_version,
+        canary_slot=record.canary_slot,
+        stable_slot=record.stable_slot,
+        weight=record.desired_weight,
+        triggered_by=record.triggered_by,
+        actor=cause.actor,
+        reason=reason,
+    )
 
 
 def _reason(applied: Applied) -> str:

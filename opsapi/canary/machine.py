@@ -222,6 +222,12 @@ class Audit:
     details: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class SwapSlots:
+    """The stable slot changed (a success or a revert): routers must learn the new roles even
+    when no percentage moves (a webhook receiver routes by version)."""
+
+
 class PageKind(enum.StrEnum):
     TRIGGER = "trigger"  # an automatic rollback: page the service's on-call
     RESOLVE_EARLIER = "resolve_earlier"  # a success: resolve the service's earlier pages
@@ -233,7 +239,7 @@ class Page:
     details: dict[str, Any] = field(default_factory=dict)
 
 
-Effect = SetWeight | Notify | Audit | Page
+Effect = SetWeight | SwapSlots | Notify | Audit | Page
 
 
 @dataclass(frozen=True)
@@ -563,6 +569,7 @@ def _succeed(
     return Transition(
         done,
         (
+            SwapSlots(),
             Audit("rollout.succeeded", details),
             Notify("succeeded"),
             Page(PageKind.RESOLVE_EARLIER),
@@ -622,7 +629,12 @@ def _revert(
     }
     return Transition(
         reverted,
-        (SetWeight(0), Audit("rollout.reverted", details), Notify("reverted", details)),
+        (
+            SetWeight(0),
+            SwapSlots(),
+            Audit("rollout.reverted", details),
+            Notify("reverted", details),
+        ),
         service=after,
     )
 

@@ -23,6 +23,7 @@ from pydantic import (
 from opsapi.canary.machine import Step
 from opsapi.durations import format_duration, parse_duration
 from opsapi.gates.templates import check_template
+from opsapi.notifications.rules import NotifyRule
 
 SERVICE_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 GATE_NAME = r"^[a-z0-9][a-z0-9_.-]{0,62}$"
@@ -143,6 +144,7 @@ class Policy(_Strict):
     min_sample: MinSample | None = None
     router: RouterPolicy = Field(default_factory=RouterPolicy)
     pagerduty: PagerDutyPolicy | None = None
+    notify: list[NotifyRule] = Field(default_factory=list, max_length=20)
 
     @model_validator(mode="before")
     @classmethod

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, RootModel, ValidationError
 from sqlmodel.ext.asyncio.session import AsyncSession
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -15,10 +15,18 @@ from opsapi.canary.document import RolloutView, VersionInSlot, rollout_view, tar
 from opsapi.canary.effects import Applied
 from opsapi.canary.machine import Actor, Trigger
 from opsapi.canary.models import RolloutRecord, ServiceRecord
-from opsapi.canary.policy import SERVICE_NAME, VERSION, Policy, is_service_name
+from opsapi.canary.policy import (
+    SERVICE_NAME,
+    VERSION,
+    Policy,
+    effective_policy,
+    is_service_name,
+)
 from opsapi.errors import Conflict, NotFound, Unprocessable
-from opsapi.http.endpoint import Call, endpoint
+from opsapi.http.endpoint import Call, endpoint, validation_errors
 from opsapi.http.params import int_param
+from opsapi.notifications import outbox as notifications
+from opsapi.notifications.rules import check_rules
 from opsapi.pagerduty import outbox as pagerduty_outbox
 from opsapi.routers.registry import check_router
 
@@ -40,11 +48,9 @@ class PromoteBody(_Body):
     from_percent: int | None = Field(default=None, ge=0, le=100)
 
 
-class PolicyBody(Policy):
-    """A PUT body: a policy. `status`, as GET answers it, is read-only and ignored, so that a
-    policy read can be edited and put back."""
-
-    status: dict[str, Any] | None = Field(default=None, exclude=True)
+class PolicyDocument(RootModel[dict[str, Any]]):
+    """A PUT body: a policy document (checked by `effective_policy`). `status`, as GET answers
+    it, is read-only and ignored, so that a policy read can be edited and put back."""
 
 
 class RollbackBody(_Body):
@@ -67,14 +73,22 @@ async def _transition(call: Call, name: str, event: machine.Event, **kwargs: Any
         name, event, now=call.now, cause=call.cause(), session=call.session, **kwargs
     )
     call.rollout_id = applied.record.id
-    alerts = await pagerduty_outbox.alerts_for(call.session, applied.record.id)
-    call.after_commit.append(lambda: _answer(call, applied, alerts))
+    outbound = await _outbound(call.session, applied.record.id)
+    call.after_commit.append(lambda: _answer(call, applied, outbound))
     return call.pending()
 
 
-async def _answer(call: Call, applied: Applied, alerts: list[dict[str, Any]]) -> Response:
+async def _outbound(session: AsyncSession, rollout_id: int | None) -> dict[str, Any]:
+    """The rollout's PagerDuty alerts and notifications, with their delivery state."""
+    return {
+        "alerts": await pagerduty_outbox.alerts_for(session, rollout_id),
+        "notifications": await notifications.deliveries_for(session, rollout_id),
+    }
+
+
+async def _answer(call: Call, applied: Applied, outbound: dict[str, Any]) -> Response:
     await call.effects.finish(applied)
-    view = rollout_view(applied.record, applied.service, call.now, alerts)
+    view = rollout_view(applied.record, applied.service, call.now, **outbound)
     return JSONResponse(view.model_dump(mode="json"))
 
 
@@ -199,8 +213,8 @@ async def get_rollout(call: Call) -> Response:
         raise NotFound(f"{name} has no rollout")
     call.rollout_id = record.id
     row = await call.session.get(ServiceRecord, name)
-    alerts = await pagerduty_outbox.alerts_for(call.session, record.id)
-    return JSONResponse(rollout_view(record, row, call.now, alerts).model_dump(mode="json"))
+    outbound = await _outbound(call.session, record.id)
+    return JSONResponse(rollout_view(record, row, call.now, **outbound).model_dump(mode="json"))
 
 
 @endpoint(action="canary.history", role=Role.VIEWER)
@@ -288,13 +302,23 @@ async def get_policy(call: Call) -> Response:
     return JSONResponse({**document, "status": status.model_dump(mode="json")})
 
 
-@endpoint(action="service.put", role=Role.ADMIN, body=PolicyBody, mutating=True)
+@endpoint(action="service.put", role=Role.ADMIN, body=PolicyDocument, mutating=True)
 async def put_policy(call: Call) -> Response:
-    """Replace the service's policy; the audit event keeps before and after."""
+    """Replace the service's policy: omitted fields take the server's defaults; the answer is
+    the effective policy; the audit event keeps before and after."""
     name = _service_param(call)
-    body = call.body_as(PolicyBody)
-    policy = Policy.model_validate(body.model_dump(mode="json", by_alias=True, exclude_none=True))
+    document = {k: v for k, v in call.body_as(PolicyDocument).root.items() if k != "status"}
+    try:
+        policy = effective_policy(document, call.runtime.default_policy)
+    except ValidationError as error:
+        raise Unprocessable(
+            "the request body is invalid", errors=validation_errors(error)
+        ) from None
     check_router(policy.router, call.runtime.traffic.routers)
+    unknown = check_rules(policy.notify, call.runtime.delivery.notifier.channels)
+    if unknown:
+        raise Unprocessable("the policy names notification channels this server lacks",
+                            errors=unknown)  # fmt: skip
     # A routing key sent back as answered ("…abcd") keeps the stored one.
     stored = await service.load_policy(
         name, default=call.runtime.default_policy, session=call.session

@@ -27,6 +27,7 @@ from opsapi.gates.provider import GateProvider
 from opsapi.http.endpoint import problem_response
 from opsapi.http.openapi import openapi_document
 from opsapi.http.runtime import Runtime
+from opsapi.notifications import outbox as notifications_outbox
 from opsapi.pagerduty import outbox as pagerduty_outbox
 from opsapi.pagerduty import webhook as pagerduty_webhook
 from opsapi.runtime import build_provider, build_runtime, build_verifier
@@ -106,6 +107,7 @@ async def metrics(request: Request) -> Response:
     async with runtime.sessions() as session:
         open_rollouts = await canary_service.list_open(session=session)
         runtime.metrics.pagerduty_pending.set(await pagerduty_outbox.pending_count(session))
+        runtime.metrics.notifications_pending.set(await notifications_outbox.pending_count(session))
     runtime.metrics.open_rollouts.set(len(open_rollouts))
     runtime.metrics.rollout_weight.clear()
     for record in open_rollouts:

@@ -31,6 +31,7 @@ SEVERITY = "critical"
 ROUTER_FAILURES_TO_PAGE = 5
 API_PREFIX = "/internal/ops"
 _SUMMARY_LIMIT = 1024  # the Events API's limit for payload.summary
+PAGES = (OutboxKind.TRIGGER.value, OutboxKind.RESOLVE.value)
 
 
 def dedup_key(rollout_id: int | None) -> str:
@@ -249,7 +250,7 @@ async def alerts_for(session: AsyncSession, rollout_id: int | None) -> list[dict
     rows = (
         await session.exec(
             select(OutboxMessage)
-            .where(OutboxMessage.rollout_id == rollout_id)
+            .where(OutboxMessage.rollout_id == rollout_id, col(OutboxMessage.kind).in_(PAGES))
             .order_by(col(OutboxMessage.id))
         )
     ).all()
@@ -271,7 +272,7 @@ async def pending_count(session: AsyncSession) -> int:
     query = (
         select(func.count())
         .select_from(OutboxMessage)
-        .where(OutboxMessage.state == OutboxState.PENDING.value)
+        .where(OutboxMessage.state == OutboxState.PENDING.value, col(OutboxMessage.kind).in_(PAGES))
     )
     return int((await session.exec(query)).one())
 

@@ -37,6 +37,7 @@ from opsapi.canary.machine import (
     ServiceState,
     SetWeight,
     Start,
+    SwapSlots,
     State,
     Step,
     Tick,
@@ -280,18 +281,20 @@ def describe(effect: Effect) -> str:
             return f"notify:{kind}"
         case Page(kind=kind):
             return f"page:{kind.value}"
+        case SwapSlots():
+            return "swap"
     raise AssertionError(effect)  # pragma: no cover
 
 
 STARTED = ("audit:rollout.started", "notify:started")
 PROMOTED = ("audit:rollout.promoted", "notify:promoted")
-SUCCEEDED = ("audit:rollout.succeeded", "notify:succeeded", "page:resolve_earlier")
+SUCCEEDED = ("swap", "audit:rollout.succeeded", "notify:succeeded", "page:resolve_earlier")
 ROLLED_BACK = ("weight:0", "audit:rollout.rolled_back", "notify:rolled_back")
 READY = ("audit:rollout.ready", "notify:awaiting_promotion")
 PAUSED = ("audit:rollout.paused", "notify:paused")
 RESUMED = ("audit:rollout.resumed", "notify:resumed")
 GATE_FAILING = Notifies(("notify:gate_failing",))
-REVERTED = ("weight:0", "audit:rollout.reverted", "notify:reverted")
+REVERTED = ("weight:0", "swap", "audit:rollout.reverted", "notify:reverted")
 
 
 def promoted_to(weight: int, trigger: Trigger = Trigger.USER) -> Moves:

@@ -56,6 +56,7 @@ FULL_POLICY: dict[str, Any] = {
     "min_sample": {"query": "sum(rate(http_requests_total[5m]))", "min": 10.0},
     "router": {"name": "pull"},
     "pagerduty": {"service_ids": ["PABC123"], "priorities": ["P1", "P2"], "urgencies": ["high"]},
+    "notify": [],
 }
 
 # A valid policy that differs from the default: the "previous policy" of the validation tests.
