@@ -91,6 +91,21 @@ class Metrics:
             ["channel", "outcome"],
             registry=self.registry,
         )
+        self.audit_head_id = Gauge(
+            "opsapi_audit_head_id",
+            "Id of the newest audit event (the chain head); a drop means events were removed",
+            registry=self.registry,
+        )
+        self.audit_refusals_aggregated = Counter(
+            "opsapi_audit_refusals_aggregated",
+            "Refusals over the per-caller limit, counted into aggregated audit events",
+            registry=self.registry,
+        )
+        self.audit_write_failures = Counter(
+            "opsapi_audit_write_failures",
+            "Audit events the group-commit writer could not commit (their requests failed)",
+            registry=self.registry,
+        )
         self.notifications_pending = Gauge(
             "opsapi_notifications_pending",
             "Notifications waiting in the outbox for delivery",

@@ -11,6 +11,7 @@ import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import insert, text
@@ -35,12 +36,16 @@ def canonical(event: Mapping[str, Any]) -> bytes:
         fields["at"] = at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     fields["roles"] = sorted(fields["roles"] or [])
     fields["details"] = _stored_form(fields["details"] or {})
-    return json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    text = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    # `event_row` never lets a lone surrogate through; one written behind the application's
+    # back must make a hash mismatch, not a crash of the verification.
+    return text.encode("utf-8", "surrogatepass")
 
 
 def _stored_form(value: Any) -> Any:
-    # A whole float that JSON writes in exponent form (1e+16) comes back from PostgreSQL's jsonb
-    # as an integer: hash what the database will give back, not what Python wrote.
+    # Kept for events written by earlier versions, which hashed a whole float written in
+    # exponent form (1e+16) as int(float). `event_row` now stores such a number as the exact
+    # integer it denotes, so new events never reach this branch.
     if isinstance(value, float) and value.is_integer() and "e" in repr(value):
         return int(value)
     if isinstance(value, dict):
@@ -53,6 +58,69 @@ def _stored_form(value: Any) -> Any:
 def link(prev_hash: str, event: Mapping[str, Any]) -> str:
     """The hash of `event` chained after `prev_hash`."""
     return hashlib.sha256(prev_hash.encode() + b"\n" + canonical(event)).hexdigest()
+
+
+# Before `event_row` made numbers storable, an event whose details held a float such as 1e23
+# or -0.0 was hashed as Python had it, while PostgreSQL kept 10**23 or 0.0: its stored hash
+# never matched what verify reads back. Those numbers are recognisable, so such an event can
+# still be checked: put back what was hashed and compare again.
+_LEGACY_TRIES = 8  # ambiguous numbers in one event, tried in every combination
+
+
+def legacy_link(prev_hash: str, event: Mapping[str, Any], stored_hash: str) -> bool:
+    """Whether `event` (as read back) matches `stored_hash` once the numbers an earlier version
+    hashed in their Python form are put back in that form."""
+    details = event.get("details")
+    if not isinstance(details, dict):
+        return False
+    spots: list[_Spot] = []
+    copy = _collect(details, spots)
+    if not spots:
+        return False
+    # Each ambiguous number may have been either form: try every combination of a few, or
+    # all of them at once when there are many.
+    every = 2 ** len(spots) - 1
+    for choice in range(1, every + 1) if len(spots) <= _LEGACY_TRIES else [every]:
+        for index, (container, key, stored, alternative) in enumerate(spots):
+            container[key] = alternative if choice >> index & 1 else stored
+        if link(prev_hash, {**event, "details": copy}) == stored_hash:
+            return True
+    return False
+
+
+_Spot = tuple[Any, Any, Any, Any]  # container, key, stored value, value an earlier version hashed
+
+
+def _collect(value: Any, spots: list[_Spot]) -> Any:
+    """A copy of `value`, noting each number an earlier version may have hashed otherwise."""
+    if isinstance(value, dict):
+        mapping: dict[str, Any] = {}
+        for key, item in value.items():
+            mapping[key] = _collect(item, spots)
+            _note(mapping, key, item, spots)
+        return mapping
+    if isinstance(value, list):
+        items: list[Any] = []
+        for index, item in enumerate(value):
+            items.append(_collect(item, spots))
+            _note(items, index, item, spots)
+        return items
+    return value
+
+
+def _note(container: Any, key: Any, item: Any, spots: list[_Spot]) -> None:
+    if isinstance(item, float) and item == 0:
+        spots.append((container, key, item, -0.0))
+    elif isinstance(item, int) and not isinstance(item, bool) and abs(item) >= 10**16:
+        try:
+            as_float = float(item)
+        except OverflowError:
+            return
+        written = repr(as_float)
+        # Exactly the decimal Python writes for a float with an exponent: the earlier version
+        # hashed int(float) instead (1e23 was hashed as 99999999999999991611392).
+        if "e+" in written and int(Decimal(written)) == item and int(as_float) != item:
+            spots.append((container, key, item, int(as_float)))
 
 
 async def append(target: AsyncConnection | AsyncSession, rows: Sequence[dict[str, Any]]) -> None:

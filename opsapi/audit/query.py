@@ -346,9 +346,24 @@ def csv_header() -> bytes:
     return (",".join(COLUMNS) + "\r\n").encode()
 
 
+# A text cell beginning with one of these is taken for a formula by spreadsheets (OWASP CSV
+# injection); with an apostrophe in front it is shown as text. A cell that itself begins with
+# an apostrophe gets one too, so that dropping one leading apostrophe always restores the value.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "\x00", "'")
+
+
+def neutralise(cell: Any) -> Any:
+    """A CSV cell that no spreadsheet evaluates: text that could start a formula gets a `'`."""
+    if isinstance(cell, str) and cell.startswith(_FORMULA_START):
+        return "'" + cell
+    return cell
+
+
 def _csv(rows: Sequence[Sequence[Any]]) -> bytes:
     buffer = io.StringIO()
-    csv.writer(buffer).writerows(rows)  # None is an empty cell
+    # Every text cell quoted (numbers are not); None is an empty cell.
+    writer = csv.writer(buffer, quoting=csv.QUOTE_NONNUMERIC)
+    writer.writerows([[neutralise(cell) for cell in row] for row in rows])
     return buffer.getvalue().encode()
 
 

@@ -9,12 +9,13 @@ from typing import Any
 
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from opsapi.audit import chain
+from opsapi.audit import chain, values
 from opsapi.audit.models import Outcome, Source
 
 # Keys whose values never reach the audit log, whatever the caller passes.
 _SECRET_KEY = re.compile(r"(secret|token|password|signature|authorization|routing_key)", re.I)
 REDACTED = "[redacted]"
+_INT32 = range(-(2**31), 2**31)  # rollout_id is a 32-bit integer on PostgreSQL
 
 
 def redact(value: Any) -> Any:
@@ -43,19 +44,25 @@ def event_row(
     client_address: str | None = None,
     details: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The column values of one audit event, secrets redacted."""
+    """The column values of one audit event: secrets redacted, every value storable
+    (`audit.values`), details bounded (4 KiB; 128 KiB for a success)."""
+    kept: dict[str, Any] = redact(values.storable(dict(details or {})))
+    if rollout_id is not None and rollout_id not in _INT32:
+        kept.setdefault("rollout_id", values.storable(rollout_id))
+        rollout_id = None
+    budget = values.SUCCESS_BUDGET if outcome is Outcome.SUCCESS else values.DETAILS_BUDGET
     return {
         "at": at,
-        "actor": actor[:255],
-        "roles": sorted(roles),
-        "source": source.value,
-        "action": action,
-        "service": service,
+        "actor": values.column_text(actor, 255),
+        "roles": sorted(values.text(str(role))[:64] for role in roles),
+        "source": values.column_text(source.value, 16),
+        "action": values.column_text(action, 64),
+        "service": values.column_text(service, 63),
         "rollout_id": rollout_id,
-        "outcome": outcome.value,
-        "request_id": request_id,
-        "client_address": client_address,
-        "details": redact(dict(details or {})),
+        "outcome": values.column_text(outcome.value, 16),
+        "request_id": values.column_text(request_id, 64),
+        "client_address": values.column_text(client_address, 64),
+        "details": values.bound(kept, budget),
     }
 
 

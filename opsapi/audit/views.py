@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from sqlalchemy import func, select
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -18,13 +20,14 @@ from opsapi.audit.query import (
     parse_filters,
     position_of,
 )
-from opsapi.audit.verify import verify_chain
+from opsapi.audit.verify import Head, verify_chain
 from opsapi.auth.identity import Role
 from opsapi.errors import Unprocessable
 from opsapi.http.endpoint import Call, endpoint
 from opsapi.http.params import int_param
 
 MAX_LIMIT = 1000
+_HEAD = re.compile(r"([1-9][0-9]{0,17}):([0-9a-fA-F]{64})")
 _MEDIA_TYPES: dict[ExportFormat, str] = {
     "csv": "text/csv; charset=utf-8",
     "ndjson": "application/x-ndjson",
@@ -82,25 +85,44 @@ async def export_events(call: Call) -> Response:
 
 @endpoint(action="audit.verify", role=Role.AUDITOR)
 async def verify(call: Call) -> Response:
-    """Walk the hash chain (from event `since_id` on, when given) and report the first break."""
+    """Walk the hash chain (from event `since_id` on, when given) and report the first break;
+    with `expect_head=ID:HASH`, also whether that event is still in the chain."""
     params = call.request.query_params
-    check_parameters(params, ("since_id",))
+    check_parameters(params, ("since_id", "expect_head"))
     raw = params.get("since_id")
     since_id = None
     if raw is not None:
         if not (raw.isascii() and raw.isdigit()) or len(raw) > 18 or int(raw) < 1:
             raise Unprocessable("since_id must be an event id (a whole number from 1)")
         since_id = int(raw)
-    report = await verify_chain(call.runtime.engine, since_id=since_id)
+    raw_head = params.get("expect_head")
+    expect_head = None if raw_head is None else _expected_head(raw_head)
+    report = await verify_chain(call.runtime.engine, since_id=since_id, expect_head=expect_head)
+    head = report["head"]
+    call.runtime.metrics.audit_head_id.set(head["id"] if head else 0)
     broken = report.get("first_broken")
     call.details = (
         {"intact": True, "events": report["events"], "last_id": report["last_id"]}
         if broken is None
         else {"intact": False, "first_broken_id": broken["id"], "reason": broken["reason"]}
     )
+    call.details["head"] = head
     if since_id is not None:
         call.details["since_id"] = since_id
+    if expect_head is not None:
+        call.details["expected_head"] = report["expected_head"]
     return JSONResponse(report, headers={"Cache-Control": "no-store"})
+
+
+def _expected_head(raw: str) -> Head:
+    """`ID:HASH` as kept from an earlier verification's `head`; 422 for anything else."""
+    match = _HEAD.fullmatch(raw)
+    if match is None:
+        raise Unprocessable(
+            "expect_head must be ID:HASH, an event id and its 64-hex-digit hash "
+            "(the head of an earlier verification)"
+        )
+    return Head(int(match.group(1)), match.group(2).lower())
 
 
 routes = [

@@ -23,6 +23,11 @@ def oldest_first(events: list[AuditEvent]) -> list[AuditEvent]:
     return sorted(events, key=lambda e: (e.at, e.id))
 
 
+def unescape(cell: str) -> str:
+    """The stored text of a CSV cell: one leading apostrophe (formula guard) dropped."""
+    return cell[1:] if cell.startswith("'") else cell
+
+
 def from_csv(text: str) -> list[dict[str, Any]]:
     """CSV rows back into typed event documents (empty cell = null)."""
     reader = csv.reader(io.StringIO(text, newline=""))
@@ -30,7 +35,7 @@ def from_csv(text: str) -> list[dict[str, Any]]:
     assert tuple(header) == COLUMNS
     documents = []
     for cells in reader:
-        row: dict[str, Any] = dict(zip(header, cells, strict=True))
+        row: dict[str, Any] = dict(zip(header, map(unescape, cells), strict=True))
         for name in ("service", "request_id", "client_address"):
             row[name] = row[name] or None
         row["id"] = int(row["id"])
@@ -242,3 +247,34 @@ async def test_export_on_both_databases(api_any_db: Harness) -> None:
         response = await audit_get(api, "/audit/export", format=fmt, outcome="success")
         assert response.status_code == 200, response.text
         assert PARSERS[fmt](response.text) == [document(e) for e in expected]
+
+
+# Cells a spreadsheet would evaluate as formulas (OWASP CSV injection), and one that begins
+# with the guard itself.
+FORMULAS = ["=cmd|' /C calc'!A0", "+1+1", "-2+3", "@SUM(1,2)", "\tx", "\rx", "'quoted"]
+
+
+async def test_csv_cells_never_start_a_formula(api_any_db: Harness) -> None:
+    # given events whose text cells begin with formula characters
+    api = api_any_db
+    for value in FORMULAS:
+        await api.post("/canary/promote", {"service": "checkout"}, subject=value)
+        response = await api.client.get(
+            f"{API}/canary/checkout", headers={**api.auth("viewer"), "X-Request-Id": "-2-1"}
+        )
+        assert response.status_code in (200, 404)
+
+    # when they are exported as CSV
+    response = await audit_get(api, "/audit/export", format="csv")
+
+    # then no cell starts with a formula character: each such cell is quoted behind a '
+    rows = list(csv.reader(io.StringIO(response.text, newline="")))[1:]
+    cells = [cell for row in rows for cell in row]
+    assert not [c for c in cells if c[:1] in ("=", "+", "-", "@", "\t", "\r")]
+    assert {f"'{value}" for value in FORMULAS} <= set(cells)
+    assert "'-2-1" in cells
+    # and text cells are quoted in the file itself
+    assert ",\"'=cmd|" in response.text
+    # and dropping the one leading ' gives back exactly what is stored
+    expected = oldest_first(await api.audit_events())
+    assert from_csv(response.text) == [document(e) for e in expected[:-1]]

@@ -76,22 +76,27 @@ async def test_an_untouched_chain_is_intact(api_any_db: Harness) -> None:
     # when an auditor verifies the chain
     report = await verify(api_any_db)
 
-    # then every event was checked and the tip is the newest event
+    # then every event was checked and the tip is the newest event, published as the head
+    head = {"id": events[-1].id, "hash": events[-1].hash}
     assert report == {
         "intact": True,
         "events": len(events),
         "last_id": events[-1].id,
         "last_hash": events[-1].hash,
+        "head": head,
     }
     # and the verification itself is on the record
     [event] = await api_any_db.audit_events(action="audit.verify")
     assert event.details == {
-        "status": 200, "intact": True, "events": len(events), "last_id": events[-1].id
+        "status": 200, "intact": True, "events": len(events), "last_id": events[-1].id,
+        "head": head,
     }  # fmt: skip
 
 
 async def test_an_empty_log_is_intact(api: Harness) -> None:
-    assert await verify(api) == {"intact": True, "events": 0, "last_id": None, "last_hash": None}
+    assert await verify(api) == {
+        "intact": True, "events": 0, "last_id": None, "last_hash": None, "head": None
+    }  # fmt: skip
 
 
 EDITS = [
@@ -110,6 +115,8 @@ async def test_an_edited_event_is_reported_at_its_id(api_any_db: Harness, assign
     await tamper(api_any_db, f"UPDATE audit_event SET {assignment} WHERE id = {target.id}")
     [edited] = await api_any_db.audit_events(id=target.id)
 
+    newest = (await api_any_db.audit_events())[-1]
+
     report = await verify(api_any_db)
 
     assert report == {
@@ -121,6 +128,7 @@ async def test_an_edited_event_is_reported_at_its_id(api_any_db: Harness, assign
             "expected": link(target.prev_hash, edited.model_dump()),
             "found": target.hash,
         },
+        "head": {"id": newest.id, "hash": newest.hash},
     }
     [event] = await api_any_db.audit_events(action="audit.verify")
     assert (event.details["intact"], event.details["first_broken_id"]) == (False, target.id)
@@ -224,6 +232,7 @@ async def test_verifying_the_tail_from_an_anchor(api: Harness) -> None:
         "events": len(events) - anchor["last_id"] + 1,
         "last_id": events[-1].id,
         "last_hash": events[-1].hash,
+        "head": {"id": events[-1].id, "hash": events[-1].hash},
         "since_id": anchor["last_id"],
         "since_hash": anchor["last_hash"],
     }
