@@ -41,7 +41,7 @@ EXIT_CODES: dict[ExitCode, str] = {
     ExitCode.UNAUTHENTICATED: "not authenticated (401): missing, invalid or expired token",
     ExitCode.FORBIDDEN: "forbidden (403): the token lacks the role",
     ExitCode.NOT_FOUND: "not found (404): no such service rollout, rollout or operation",
-    ExitCode.CONFLICT: "conflict (409): the rollout's state refuses it (not ready, paused, ...)",
+    ExitCode.CONFLICT: "conflict (409): the state refuses it (not ready, paused, no revert, ...)",
     ExitCode.INVALID: "invalid request (400, 413, 415, 422)",
     ExitCode.SERVER_ERROR: "server error (5xx), after retries",
     ExitCode.UNREACHABLE: "opsapi unreachable: connection refused, DNS, TLS or timeout",
@@ -146,6 +146,11 @@ class Client:
         return self._json(
             self._send("POST", path, content=content, idempotency_key=idempotency_key)
         )
+
+    def put(self, path: str, body: Mapping[str, Any], *, idempotency_key: str) -> Answer:
+        """PUT a JSON document with an Idempotency-Key (a retry acts at most once)."""
+        content = json.dumps(dict(body), separators=(",", ":")).encode()
+        return self._json(self._send("PUT", path, content=content, idempotency_key=idempotency_key))
 
     def _send(
         self,

@@ -3,9 +3,9 @@
 Settings: `OPSAPI_URL` (the server, e.g. http://127.0.0.1:8080; `/internal/ops` is added) and
 `OPSAPI_TOKEN` (a bearer token); `--url` and `--token` override them.
 
-Commands: promote, rollback, pause, resume, status, history, evaluations, audit, audit verify,
-execute. Every change is sent with an Idempotency-Key (one per command, reused by its own
-retries, or `--idempotency-key`), so a retried command acts once.
+Commands: promote, rollback, revert, pause, resume, status, history, evaluations, policy get,
+policy apply, audit, audit verify, execute. Every change is sent with an Idempotency-Key (one
+per command, reused by its own retries, or `--idempotency-key`), so a retried command acts once.
 
 Exit codes (one per class of failure, for scripts):
 
@@ -15,7 +15,7 @@ Exit codes (one per class of failure, for scripts):
     3   not authenticated (401): missing, invalid or expired token
     4   forbidden (403): the token lacks the role
     5   not found (404): no such service rollout, rollout or operation
-    6   conflict (409): the rollout's state refuses it (not ready, paused, ...)
+    6   conflict (409): the state refuses it (not ready, paused, no revert, ...)
     7   invalid request (400, 413, 415, 422)
     8   server error (5xx), after retries
     9   opsapi unreachable: connection refused, DNS, TLS or timeout
@@ -42,6 +42,7 @@ from rich.live import Live
 from rich.rule import Rule
 from rich.text import Text
 
+from opsapi.opsctl import policy as policy_files
 from opsapi.opsctl import render
 from opsapi.opsctl.client import (
     EXIT_CODES,
@@ -71,6 +72,12 @@ audit_app = typer.Typer(
     epilog=_EPILOG,
 )
 app.add_typer(audit_app, name="audit")
+policy_app = typer.Typer(
+    help="Read a service's policy as YAML or JSON; apply an edited one (admin), with its diff.",
+    epilog=_EPILOG,
+    no_args_is_help=True,
+)
+app.add_typer(policy_app, name="policy")
 
 
 @dataclass
@@ -191,7 +198,11 @@ def _report_replay(answer: Answer, key: str) -> None:
 
 
 def _changed_rollout(rollout: dict[str, Any]) -> RenderableType:
-    return Group(render.summary(rollout), render.ladder(rollout))
+    return Group(render.summary(rollout), render.ladder(rollout), render.slots_block(rollout))
+
+
+def _reverted(rollout: dict[str, Any]) -> RenderableType:
+    return Group(render.summary(rollout), render.traffic_text(rollout), render.slots_block(rollout))
 
 
 @app.command()
@@ -201,6 +212,15 @@ def promote(
     version: Annotated[
         str | None,
         typer.Option("--version", help="Canary version: starts a rollout if none is open."),
+    ] = None,
+    stable_version: Annotated[
+        str | None,
+        typer.Option(
+            "--stable-version",
+            help="With --version, on a first rollout: the version running now (before opsapi "
+            "knew the service), so baseline gates and slots name it.",
+            show_default=False,
+        ),
     ] = None,
     reason: Annotated[str | None, typer.Option("--reason", "-r", help="Why.")] = None,
     force: Annotated[
@@ -223,6 +243,13 @@ def promote(
     body: dict[str, Any] = {"service": service}
     if version is not None:
         body["version"] = version
+    if stable_version is not None:
+        if version is None:
+            raise typer.BadParameter(
+                "only a start declares the stable version: give --version too",
+                param_hint="--stable-version",
+            )
+        body["stable_version"] = stable_version
     if reason is not None:
         body["reason"] = reason
     if force:
@@ -257,6 +284,26 @@ def rollback(
         key=idempotency_key,
         as_json=as_json,
         describe=_changed_rollout,
+    )
+
+
+@app.command()
+def revert(
+    ctx: typer.Context,
+    service: Annotated[str, typer.Argument(help="The service.")],
+    reason: Annotated[str, typer.Option("--reason", "-r", help="Why (required, audited).")],
+    idempotency_key: KeyOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """After a success, send 100 % back to the previous version's slot and make it stable again
+    (refused once a new rollout has taken that slot)."""
+    _change(
+        ctx,
+        "/canary/revert",
+        {"service": service, "reason": reason},
+        key=idempotency_key,
+        as_json=as_json,
+        describe=_reverted,
     )
 
 
@@ -478,6 +525,104 @@ def evaluations(
         return
     title = f"rollout #{rollout_id}: gate evaluations"
     _console().print(render.evaluations_table(body["items"], title=title))
+
+
+# ---------------------------------------------------------------------------------------------
+# Policy
+
+
+class PolicyFormat(StrEnum):
+    """Output formats of `opsctl policy get`."""
+
+    yaml = "yaml"
+    json = "json"
+
+
+@policy_app.command("get")
+def policy_get(
+    ctx: typer.Context,
+    service: Annotated[str, typer.Argument(help="The service.")],
+    output: Annotated[
+        PolicyFormat,
+        typer.Option(
+            "--output",
+            "-o",
+            help="yaml (editable: status as comments, service: line) or json (the policy "
+            "document as the API answers it, without status).",
+        ),
+    ] = PolicyFormat.yaml,
+) -> None:
+    """The service's effective policy (the default one if it was never set), ready to edit and
+    apply with `opsctl policy apply -f`."""
+    _json_errors(output is PolicyFormat.json)
+    document = _client(ctx).get(_path("services", service)).body
+    if output is PolicyFormat.json:
+        _print_json(policy_files.policy_part(document))
+        return
+    sys.stdout.write(policy_files.editable_yaml(service, document))
+    sys.stdout.flush()
+
+
+@policy_app.command("apply")
+def policy_apply(
+    ctx: typer.Context,
+    file: Annotated[
+        str,
+        typer.Option(
+            "--file",
+            "-f",
+            help="The policy, YAML or JSON (.json); - for stdin. `status` is ignored.",
+        ),
+    ],
+    service: Annotated[
+        str | None,
+        typer.Argument(help="The service (default: the file's service: line).", show_default=False),
+    ] = None,
+    dry_run: Annotated[
+        bool,
+        typer.Option("--dry-run", help="Show the diff against the current policy; change nothing."),
+    ] = False,
+    idempotency_key: KeyOption = None,
+) -> None:
+    """Replace the service's policy (admin) and show the diff of the effective policy, before
+    and after; field errors one per line (exit 7)."""
+    document = policy_files.load(file)
+    name, body = policy_files.split(document, service, file)
+    client = _client(ctx)
+    before = policy_files.policy_part(client.get(_path("services", name)).body)
+    if dry_run:
+        after = policy_files.local_effective(body)
+        labels = (f"{name} (current)", f"{name} (after applying {file})")
+    else:
+        key = idempotency_key or new_idempotency_key()
+        try:
+            answer = client.put(_path("services", name), body, idempotency_key=key)
+        except OpsctlError as error:
+            errors = (error.problem or {}).get("errors")
+            if error.code is ExitCode.INVALID and isinstance(errors, list) and errors:
+                detail = str((error.problem or {}).get("detail") or "the policy is invalid")
+                raise policy_files.invalid_policy(detail, errors, body, error.problem) from None
+            raise
+        _report_replay(answer, key)
+        after = policy_files.policy_part(answer.body)
+        labels = (f"{name} (before)", f"{name} (after)")
+    lines = policy_files.diff(before, after, *labels)
+    console = _console()
+    if lines:
+        console.print(policy_files.diff_text(lines))
+    outcome = Text()
+    outcome.append(f"{name}: ", style="bold")
+    if dry_run:
+        outcome.append("dry run, nothing applied", style="yellow")
+        outcome.append(" · " + ("no change" if not lines else "the diff above would apply"))
+        outcome.append(
+            "\nchecked here; the router's instance and parameters are checked when applied",
+            style="dim",
+        )
+    else:
+        outcome.append("policy applied", style="green")
+        outcome.append(" · " + ("no change" if not lines else "changed as above"))
+    console.print(outcome)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from rich import box
 from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderResult
 from rich.panel import Panel
 from rich.progress_bar import ProgressBar
@@ -17,7 +19,7 @@ from rich.text import Text
 from opsapi.durations import parse_duration
 
 OPEN_STATES = frozenset({"progressing", "paused", "awaiting_promotion", "baking"})
-TERMINAL_STATES = frozenset({"succeeded", "rolled_back"})
+TERMINAL_STATES = frozenset({"succeeded", "rolled_back", "reverted"})
 STATE_STYLES = {
     "progressing": "bold cyan",
     "paused": "bold yellow",
@@ -25,6 +27,16 @@ STATE_STYLES = {
     "baking": "bold blue",
     "succeeded": "bold green",
     "rolled_back": "bold red",
+    "reverted": "bold yellow",
+}
+# What the version in a slot is to the rollout (see `slot_rows`).
+ROLE_STYLES = {
+    "stable": "bold green",
+    "canary": "bold cyan",
+    "rolled back": "red",
+    "reverted": "yellow",
+    "previous": "dim",
+    "idle": "dim",
 }
 PHASE_STYLES = {"pass": "green", "fail": "bold red", "no_data": "yellow", "pending": "dim"}
 OUTCOME_STYLES = {
@@ -128,8 +140,8 @@ def ladder(rollout: Mapping[str, Any]) -> Text:
         if position:
             text.append(" → ", style="dim")
         label = f"{step.get('weight')}%"
-        if state == "succeeded" or position < index:
-            text.append(label + " ✓", style="green")
+        if state in ("succeeded", "reverted") or position < index:
+            text.append(label + " ✓", style="green" if state != "reverted" else "dim")
         elif position == index and state == "rolled_back":
             text.append(label + " ✗", style="bold red")
         elif position == index and state == "paused":
@@ -246,21 +258,181 @@ def weights(rollout: Mapping[str, Any]) -> Text:
     return text
 
 
-def header(rollout: Mapping[str, Any]) -> Table:
-    """Service, canary vs stable version, state, who triggered the last transition, reason."""
+@dataclass(frozen=True)
+class SlotRow:
+    """One slot of a rollout: the version it runs, what that version is, its traffic share."""
+
+    slot: str
+    version: str | None
+    # stable, canary, rolled back, reverted, previous (what a revert goes back to) or idle
+    role: str
+    weight: int | None
+    target: str | None
+
+
+def _mapping(value: object) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}
+
+
+def slot_rows(rollout: Mapping[str, Any]) -> list[SlotRow]:
+    """Which version runs in which slot, in the policy's slot order.
+
+    The stable slot runs the stable version. The canary slot, when it is another slot, runs the
+    canary version (rolled back or reverted once finished). After a success both name the same
+    slot; the other one still runs the previous version while a revert can go back to it."""
+    targets, weights = _mapping(rollout.get("targets")), _mapping(rollout.get("weights"))
+    stable_slot, canary_slot = rollout.get("stable_slot"), rollout.get("canary_slot")
+    names = [str(name) for name in (targets or weights)]
+    if not names:
+        names = [str(name) for name in dict.fromkeys((stable_slot, canary_slot)) if name]
+    previous = _mapping(rollout.get("previous"))
+    state = rollout.get("state")
+    rows = []
+    for name in names:
+        version: object
+        if name == stable_slot:
+            version, role = rollout.get("stable_version"), "stable"
+        elif name == canary_slot:
+            version = rollout.get("canary_version")
+            role = {"rolled_back": "rolled back", "reverted": "reverted"}.get(str(state), "canary")
+        elif previous.get("slot") == name:
+            version, role = previous.get("version"), "previous"
+        else:
+            version, role = None, "idle"
+        weight = weights.get(name)
+        target = targets.get(name)
+        rows.append(
+            SlotRow(
+                slot=name,
+                version=str(version) if version else None,
+                role=role,
+                weight=weight if isinstance(weight, int) else None,
+                target=str(target) if target else None,
+            )
+        )
+    return rows
+
+
+def slots_grid(rollout: Mapping[str, Any]) -> Table:
+    """One line per slot: name, version, role, desired traffic share, and the target when the
+    router names one (the target folds first on a narrow terminal, never the version)."""
+    rows = slot_rows(rollout)
+    with_targets = any(row.target for row in rows)
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold", no_wrap=True)
+    grid.add_column(no_wrap=True)
+    grid.add_column(no_wrap=True)
+    grid.add_column(justify="right", no_wrap=True)
+    if with_targets:
+        grid.add_column(overflow="fold", style="dim")
+    for row in rows:
+        share = Text(DASH if row.weight is None else f"{row.weight}%")
+        version = Text(row.version or "unknown", style="" if row.version else "dim")
+        cells: list[RenderableType] = [
+            row.slot,
+            version,
+            Text(row.role, style=ROLE_STYLES.get(row.role, "")),
+            share,
+        ]
+        if with_targets:
+            cells.append(row.target or DASH)
+        grid.add_row(*cells)
+    return grid
+
+
+def revert_text(rollout: Mapping[str, Any]) -> Text | None:
+    """What `opsctl revert` would go back to; None when the question does not arise."""
+    previous = _mapping(rollout.get("previous"))
+    if previous.get("version"):
+        text = Text(f"would go back to {previous.get('version')} in slot {previous.get('slot')}")
+        text.append(f" (opsctl revert {rollout.get('service')})", style="dim")
+        return text
+    if rollout.get("state") == "succeeded":
+        return Text("nothing to go back to (a newer rollout took the slot)", style="dim")
+    return None
+
+
+def slots_block(rollout: Mapping[str, Any]) -> RenderableType:
+    """The slots and the revert target under a label, as after a change."""
     grid = Table.grid(padding=(0, 2))
     grid.add_column(style="bold", no_wrap=True)
     grid.add_column()
-    versions = Text()
-    versions.append(str(rollout.get("canary_version")), style="bold cyan")
-    versions.append(" (canary) vs ")
-    stable = rollout.get("stable_version")
+    _add_slot_rows(grid, rollout)
+    return grid
+
+
+def _add_slot_rows(grid: Table, rollout: Mapping[str, Any]) -> None:
+    if slot_rows(rollout):
+        grid.add_row("Slots", slots_grid(rollout))
+    revert = revert_text(rollout)
+    if revert is not None:
+        grid.add_row("Revert", revert)
+
+
+def versions_text(rollout: Mapping[str, Any]) -> Text:
+    """The versions, as the rollout's state makes them: canary vs stable, or what is stable."""
+    state = rollout.get("state")
+    canary, stable = rollout.get("canary_version"), rollout.get("stable_version")
+    text = Text()
+    if state == "succeeded":
+        text.append(str(canary), style="bold green")
+        text.append(" (stable since this rollout)")
+        return text
+    if state == "reverted":
+        text.append(str(stable or DASH), style="bold")
+        text.append(" (stable again) · ")
+        text.append(str(canary), style="yellow")
+        text.append(" (reverted)")
+        return text
+    text.append(str(canary), style="bold cyan")
+    text.append(" (canary, rolled back) vs " if state == "rolled_back" else " (canary) vs ")
     if stable:
-        versions.append(str(stable), style="bold")
-        versions.append(" (stable)")
+        text.append(str(stable), style="bold")
+        text.append(" (stable)")
     else:
-        versions.append("no stable version (first rollout)", style="dim")
-    grid.add_row("Versions", versions)
+        text.append("no stable version (first rollout)", style="dim")
+    return text
+
+
+def traffic_text(rollout: Mapping[str, Any]) -> Text:
+    """Where traffic goes (version and slot, the biggest share first) and whether the router
+    has made it so."""
+    rows = sorted(slot_rows(rollout), key=lambda row: -(row.weight or 0))
+    text = Text()
+    text.append("Traffic ", style="bold")
+    text.append(
+        ", ".join(
+            f"{row.weight}% to {row.slot} ({row.version or 'unknown version'})"
+            for row in rows
+            if row.weight is not None
+        )
+        or DASH
+    )
+    desired, applied = rollout.get("desired_weight"), rollout.get("applied_weight")
+    if applied is not None and applied == desired:
+        text.append("\n        already there: the router has applied it", style="green")
+    else:
+        text.append("\n        not there yet: ", style="bold yellow")
+        canary = next((row for row in rows if row.slot == rollout.get("canary_slot")), None)
+        if applied is None or canary is None:
+            text.append("the router has not confirmed a weight", style="yellow")
+        else:
+            text.append(
+                f"the router still sends {applied}% to {canary.slot} ({canary.version})",
+                style="yellow",
+            )
+        error = rollout.get("router_error")
+        if error:
+            text.append(f"\n        router error: {error}", style="red")
+    return text
+
+
+def header(rollout: Mapping[str, Any]) -> Table:
+    """Service, versions, state, who triggered the last transition, reason."""
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold", no_wrap=True)
+    grid.add_column()
+    grid.add_row("Versions", versions_text(rollout))
     state = state_text(rollout.get("state"))
     if rollout.get("state") in OPEN_STATES and rollout.get("ready"):
         state.append("  ready to promote", style="green")
@@ -284,7 +456,7 @@ def rollout_view(rollout: Mapping[str, Any], now: datetime | None = None) -> Ren
     steps_line = Text()
     steps_line.append("Steps  ", style="bold")
     steps_line.append_text(ladder(rollout))
-    parts: list[RenderableType] = [header(rollout), Text(""), steps_line]
+    parts: list[RenderableType] = [header(rollout), Text(""), slots_block(rollout), steps_line]
     progress = wait_progress(rollout)
     if progress is not None:
         parts.append(progress)
@@ -309,7 +481,16 @@ def summary(rollout: Mapping[str, Any]) -> Text:
     text.append(f"{rollout.get('service')}: ", style="bold")
     text.append_text(state_text(state))
     if state == "succeeded":
-        text.append(f" — {rollout.get('canary_version')} is the new stable version at 100%")
+        text.append(
+            f" — {rollout.get('canary_version')} is the new stable version at 100% "
+            f"in slot {rollout.get('stable_slot')}"
+        )
+        return text
+    if state == "reverted":
+        text.append(
+            f" — {rollout.get('stable_version')} is stable again at 100% "
+            f"in slot {rollout.get('stable_slot')}"
+        )
         return text
     if state == "rolled_back":
         text.append(f" — canary weight {rollout.get('desired_weight')}%")
@@ -333,7 +514,7 @@ def summary(rollout: Mapping[str, Any]) -> Text:
     return text
 
 
-def gates_summary(gates: object) -> Text:
+def gates_summary(gates: object, separator: str = ", ") -> Text:
     """ "2 pass, 1 fail" for a table cell."""
     if not isinstance(gates, list) or not gates:
         return Text(DASH, style="dim")
@@ -345,17 +526,33 @@ def gates_summary(gates: object) -> Text:
     text = Text()
     for position, (phase, count) in enumerate(sorted(counts.items())):
         if position:
-            text.append(", ")
+            text.append(separator)
         text.append(f"{count} {phase}", style=PHASE_STYLES.get(phase, ""))
     return text
 
 
+def _in_slot(version: object, slot: object) -> Text:
+    # The slot under the version: two short lines keep the table within 80 columns.
+    text = Text(str(version or DASH))
+    if slot:
+        text.append(f"\n{slot}", style="dim")
+    return text
+
+
 def rollouts_table(rollouts: Iterable[Mapping[str, Any]], *, title: str) -> Table:
-    """Open rollouts, one row each."""
-    table = Table(title=title, title_justify="left")
-    for name in ("service", "id", "canary", "stable", "state", "weight", "step", "left", "gates"):
-        table.add_column(name, no_wrap=name != "gates")
-    table.add_column("by")
+    """Open rollouts, one row each: versions over their slots, state, weight, step and time
+    left, gates. Light borders and no "triggered by" (`status SERVICE` has it), so that it
+    fits 80 columns."""
+    table = Table(
+        title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1, 0, 0)
+    )
+    for column in ("rollout", "canary", "stable", "state", "weight", "step", "gates"):
+        # Versions fold rather than lose their end (a build hash is read to its last character).
+        table.add_column(
+            column,
+            no_wrap=column in ("rollout", "state"),
+            overflow="fold" if column in ("canary", "stable") else "ellipsis",
+        )
     for rollout in rollouts:
         steps = _steps(rollout)
         index = int(rollout.get("step_index") or 0)
@@ -363,17 +560,20 @@ def rollouts_table(rollouts: Iterable[Mapping[str, Any]], *, title: str) -> Tabl
         weight = Text(f"{desired}%")
         if desired != applied:
             weight.append(f" (applied {applied}%)", style="yellow")
+        name = Text(str(rollout.get("service")), style="bold")
+        name.append(f" #{rollout.get('id')}", style="dim")
+        step = Text(f"{index + 1}/{len(steps)}" if steps else DASH)
+        left = seconds_of(rollout.get("time_left"))
+        if left is not None:
+            step.append(f"\n{human(left)} left", style="dim")
         table.add_row(
-            Text(str(rollout.get("service")), style="bold"),
-            str(rollout.get("id")),
-            Text(str(rollout.get("canary_version"))),
-            Text(str(rollout.get("stable_version") or DASH)),
+            name,
+            _in_slot(rollout.get("canary_version"), rollout.get("canary_slot")),
+            _in_slot(rollout.get("stable_version"), rollout.get("stable_slot")),
             state_text(rollout.get("state")),
             weight,
-            f"{index + 1}/{len(steps)}" if steps else DASH,
-            human(seconds_of(rollout.get("time_left"))),
-            gates_summary(rollout.get("gates")),
-            Text(str(rollout.get("triggered_by") or DASH)),
+            step,
+            gates_summary(rollout.get("gates"), separator="\n"),
         )
     return table
 
