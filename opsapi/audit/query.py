@@ -259,16 +259,39 @@ def _document(dialect: str) -> sa.ColumnElement[str]:
     return sa.literal_column(sql, sa.Text())
 
 
+# A text cell beginning with one of these is taken for a formula by spreadsheets (OWASP CSV
+# injection); with an apostrophe in front it is shown as text. A cell that itself begins with
+# an apostrophe gets one too, so that dropping one leading apostrophe always restores the value.
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "'", "\x00")
+
+
+def _neutralised(cell: sa.ColumnElement[Any], dialect: str) -> sa.ColumnElement[Any]:
+    # Constants rendered into the SQL; NUL only on SQLite (PostgreSQL text cannot hold it).
+    code = "chr" if dialect == "postgresql" else "char"
+    starts = [f"'{c}'" for c in "=+-@"] + [f"{code}(9)", f"{code}(13)", "''''"]
+    if dialect != "postgresql":
+        starts.append("char(0)")
+    one = sa.literal_column("1")
+    first = sa.func.substr(cell, one, one)
+    guarded = sa.literal_column("''''", sa.Text()).concat(cell)
+    return sa.case((first.in_([sa.literal_column(s) for s in starts]), guarded), else_=cell)
+
+
 def _cells(dialect: str) -> list[sa.ColumnElement[Any]]:
-    """The CSV cells of an event: COLUMNS, `at` as RFC 3339 text, JSON columns as JSON text."""
+    """The CSV cells of an event: COLUMNS, `at` as RFC 3339 text, JSON columns as JSON text;
+    every text cell that could start a formula behind a `'`."""
     cells: list[sa.ColumnElement[Any]] = []
     for name in COLUMNS:
         if name == "at":
-            cells.append(sa.literal_column(_at_text(dialect), sa.Text()).label("at"))
+            cell: sa.ColumnElement[Any] = sa.literal_column(_at_text(dialect), sa.Text())
         elif name in _JSON_COLUMNS:
-            cells.append(sa.cast(AUDIT.c[name], sa.Text()).label(name))
-        else:
+            cell = sa.cast(AUDIT.c[name], sa.Text())
+        elif isinstance(AUDIT.c[name].type, sa.Integer):
             cells.append(AUDIT.c[name])
+            continue
+        else:
+            cell = AUDIT.c[name]
+        cells.append(_neutralised(cell, dialect).label(name))
     return cells
 
 
@@ -346,24 +369,11 @@ def csv_header() -> bytes:
     return (",".join(COLUMNS) + "\r\n").encode()
 
 
-# A text cell beginning with one of these is taken for a formula by spreadsheets (OWASP CSV
-# injection); with an apostrophe in front it is shown as text. A cell that itself begins with
-# an apostrophe gets one too, so that dropping one leading apostrophe always restores the value.
-_FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "\x00", "'")
-
-
-def neutralise(cell: Any) -> Any:
-    """A CSV cell that no spreadsheet evaluates: text that could start a formula gets a `'`."""
-    if isinstance(cell, str) and cell.startswith(_FORMULA_START):
-        return "'" + cell
-    return cell
-
-
 def _csv(rows: Sequence[Sequence[Any]]) -> bytes:
     buffer = io.StringIO()
-    # Every text cell quoted (numbers are not); None is an empty cell.
-    writer = csv.writer(buffer, quoting=csv.QUOTE_NONNUMERIC)
-    writer.writerows([[neutralise(cell) for cell in row] for row in rows])
+    # Every text cell quoted (numbers are not); None is an empty cell. The cells come from
+    # `_cells`, formula guard included.
+    csv.writer(buffer, quoting=csv.QUOTE_NONNUMERIC).writerows(rows)
     return buffer.getvalue().encode()
 
 
