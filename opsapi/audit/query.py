@@ -271,7 +271,7 @@ def _neutralised(cell: sa.ColumnElement[Any], dialect: str) -> sa.ColumnElement[
     starts = [f"'{c}'" for c in "=+-@"] + [f"{code}(9)", f"{code}(13)", "''''"]
     if dialect != "postgresql":
         starts.append("char(0)")
-    one = sa.literal_column("1")
+    one: sa.ColumnElement[int] = sa.literal_column("1", sa.Integer())
     first = sa.func.substr(cell, one, one)
     guarded = sa.literal_column("''''", sa.Text()).concat(cell)
     return sa.case((first.in_([sa.literal_column(s) for s in starts]), guarded), else_=cell)
