@@ -62,7 +62,8 @@ async def poison(api: Harness) -> None:
 
 
 async def growth(api: Harness) -> None:
-    """Table bytes (rows, TOAST, indexes) per refused call carrying 60 KB of params."""
+    """Table bytes (rows, TOAST, indexes) per refused call with 60 KB of incompressible params:
+    one large value (cut to a marker), and 600 values of 90 characters (the budget filled)."""
 
     async def table_bytes() -> int:
         async with api.runtime.engine.connect() as connection:
@@ -70,19 +71,24 @@ async def growth(api: Harness) -> None:
             value = await connection.scalar(sa.text("SELECT pg_total_relation_size('audit_event')"))
         return int(value)
 
+    def one_value() -> dict[str, Any]:
+        return {"blob": base64.b64encode(os.urandom(45_000)).decode()}
+
+    def many_values() -> dict[str, Any]:
+        return {f"k{i:03d}": base64.b64encode(os.urandom(66)).decode() for i in range(600)}
+
     calls = 300
-    before = await table_bytes()
-    started = time.perf_counter()
-    for _ in range(calls):
-        blob = base64.b64encode(os.urandom(45_000)).decode()
-        await api.post("/execute", {"operation": "health-check", "params": {"blob": blob}},
-                       role="viewer")  # fmt: skip
-    elapsed = time.perf_counter() - started
-    grown = await table_bytes() - before
-    print(
-        f"growth: {calls} refused 60 KB calls grew audit_event by {grown / 1024:.0f} KiB, "
-        f"{grown / calls:,.0f} bytes a call; {calls / elapsed:.0f} calls/s in-process"
-    )
+    for label, params in (("one 60 KB value", one_value), ("600 values", many_values)):
+        before = await table_bytes()
+        started = time.perf_counter()
+        for _ in range(calls):
+            await api.post("/execute", {"operation": "health-check", "params": params()},
+                           role="viewer")  # fmt: skip
+        elapsed = time.perf_counter() - started
+        grown = await table_bytes() - before
+        print(f"growth: {calls} refused calls ({label}) grew audit_event by "
+              f"{grown / 1024:,.0f} KiB, {grown / calls:,.0f} bytes a call; "
+              f"{calls / elapsed:.0f} calls/s in-process")  # fmt: skip
 
 
 def event_rows() -> None:
