@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import sys
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -76,6 +77,8 @@ def _database_failure(error: BaseException, settings: Settings) -> str | None:
     from sqlalchemy.engine import make_url
 
     chain = _causes(error)
+    if not any(_from_database_driver(item) for item in chain):
+        return None
     names = {type(item).__name__ for item in chain}
     try:
         url = make_url(settings.database_url)
@@ -115,6 +118,14 @@ def _network_reason(chain: list[BaseException]) -> str:
     return "cannot connect"
 
 
+def _from_database_driver(error: BaseException) -> bool:
+    import traceback
+
+    drivers = ("/sqlalchemy/", "/asyncpg/", "/aiosqlite/", "/sqlite3/")
+    frames = traceback.extract_tb(error.__traceback__)
+    return any(driver in frame.filename for frame in frames for driver in drivers)
+
+
 def _causes(error: BaseException) -> list[BaseException]:
     chain: list[BaseException] = []
     current: BaseException | None = error
@@ -140,8 +151,6 @@ def _masked(text: str, settings: Settings) -> str:
 
 
 def _serve(settings: Settings, host: str, port: int) -> int:
-    import uvicorn
-
     from opsapi.http.app import create_app
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
@@ -149,9 +158,129 @@ def _serve(settings: Settings, host: str, port: int) -> int:
     # down is one clear line here, not a failed server start.
     asyncio.run(_prepare(settings))
     settings = settings.model_copy(update={"migrate_on_start": False})
-    # Forwarded headers are handled by opsapi itself (OPSAPI_TRUSTED_PROXIES), not by uvicorn.
-    uvicorn.run(create_app(settings), host=host, port=port, access_log=False, proxy_headers=False)
-    return 0
+    code = 0 if _run_server(create_app(settings), settings, host, port) else 1
+    _abandon_hung_threads(code)
+    return code
+
+
+def _run_server(app: Any, settings: Settings, host: str, port: int) -> bool:
+    """Serve `app` with granian in this process, within the settings' limits.
+
+    Returns whether the shutdown was clean (the runtime closed within its time).
+    """
+    import signal
+
+    from granian.constants import HTTPModes, Interfaces
+    from granian.http import HTTP1Settings
+    from granian.server.embed import Server
+
+    graceful = _Graceful(app, settings.shutdown_timeout_seconds)
+    server = Server(
+        graceful,
+        address=host,
+        port=port,
+        interface=Interfaces.ASGI,
+        http=HTTPModes.http1,
+        websockets=False,
+        backlog=1024,
+        # Connections served at once; the rest wait in the listen backlog. With the header
+        # timeout this bounds what idle or slow clients can hold.
+        backpressure=settings.max_connections,
+        http1_settings=HTTP1Settings(
+            header_read_timeout=round(settings.header_timeout_seconds * 1000),
+            keep_alive=True,
+            # The request head must fit in this buffer: a larger one is refused (431) or the
+            # connection closed, before any of it reaches Python.
+            max_buffer_size=settings.max_header_bytes,
+        ),
+        log_access=False,
+    )
+    # Last resort if closing the runtime itself hangs: the worker is cancelled.
+    server.workers_kill_timeout = round(settings.shutdown_timeout_seconds * 2 + 5)
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+
+        def shutdown() -> None:
+            server.stop()  # type: ignore[no-untyped-call]
+            graceful.begin_shutdown()
+
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, shutdown)
+        try:
+            await server.serve()
+        except TimeoutError:
+            logging.getLogger("opsapi").error("the server did not stop in time")
+
+    _event_loop_runner(run)
+    return graceful.closed
+
+
+def _event_loop_runner(main: Any) -> None:
+    """Run `main()` on uvloop (what the server was measured with), else on asyncio's loop."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main())
+        return
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main())
+
+
+class _Graceful:
+    """Tracks requests in flight so that a shutdown waits for them, but not forever.
+
+    On SIGTERM the server stops accepting and waits for the requests in flight before the
+    application's shutdown; this cancels those still running after `grace` seconds (their
+    transactions roll back), so that a request stuck on a lock cannot hold the process.
+    """
+
+    def __init__(self, app: Any, grace: float) -> None:
+        self.app = app
+        self.grace = grace
+        self.requests: set[asyncio.Task[Any]] = set()
+        self.closed = False
+        self._deadline: asyncio.Task[None] | None = None
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await self.app(scope, receive, self._lifespan_send(send))
+            return
+        task = asyncio.current_task()
+        if task is not None:
+            self.requests.add(task)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            if task is not None:
+                self.requests.discard(task)
+
+    def begin_shutdown(self) -> None:
+        """Stop the background loops now; cancel requests still running after the grace."""
+        runtime = getattr(self.app.state, "runtime", None)
+        if runtime is not None:
+            runtime.stop.set()
+        if self._deadline is None:
+            self._deadline = asyncio.get_running_loop().create_task(self._cancel_late())
+
+    async def _cancel_late(self) -> None:
+        log = logging.getLogger("opsapi")
+        if self.requests:
+            log.info("waiting up to %.0f s for %d requests", self.grace, len(self.requests))
+            _, late = await asyncio.wait(set(self.requests), timeout=self.grace)
+            if late:
+                log.warning("cancelling %d requests still running after %.0f s",
+                            len(late), self.grace)  # fmt: skip
+                for task in late:
+                    task.cancel()
+
+    def _lifespan_send(self, send: Any) -> Any:
+        async def wrapped(message: Any) -> None:
+            if message["type"] == "lifespan.shutdown.complete":
+                self.closed = True
+            await send(message)
+
+        return wrapped
 
 
 async def _prepare(settings: Settings) -> None:
@@ -191,11 +320,11 @@ def _controller(settings: Settings) -> int:
             await stop.wait()
 
     asyncio.run(run())
-    _abandon_hung_threads()
+    _abandon_hung_threads(0)
     return 0
 
 
-def _abandon_hung_threads(grace: float = 1.0) -> None:
+def _abandon_hung_threads(code: int, grace: float = 1.0) -> None:
     """Exit now if a worker thread still hangs after the runtime closed.
 
     A gate query or PagerDuty call blocked on a silent peer holds its thread until its own
@@ -216,7 +345,7 @@ def _abandon_hung_threads(grace: float = 1.0) -> None:
             logging.shutdown()
             sys.stdout.flush()
             sys.stderr.flush()
-            os._exit(0)
+            os._exit(code)
 
 
 def _migrate(settings: Settings) -> int:

@@ -63,10 +63,11 @@ class Settings(BaseSettings):
     trusted_proxies: str = ""
 
     max_body_bytes: int = 64 * 1024
-    # The HTTP server: request head size and read time, concurrent requests, shutdown grace.
+    # The HTTP server: request head size and read time, connections served at once (more wait
+    # in the listen backlog), and how long a shutdown waits for requests in flight.
     max_header_bytes: int = Field(default=64 * 1024, ge=8192)
     header_timeout_seconds: float = Field(default=10.0, ge=1, le=60)
-    max_concurrent_requests: int = Field(default=512, ge=1)
+    max_connections: int = Field(default=1024, ge=1)
     shutdown_timeout_seconds: float = Field(default=10.0, gt=0)
     idempotency_ttl_hours: int = 24
 

@@ -133,6 +133,7 @@ async def build_runtime(
             controller=controller,
             delivery=worker,
             database_health=health,
+            stop=stop,
         )
         audit_writer.start()
         if settings.controller_enabled or not serve_api:

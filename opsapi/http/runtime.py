@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -40,3 +41,5 @@ class Runtime:
     delivery: DeliveryWorker
     # Told the outcome of every statement; `/readyz` answers 503 while database work fails.
     database_health: DatabaseHealth
+    # Set when the process begins to stop: the background loops finish their pass and end.
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
