@@ -65,6 +65,9 @@ class RolloutView(_Answer):
     steps: list[StepView]
     desired_weight: int
     applied_weight: int | None
+    # What the router owes (bumped by every new weight or slot swap) and what it made live.
+    generation: int
+    applied_generation: int | None
     traffic_at_zero: bool
     step_started_at: str | None
     ready: bool
@@ -147,6 +150,8 @@ def rollout_view(
         steps=[StepView(weight=s.weight, wait=format_duration(s.wait)) for s in rollout.steps],
         desired_weight=record.desired_weight,
         applied_weight=record.applied_weight,
+        generation=record.generation,
+        applied_generation=record.applied_generation,
         # Whether no request can reach the canary any more (what a rollback waits for).
         traffic_at_zero=record.applied_weight == 0,
         step_started_at=iso(record.step_started_at),

@@ -162,16 +162,15 @@ class Effects:
         session: AsyncSession,
     ) -> Applied:
         service.store(record, transition.rollout, now)
-        pull = record.router.get("name", PULL) == PULL
-        for effect in transition.effects:
-            if isinstance(effect, SetWeight) and pull:
+        if any(isinstance(e, SetWeight | SwapSlots) for e in transition.effects):
+            # A new weight, or new roles for the slots (the same percentage may now mean that
+            # another version is stable): the router owes a new generation.
+            record.generation += 1
+            if record.router.get("name", PULL) == PULL:
                 # The pull router's clients read the committed weight: committing is applying.
-                record.applied_weight = effect.weight
+                record.applied_weight = record.desired_weight
+                record.applied_generation = record.generation
                 record.router_error = None
-            elif isinstance(effect, SwapSlots) and not pull:
-                # What is live must be applied again under the new roles (the same percentage
-                # may now mean another version is stable): unknown until the router confirms.
-                record.applied_weight = None
         if transition.service is not None:
             service.store_service(row, transition.service, now)
             session.add(row)
@@ -226,9 +225,7 @@ class Effects:
             if isinstance(effect, Audit):
                 self.metrics.transitions.labels(effect.action, applied.record.triggered_by).inc()
         record = applied.record
-        if self.traffic is None or record.id is None or not applied.moved:
-            return applied
-        if record.applied_weight == record.desired_weight and record.router_error is None:
+        if self.traffic is None or record.id is None or not applied.moved or record.converged:
             return applied
         apply = self.traffic.apply(record.id, record.service, reason=_reason(applied))
         try:
@@ -242,6 +239,7 @@ class Effects:
         record.router_error = outcome.error
         if outcome.ok:
             record.applied_weight = outcome.applied_weight
+            record.applied_generation = outcome.generation
         return applied
 
 

@@ -91,3 +91,12 @@ class RolloutRecord(SQLModel, table=True):
     router_attempts: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
     router_retry_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     router_checked_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    # Bumped whenever what the router must apply changes (a weight, or the slots' roles); an
+    # apply records the generation it made live. Converged: applied_generation == generation.
+    generation: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
+    applied_generation: int | None = None
+
+    @property
+    def converged(self) -> bool:
+        """Whether the router has made the latest desired state live."""
+        return self.applied_generation == self.generation and self.router_error is None

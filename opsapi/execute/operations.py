@@ -185,7 +185,9 @@ async def router_sync(call: Call, params: ServiceParams, dry_run: bool) -> dict[
     rollout_id = record.id
 
     async def sync() -> None:
-        await call.runtime.traffic.apply(rollout_id, params.service, reason="execute router-sync")
+        await call.runtime.traffic.apply(
+            rollout_id, params.service, reason="execute router-sync", force=True
+        )
 
     call.after_commit.append(_then(call, sync, plan))
     return {**plan, "result": "applying"}

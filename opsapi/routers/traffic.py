@@ -39,10 +39,12 @@ DRIFT_CHECK = timedelta(seconds=30)
 
 @dataclass(frozen=True)
 class ApplyOutcome:
-    """What an apply did: the weight now live (None when unknown) and the error, if any."""
+    """What an apply did: the weight and generation now live (None when unknown) and the
+    error, if any."""
 
     applied_weight: int | None
     error: str | None
+    generation: int | None = None
 
     @property
     def ok(self) -> bool:
@@ -82,16 +84,23 @@ class Traffic:
             raise RouterError(f"router instance {name!r} is not configured on this server")
         return router
 
-    async def apply(self, rollout_id: int, service: str, *, reason: str) -> ApplyOutcome:
-        """Apply the rollout's latest desired weight now; record and audit the result."""
+    async def apply(
+        self, rollout_id: int, service: str, *, reason: str, force: bool = False
+    ) -> ApplyOutcome:
+        """Apply the rollout's latest desired generation now; record and audit the result.
+
+        Nothing is sent when that generation is already live (an apply queued behind another
+        that made it live), unless `force` (a person's sync, a drift repair)."""
         async with self._exclusive(service):
             async with self.sessions() as session:
                 record = await session.get(RolloutRecord, rollout_id)
             if record is None:
                 return ApplyOutcome(None, "no such rollout")
-            weight = record.desired_weight
+            if record.converged and not force:
+                return ApplyOutcome(record.applied_weight, None, record.applied_generation)
+            weight, generation = record.desired_weight, record.generation
             error = await self._send(record, weight)
-            return await self._record(rollout_id, weight, error, reason=reason)
+            return await self._record(rollout_id, weight, generation, error, reason=reason)
 
     async def sync(self, service: str, *, reason: str = "router-sync") -> ApplyOutcome | None:
         """Re-apply the service's latest desired weight now (None when it has no rollout)."""
@@ -105,7 +114,7 @@ class Traffic:
             record = (await session.exec(query)).first()
         if record is None or record.id is None:
             return None
-        return await self.apply(record.id, service, reason=reason)
+        return await self.apply(record.id, service, reason=reason, force=True)
 
     async def check_drift(self, rollout_id: int, service: str) -> ApplyOutcome | None:
         """Read the live weight back; re-apply when it differs from what was applied."""
@@ -117,7 +126,7 @@ class Traffic:
             router = self.router_for(record.router)
             live = None if router is None else await router.read_back(_target(record))
         except RouterError as error:
-            return await self._record(rollout_id, None, str(error), reason="drift check")
+            return await self._record(rollout_id, None, None, str(error), reason="drift check")
         if live is None or live == record.applied_weight:
             await self._mark_checked(rollout_id)
             return None
@@ -135,7 +144,7 @@ class Traffic:
                 details={"router": record.router.get("name"), "live_weight": live,
                          "applied_weight": record.applied_weight},
             )  # fmt: skip
-        return await self.apply(rollout_id, service, reason="drift")
+        return await self.apply(rollout_id, service, reason="drift", force=True)
 
     async def reconcile(self) -> int:
         """Re-apply wherever desired ≠ applied, retry failures when due, check for drift."""
@@ -151,7 +160,7 @@ class Traffic:
                 continue
             if record.router_retry_at is not None and record.router_retry_at > now:
                 continue
-            if record.applied_weight != record.desired_weight or record.router_error:
+            if not record.converged:
                 await self.apply(record.id, record.service, reason="reconcile")
                 work += 1
             elif record.router_checked_at is None or now - record.router_checked_at >= _drift_every(
@@ -174,7 +183,13 @@ class Traffic:
         return None
 
     async def _record(
-        self, rollout_id: int, weight: int | None, error: str | None, *, reason: str
+        self,
+        rollout_id: int,
+        weight: int | None,
+        generation: int | None,
+        error: str | None,
+        *,
+        reason: str,
     ) -> ApplyOutcome:
         now = self.clock()
         async with self.sessions() as session, session.begin():
@@ -184,6 +199,7 @@ class Traffic:
             recovered = error is None and record.router_error is not None
             if error is None:
                 record.applied_weight = weight
+                record.applied_generation = generation
                 record.router_error = None
                 record.router_attempts = 0
                 record.router_retry_at = None
@@ -217,7 +233,8 @@ class Traffic:
                              "attempts": record.router_attempts},
                 )  # fmt: skip
             applied = record.applied_weight
-        return ApplyOutcome(applied, error)
+            live = record.applied_generation
+        return ApplyOutcome(applied, error, live)
 
     async def _mark_checked(self, rollout_id: int) -> None:
         async with self.sessions() as session, session.begin():
