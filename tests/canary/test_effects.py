@@ -1,0 +1,67 @@
+"""What the one effect interpreter guarantees callers: transitions are counted once committed,
+and audit events carry the true before and after of every step a transition took."""
+
+from __future__ import annotations
+
+import asyncio
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.support.app import Harness
+
+SERVICE = "checkout"
+
+
+async def transitions_counted(api: Harness, action: str) -> float:
+    text = (await api.client.get("/metrics")).text
+    for family in text_string_to_metric_families(text):
+        if family.name == "opsapi_rollout_transitions":
+            return sum(s.value for s in family.samples
+                       if s.name.endswith("_total") and s.labels["transition"] == action)  # fmt: skip
+    return 0.0
+
+
+async def test_only_committed_transitions_are_counted(api: Harness) -> None:
+    # given a ready step
+    await api.post("/canary/promote", {"service": SERVICE, "version": "v2"})
+    api.clock.advance(minutes=30)
+
+    # when 30 operators promote at once (one wins; 29 are refused, nothing of theirs commits)
+    answers = await asyncio.gather(
+        *(api.post("/canary/promote", {"service": SERVICE}, subject=f"op-{i}") for i in range(30))
+    )
+
+    # then the metric counts the one promotion, as the audit log does
+    assert sorted(a.status_code for a in answers) == [200] + [409] * 29
+    assert await transitions_counted(api, "rollout.promoted") == 1
+    assert await transitions_counted(api, "rollout.started") == 1
+    promoted = [e for e in await api.audit_events(action="canary.promote", outcome="success")
+                if e.details.get("transition") == "rollout.promoted"]  # fmt: skip
+    assert len(promoted) == 1
+
+
+async def test_a_resume_that_lands_ready_is_audited_with_its_true_before_and_after(
+    api: Harness,
+) -> None:
+    # given a rollout paused once its step was ready
+    await api.post("/canary/promote", {"service": SERVICE, "version": "v2"})
+    api.clock.advance(minutes=30)
+    await api.tick()
+    assert (await api.post("/canary/pause", {"service": SERVICE})).json()["state"] == "paused"
+
+    # when it is resumed
+    resumed = await api.post("/canary/resume", {"service": SERVICE})
+
+    # then it is awaiting promotion, and the one audit event says paused -> awaiting_promotion,
+    # listing both steps the transition took
+    assert resumed.json()["state"] == "awaiting_promotion"
+    [event] = await api.audit_events(action="canary.resume")
+    assert (event.details["from_state"], event.details["to_state"]) == (
+        "paused", "awaiting_promotion",
+    )  # fmt: skip
+    assert [step["action"] for step in event.details["transitions"]] == [
+        "rollout.resumed", "rollout.ready",
+    ]  # fmt: skip
+    assert [(s["from_state"], s["to_state"]) for s in event.details["transitions"]] == [
+        ("paused", "progressing"), ("progressing", "awaiting_promotion"),
+    ]  # fmt: skip
