@@ -63,6 +63,9 @@ class Settings(BaseSettings):
     trusted_proxies: str = ""
 
     max_body_bytes: int = 64 * 1024
+    # Refused requests audited one by one per caller and minute; the rest are counted into one
+    # aggregated event per caller and minute.
+    audit_refusals_per_minute: int = Field(default=30, ge=1)
     # The HTTP server: request head size and read time, connections served at once (more wait
     # in the listen backlog), and how long a shutdown waits for requests in flight.
     max_header_bytes: int = Field(default=64 * 1024, ge=8192)

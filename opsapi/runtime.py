@@ -14,10 +14,12 @@ import logging
 from collections.abc import AsyncIterator
 from datetime import timedelta
 
+from opsapi.audit.limiter import RefusalLimiter
 from opsapi.audit.writer import AuditWriter
 from opsapi.auth.cache import CachedVerifier
 from opsapi.auth.identity import AuthError, Identity
 from opsapi.auth.tokens import JwksVerifier, LocalSigner, TokenVerifier
+from opsapi.canary.effects import Effects
 from opsapi.canary.policy import default_policy
 from opsapi.clock import Clock
 from opsapi.config import Settings
@@ -106,19 +108,27 @@ async def build_runtime(
         sessions = session_factory(engine)
         metrics = Metrics()
         traffic = Traffic(engine, sessions, load_routers(settings.routers_file), clock, metrics)
+        policy = default_policy(with_gates=bool(settings.prometheus_url))
+        effects = Effects(traffic=traffic, metrics=metrics, default_policy=policy)
         controller = Controller(
             sessions,
             clock,
             metrics,
             provider=provider,
             traffic=traffic,
+            effects=effects,
             batch_size=settings.controller_batch_size,
             poll_seconds=settings.controller_poll_seconds,
             idempotency_ttl=timedelta(hours=settings.idempotency_ttl_hours),
         )
         # Delivers the PagerDuty outbox (alerts are enqueued with the changes causing them).
         worker = DeliveryWorker.from_settings(settings, sessions, clock, metrics)
-        audit_writer = AuditWriter(engine)
+        audit_writer = AuditWriter(
+            engine,
+            clock=clock,
+            metrics=metrics,
+            refusals=RefusalLimiter(per_minute=settings.audit_refusals_per_minute),
+        )
         runtime = Runtime(
             settings=settings,
             engine=engine,
@@ -127,8 +137,9 @@ async def build_runtime(
             clock=clock,
             metrics=metrics,
             audit_writer=audit_writer,
-            default_policy=default_policy(with_gates=bool(settings.prometheus_url)),
+            default_policy=policy,
             traffic=traffic,
+            effects=effects,
             provider=provider,
             controller=controller,
             delivery=worker,

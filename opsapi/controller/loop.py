@@ -89,6 +89,7 @@ class Controller:
         self.poll_seconds = poll_seconds
         self.idempotency_ttl = idempotency_ttl
         self._next_purge: datetime | None = None
+        # Built by the runtime and shared with the API; a controller on its own (tests) makes one.
         self.effects = effects or Effects(traffic=traffic, metrics=metrics, default_policy=Policy())
 
     async def run_once(self) -> int:

@@ -14,6 +14,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 
 from opsapi.audit import views as audit_views
+from opsapi.audit.verify import publish_head
 from opsapi.auth.tokens import TokenVerifier
 from opsapi.canary import effects as canary_effects
 from opsapi.canary import service as canary_service
@@ -108,6 +109,7 @@ async def metrics(request: Request) -> Response:
         open_rollouts = await canary_service.list_open(session=session)
         runtime.metrics.pagerduty_pending.set(await pagerduty_outbox.pending_count(session))
         runtime.metrics.notifications_pending.set(await notifications_outbox.pending_count(session))
+    await publish_head(runtime.engine, runtime.metrics)
     runtime.metrics.open_rollouts.set(len(open_rollouts))
     runtime.metrics.rollout_weight.clear()
     for record in open_rollouts:

@@ -114,7 +114,7 @@ class Call:
     @property
     def effects(self) -> Effects:
         """The runtime's effect interpreter."""
-        return effects_of(self.runtime)
+        return self.runtime.effects
 
 
 Handler = Callable[[Call], Awaitable[Response]]
@@ -512,14 +512,19 @@ class _Request:
                      **problem.extra},
         )  # fmt: skip
         remember = key is not None and request_hash is not None and problem.status < 500
+        # Refusals are audited one by one up to a per-caller rate; beyond it they are counted
+        # into one event per caller and minute (a flood cannot grow the log without bound).
+        caller = identity.subject if identity else f"address:{self.client_address}"
+        writer = self.runtime.audit_writer
         try:
             if not remember:
-                await self.runtime.audit_writer.write(row)
+                await writer.write_refusal(caller, row)
                 return response
             assert key is not None
             assert request_hash is not None
             async with self.runtime.sessions() as session, session.begin():
-                await chain.append(session, [row])
+                if writer.refusals.allow(caller, now, row):
+                    await chain.append(session, [row])
                 self._remember(key, request_hash, response, now, session)
         except IntegrityError:
             # A concurrent request with the same Idempotency-Key won; answer what it answered.
@@ -531,18 +536,6 @@ class _Request:
             log.exception("could not write the audit event for %s", self.action)
             return _audit_unavailable()
         return response
-
-
-def effects_of(runtime: Runtime) -> Effects:
-    """The runtime's one effect interpreter."""
-    effects = getattr(runtime, "effects", None)
-    if isinstance(effects, Effects):
-        return effects
-    effects = Effects(
-        traffic=runtime.traffic, metrics=runtime.metrics, default_policy=runtime.default_policy
-    )
-    runtime.effects = effects  # type: ignore[attr-defined]
-    return effects
 
 
 class _Unavailable(Problem):

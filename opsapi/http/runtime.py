@@ -10,6 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from opsapi.audit.writer import AuditWriter
 from opsapi.auth.tokens import TokenVerifier
+from opsapi.canary.effects import Effects
 from opsapi.canary.policy import Policy
 from opsapi.clock import Clock
 from opsapi.config import Settings
@@ -36,6 +37,8 @@ class Runtime:
     audit_writer: AuditWriter
     default_policy: Policy
     traffic: Traffic
+    # The one interpreter of the machine's plans, shared by the API, the controller, webhooks.
+    effects: Effects
     provider: GateProvider
     controller: Controller
     delivery: DeliveryWorker

@@ -7,13 +7,15 @@ import base64
 import hashlib
 import json
 import os
+from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
 
 from tests.audit.test_review_api import audit_get
-from tests.support.app import Harness
+from tests.support.app import Harness, running_app
 
 BUDGET = 4096
 
@@ -97,7 +99,16 @@ async def test_an_authorised_change_is_kept_whole(api: Harness) -> None:
     assert [g["query"] for g in event.details["after"]["gates"]] == [query] * 10
 
 
-async def test_refused_calls_grow_the_table_by_a_bounded_amount(api: Harness) -> None:
+@pytest.fixture
+async def unlimited(pg_url: str, key_file: Path) -> AsyncIterator[Harness]:
+    """The app with the per-caller refusal limit out of the way: every refusal is its own row."""
+    async with running_app(pg_url, key_file, audit_refusals_per_minute=1000) as harness:
+        yield harness
+
+
+async def test_refused_calls_grow_the_table_by_a_bounded_amount(unlimited: Harness) -> None:
+    api = unlimited
+
     # given the table's size, then 100 refused calls of 60 KB each
     async def table_bytes() -> int:
         async with api.runtime.engine.connect() as connection:

@@ -281,7 +281,10 @@ async def test_concurrent_writers_keep_one_linear_chain(api_any_db: Harness) -> 
         elif i % 3 == 1:
             requests.append(api.get(f"/canary/svc-{i - 1}"))
         else:
-            requests.append(api.post("/canary/promote", {"service": "x"}, role="viewer"))
+            # (each refused by its own caller: under the per-caller refusal limit)
+            requests.append(
+                api.post("/canary/promote", {"service": "x"}, role="viewer", subject=f"v-{i}")
+            )
     writer_rows = [
         event_row(at=api.clock(), actor="controller", source=Source.CONTROLLER, action="tick",
                   outcome=Outcome.SUCCESS, details={"n": i})
