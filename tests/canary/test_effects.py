@@ -16,8 +16,8 @@ async def transitions_counted(api: Harness, action: str) -> float:
     text = (await api.client.get("/metrics")).text
     for family in text_string_to_metric_families(text):
         if family.name == "opsapi_rollout_transitions":
-            return sum(s.value for s in family.samples
-                       if s.name.endswith("_total") and s.labels["transition"] == action)  # fmt: skip
+            samples = [s for s in family.samples if s.name.endswith("_total")]
+            return sum(s.value for s in samples if s.labels["transition"] == action)
     return 0.0
 
 
