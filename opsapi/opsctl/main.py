@@ -295,8 +295,7 @@ def revert(
     idempotency_key: KeyOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """After a success, send 100 % back to the previous version's slot and make it stable again
-    (refused once a new rollout has taken that slot)."""
+    """Undo a success: 100 % back to the previous version's slot, which is stable again."""
     _change(
         ctx,
         "/canary/revert",
@@ -552,8 +551,11 @@ def policy_get(
         ),
     ] = PolicyFormat.yaml,
 ) -> None:
-    """The service's effective policy (the default one if it was never set), ready to edit and
-    apply with `opsctl policy apply -f`."""
+    """The service's effective policy, ready to edit and apply.
+
+    A service never configured has the server's default policy. YAML shows the read-only
+    status as comments and names the service, so `opsctl policy apply -f FILE` needs no more.
+    """
     _json_errors(output is PolicyFormat.json)
     document = _client(ctx).get(_path("services", service)).body
     if output is PolicyFormat.json:
@@ -584,8 +586,11 @@ def policy_apply(
     ] = False,
     idempotency_key: KeyOption = None,
 ) -> None:
-    """Replace the service's policy (admin) and show the diff of the effective policy, before
-    and after; field errors one per line (exit 7)."""
+    """Replace the service's policy (admin), showing the diff of the effective policy.
+
+    Fields left out take the server's default. --dry-run shows the diff against the current
+    policy without applying. Field errors are printed one per line (exit 7).
+    """
     document = policy_files.load(file)
     name, body = policy_files.split(document, service, file)
     client = _client(ctx)

@@ -348,7 +348,7 @@ def revert_text(rollout: Mapping[str, Any]) -> Text | None:
         text.append(f" (opsctl revert {rollout.get('service')})", style="dim")
         return text
     if rollout.get("state") == "succeeded":
-        return Text("nothing to go back to (a newer rollout took the slot)", style="dim")
+        return Text("nothing to go back to", style="dim")
     return None
 
 

@@ -20,9 +20,12 @@ from typing import Any
 
 import httpx
 import pytest
+import yaml
 
 from opsapi.auth.tokens import LocalSigner
+from tests.support.databases import unavailable
 from tests.support.processes import free_port, start_server, stop
+from tests.support.proxies import backends, find_binary, running_nginx, split
 
 API = "/internal/ops"
 OPSCTL = [sys.executable, "-m", "opsapi.opsctl.main"]
@@ -46,9 +49,30 @@ class Result:
 
 
 @dataclass
+class Edge:
+    """A real nginx, the server's router instance `edge`, in front of one backend per slot."""
+
+    port: int
+    slots: dict[str, str]  # slot name -> the backend's address
+    answers: dict[str, str]  # what each slot's backend answers -> slot name
+
+    def traffic(self, requests: int = 200) -> dict[str, int]:
+        """Where `requests` requests through nginx went, per slot."""
+        return {self.answers[answer]: n for answer, n in split(self.port, requests).items()}
+
+
+@dataclass
 class Server:
     url: str
     signer: LocalSigner
+    edge: Edge | None = None
+
+    def require_edge(self) -> Edge:
+        """The nginx router instance (skipped locally, failed in CI, without nginx)."""
+        if self.edge is None:
+            unavailable("nginx")
+        assert self.edge is not None
+        return self.edge
 
     def token(self, role: str, subject: str | None = None) -> str:
         return self.signer.mint(subject=subject or f"{role}-user", roles=[role])
@@ -132,21 +156,53 @@ class Server:
 
 
 @pytest.fixture(scope="module")
+def edge_nginx(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[Edge, dict[str, Any]] | None]:
+    """nginx in front of two backends (blue answers "stable", green "canary"), and its entry in
+    the routers file. Absent without an nginx binary: only the tests needing it are skipped."""
+    binary = find_binary("nginx")
+    if binary is None:
+        yield None
+        return
+    directory = tmp_path_factory.mktemp("nginx")
+    with backends() as running, running_nginx(binary, directory, upstream="shop") as nginx:
+        instance = {
+            "type": "nginx", "conf": str(nginx.conf), "prefix": str(nginx.directory),
+            "upstreams_dir": str(nginx.upstreams_dir), "binary": nginx.binary,
+            "probe": nginx.probe, "confirm_timeout": 3,
+        }  # fmt: skip
+        slots = {"blue": running.stable, "green": running.canary}
+        yield Edge(nginx.port, slots, {"stable": "blue", "canary": "green"}), instance
+
+
+@pytest.fixture(scope="module")
 def running_server(
-    pg_database: tuple[str, str], key_file: Path, tmp_path_factory: pytest.TempPathFactory
+    pg_database: tuple[str, str],
+    key_file: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    edge_nginx: tuple[Edge, dict[str, Any]] | None,
 ) -> Iterator[Server]:
-    """One `opsapi serve` process for the module (starting one per test would double its time)."""
+    """One `opsapi serve` process for the module (starting one per test would double its time),
+    with the nginx router instance `edge` when nginx is installed."""
     signer = LocalSigner.load_or_create(key_file)  # before the server, so both use one key
+    directory = tmp_path_factory.mktemp("opsctl")
     env = {
         "OPSAPI_DATABASE_URL": pg_database[1],
         "OPSAPI_LOCAL_KEY_FILE": str(key_file),
         "OPSAPI_CONTROLLER_POLL_SECONDS": "0.2",
         "OPSAPI_ENV": "test",
     }
+    edge = None
+    if edge_nginx is not None:
+        edge, instance = edge_nginx
+        routers = directory / "routers.json"
+        routers.write_text(json.dumps({"edge": instance}))
+        env["OPSAPI_ROUTERS_FILE"] = str(routers)
     port = free_port()
-    process = start_server(port, env, tmp_path_factory.mktemp("opsctl") / "server.log")
+    process = start_server(port, env, directory / "server.log")
     try:
-        yield Server(f"http://127.0.0.1:{port}", signer)
+        yield Server(f"http://127.0.0.1:{port}", signer, edge)
     finally:
         stop(process)
 
@@ -538,6 +594,247 @@ def test_audit_verify(server: Server) -> None:
     assert verified.code == 0, verified.err
     assert "audit chain intact" in verified.out
     assert raw.json()["intact"] is True
+
+
+# --- the release lifecycle: slots, success, revert; policies as files -------------------------
+
+
+def slots_in(out: str) -> dict[str, list[str]]:
+    """The `Slots` lines of opsctl's output: slot name -> version, role, share (, target)."""
+    rows: dict[str, list[str]] = {}
+    for line in plain(out).splitlines():
+        words = line.replace("│", " ").split()
+        if words[:1] == ["Slots"]:
+            words = words[1:]
+        if words[:1] in (["blue"], ["green"]) and len(words) >= 4:
+            rows[words[0]] = words[1:]
+    return rows
+
+
+def test_a_release_lives_through_start_success_and_revert(server: Server, tmp_path: Path) -> None:
+    edge = server.require_edge()
+    blue, green = edge.slots["blue"], edge.slots["green"]
+    # given a short policy on the nginx router with two slots, applied with opsctl
+    policy_file = tmp_path / "shop.yaml"
+    policy_file.write_text(
+        yaml.safe_dump({
+            "service": "shop",
+            "steps": [{"weight": 50, "wait": "1s"}, {"weight": 100, "wait": "1s"}],
+            "interval": "1s",
+            "gates": [],
+            "router": {"name": "edge", "upstream": "shop", "slots": edge.slots},
+        })
+    )  # fmt: skip
+    applied = server.opsctl("policy", "apply", "-f", str(policy_file), role="admin")
+    assert applied.code == 0, applied.err
+    assert "+interval: 1s" in applied.out
+    assert "policy applied" in applied.out
+
+    # when a first release starts, declaring the version that ran before opsapi knew the service
+    started = server.opsctl(
+        "promote", "shop", "--version", "v2", "--stable-version", "v1", "-r", "release 2"
+    )
+
+    # then opsctl says which version runs where: v1 stable in blue, v2 canary in green
+    assert started.code == 0, started.err
+    expected = {"blue": ["v1", "stable", "50%", blue], "green": ["v2", "canary", "50%", green]}
+    assert slots_in(started.out) == expected
+    shown = server.opsctl("status", "shop", role="viewer")
+    assert slots_in(shown.out) == expected
+    assert "v2 (canary) vs v1 (stable)" in shown.out
+    assert "Revert" not in shown.out  # nothing to go back to while a rollout is open
+    listed = server.opsctl("status", role="viewer")
+    assert re.search(r"shop #\d+\s+v2\s+v1\s", plain(listed.out)), listed.out
+    assert re.search(r"^\s+green\s+blue\s", plain(listed.out), re.MULTILINE), listed.out
+    # and a revert is refused while the rollout is open
+    early = server.opsctl("revert", "shop", "--reason", "too soon")
+    assert early.code == 6
+    assert "open rollout" in early.err
+
+    # when it is promoted to 100 % and its bake ends
+    server.wait_until("shop", lambda r: r["ready"])
+    promoted = server.opsctl("promote", "shop", "--from", "50")
+    assert promoted.code == 0, promoted.err
+    server.wait_until("shop", lambda r: r["state"] == "succeeded")
+
+    # then v2 is stable in green, v1 in blue is what a revert goes back to, and traffic agrees
+    succeeded = server.opsctl("status", "shop", role="viewer")
+    assert slots_in(succeeded.out) == {
+        "blue": ["v1", "previous", "0%", blue],
+        "green": ["v2", "stable", "100%", green],
+    }
+    assert "would go back to v1 in slot blue" in succeeded.out
+    assert edge.traffic() == {"green": 200}
+
+    # when an operator reverts
+    reverted = server.opsctl("revert", "shop", "--reason", "v2 leaks memory")
+
+    # then opsctl says where traffic goes and that it is there; nginx sends everything to blue
+    assert reverted.code == 0, reverted.err
+    assert "reverted — v1 is stable again at 100% in slot blue" in reverted.out
+    assert "100% to blue (v1), 0% to green (v2)" in reverted.out
+    assert "already there" in reverted.out
+    assert edge.traffic() == {"blue": 200}
+    after = server.opsctl("status", "shop", role="viewer")
+    assert slots_in(after.out) == {
+        "blue": ["v1", "stable", "100%", blue],
+        "green": ["v2", "reverted", "0%", green],
+    }
+    assert "v1 (stable again)" in after.out
+
+    # and a second revert is a conflict with a clear one-line message, changing nothing
+    again = server.opsctl("revert", "shop", "--reason", "again")
+    assert again.code == 6
+    assert again.err.startswith("opsctl: conflict: shop has no previous version to revert to")
+    assert len(again.err.strip().splitlines()) == 1
+    assert server.rollout("shop")["stable_slot"] == "blue"
+    assert edge.traffic() == {"blue": 200}
+
+
+def test_revert_and_stable_version_arguments(server: Server) -> None:
+    no_reason, stable_alone = server.parallel(
+        ("revert", "shop"), ("promote", "shop", "--stable-version", "v1")
+    )
+
+    assert no_reason.code == 2
+    assert "--reason" in no_reason.err
+    assert stable_alone.code == 2
+    assert "--version" in stable_alone.err
+
+
+FULL_POLICY: dict[str, Any] = {
+    "steps": [{"weight": 20, "wait": "10m"}, {"weight": 100, "wait": "1h"}],
+    "interval": "30s",
+    "auto_promote": True,
+    "gates": [
+        {"name": "errors", "query": 'sum(rate(http_requests_total{service="{service}"}[1m]))',
+         "op": "<", "threshold": 0.02, "for": "2m", "on_no_data": "fail"},
+        {"name": "latency", "query": 'avg(latency{version="{canary_version}"})',
+         "baseline_query": 'avg(latency{version="{stable_version}"})',
+         "op": "<=", "threshold": 1.1, "for": "0s", "on_no_data": "hold"},
+    ],
+    "min_sample": {"query": 'sum(increase(http_requests_total{service="{service}"}[1m]))',
+                   "min": 100.0},
+    "router": {"name": "pull"},
+    "pagerduty": {"service_ids": ["PABC123"], "priorities": ["P1", "P2"], "urgencies": ["high"],
+                  "routing_key": "R0123456789abcdefR0123456789abcd"},
+}  # fmt: skip
+
+
+def stored_policy(server: Server, service: str) -> dict[str, Any]:
+    response = server.api("GET", f"/services/{service}", role="viewer")
+    assert response.status_code == 200, response.text
+    return {k: v for k, v in response.json().items() if k != "status"}
+
+
+def test_policy_get_edit_apply_round_trip_keeps_everything(server: Server, tmp_path: Path) -> None:
+    # given a policy using every field, routing key included
+    server.put_policy("shop", **FULL_POLICY)
+    server.start("shop", "v2", stable_version="v1")
+    original = stored_policy(server, "shop")
+
+    # when it is read as YAML, edited as text, checked with --dry-run and applied
+    got = server.opsctl("policy", "get", "shop", role="viewer")
+    assert got.code == 0, got.err
+    assert "# Status (read-only; apply ignores it):" in got.out
+    assert "#   stable_slot: blue" in got.out
+    assert "R0123456789abcd" not in got.out  # the routing key stays secret
+    edited = tmp_path / "shop.yaml"
+    edited.write_text(got.out.replace("interval: 30s", "interval: 45s"))
+    dry = server.opsctl("policy", "apply", "-f", str(edited), "--dry-run", role="admin")
+    assert stored_policy(server, "shop") == original
+    applied = server.opsctl("policy", "apply", "-f", str(edited), role="admin")
+
+    # then both show the one change as a diff, and exactly that one change is stored
+    for result in (dry, applied):
+        assert result.code == 0, result.err
+        changes = [line for line in plain(result.out).splitlines() if line[:1] in "+-"]
+        assert changes[2:] == ["-interval: 30s", "+interval: 45s"], result.out
+    assert "dry run, nothing applied" in dry.out
+    assert "policy applied · changed as above" in applied.out
+    assert stored_policy(server, "shop") == {**original, "interval": "45s"}
+    # and the file as read applies unchanged, as YAML or as JSON (the service as an argument)
+    unchanged = tmp_path / "unchanged.yaml"
+    unchanged.write_text(server.opsctl("policy", "get", "shop").out)
+    as_json = tmp_path / "shop.json"
+    as_json.write_text(server.opsctl("policy", "get", "shop", "-o", "json").out)
+    assert "status" not in json.loads(as_json.read_text())
+    for path, args in ((unchanged, ()), (as_json, ("shop",))):
+        again = server.opsctl("policy", "apply", "-f", str(path), *args, role="admin")
+        assert again.code == 0, again.err
+        assert "no change" in again.out
+        assert "---" not in again.out
+    assert stored_policy(server, "shop") == {**original, "interval": "45s"}
+
+
+BAD_GATE = {"name": "errors", "query": "sum(rate(x[5m]))", "op": "<", "threshold": 0.01}
+
+
+@pytest.mark.parametrize(
+    ("gate", "field"),
+    [
+        pytest.param({**BAD_GATE, "op": "=="}, "gates.0.op", id="unknown-op"),
+        pytest.param({k: v for k, v in BAD_GATE.items() if k != "threshold"},
+                     "gates.0.threshold", id="no-threshold"),
+        pytest.param({**BAD_GATE, "treshold": 1}, "gates.0.treshold", id="misspelt-field"),
+        pytest.param({**BAD_GATE, "on_no_data": "ignore"}, "gates.0.on_no_data",
+                     id="bad-on-no-data"),
+    ],
+)  # fmt: skip
+@pytest.mark.parametrize("dry_run", [False, True], ids=["apply", "dry-run"])
+def test_policy_apply_with_a_bad_gate_names_the_field(
+    server: Server, tmp_path: Path, gate: dict[str, Any], field: str, dry_run: bool
+) -> None:
+    server.put_policy("shop", interval="30s")
+    before = stored_policy(server, "shop")
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({"service": "shop", "gates": [gate]}))
+
+    refused = server.opsctl(
+        "policy", "apply", "-f", str(path), *(["--dry-run"] if dry_run else []), role="admin"
+    )
+
+    assert refused.code == 7
+    lines = refused.err.strip().splitlines()
+    assert lines[0].startswith("opsctl: invalid:")
+    assert any(line.strip().startswith(f'{field} (gate "errors"): ') for line in lines[1:]), lines
+    assert "Traceback" not in refused.err
+    assert stored_policy(server, "shop") == before
+
+
+def test_policy_files_that_cannot_be_applied(server: Server, tmp_path: Path) -> None:
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("steps:\n  - weight: 10\n wait: 1m\n")
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- weight: 10\n")
+    other = tmp_path / "other.yaml"
+    other.write_text("service: payments\ninterval: 30s\n")
+    nameless = tmp_path / "nameless.yaml"
+    nameless.write_text("interval: 30s\n")
+
+    syntax, not_a_policy, mismatch, no_service, missing, operator = server.parallel(
+        (("policy", "apply", "-f", str(broken), "shop"), {"role": "admin"}),
+        (("policy", "apply", "-f", str(listed), "shop"), {"role": "admin"}),
+        (("policy", "apply", "-f", str(other), "shop"), {"role": "admin"}),
+        (("policy", "apply", "-f", str(nameless)), {"role": "admin"}),
+        (("policy", "apply", "-f", str(tmp_path / "absent.yaml"), "shop"), {"role": "admin"}),
+        (("policy", "apply", "-f", str(nameless), "shop"), {"role": "operator"}),
+    )
+
+    assert (syntax.code, not_a_policy.code, mismatch.code, no_service.code) == (7, 7, 2, 2)
+    assert "not valid YAML" in syntax.err
+    assert "line 3" in syntax.err
+    assert "not a policy" in not_a_policy.err
+    assert "policy of payments, not shop" in mismatch.err
+    assert "which service?" in no_service.err
+    assert missing.code == 2
+    assert "cannot read" in missing.err
+    assert operator.code == 4
+    for result in (syntax, not_a_policy, mismatch, no_service, missing, operator):
+        assert len(result.err.strip().splitlines()) == 1, result.err
+        assert result.out == ""
+    assert server.api("GET", "/services/payments", role="viewer").json()["interval"] == "1m"
+    assert server.api("GET", "/services/shop", role="viewer").json()["interval"] == "1m"
 
 
 # ---------------------------------------------------------------------------------------------
