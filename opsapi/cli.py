@@ -194,6 +194,10 @@ def _run_server(app: Any, settings: Settings, host: str, port: int) -> bool:
             max_buffer_size=settings.max_header_bytes,
         ),
         log_access=False,
+        # granian's own lines go through our handler and format (stderr), like every other.
+        log_dictconfig={
+            "loggers": {"_granian": {"handlers": [], "level": "INFO", "propagate": True}}
+        },
     )
     # Last resort if closing the runtime itself hangs: the worker is cancelled.
     server.workers_kill_timeout = round(settings.shutdown_timeout_seconds * 2 + 5)
