@@ -23,7 +23,7 @@ SERVICE = "service"
 BAKE = "bake"
 # What a dry run shows for `gates` left out of a file: the server fills them from its default
 # (the checklist's gates when it has a metrics backend), which opsctl cannot know.
-SERVER_DEFAULT_GATES = "(not in the file: the server's default gates)"
+SERVER_DEFAULT_GATES = "<left out of the file, so the server default gates apply>"
 _REDACTION_MARK = "…"
 
 

@@ -407,6 +407,10 @@ def test_watch_refreshes_the_view(server: Server) -> None:
     assert [f"refresh {n}" in piped.out for n in (1, 2, 3, 4)] == [True, True, True, False]
     assert piped.out.count("10% ▶ → 100%") == 3
     assert piped.out.count("of 4s wait") == 3
+    assert slots_in(piped.out) == {
+        "blue": ["unknown", "stable", "90%"],
+        "green": ["v2", "canary", "10%"],
+    }
     assert "━" in piped.out
     assert "─" in piped.out
     # on a terminal, rich.live redraws the frame in place
@@ -606,7 +610,7 @@ def slots_in(out: str) -> dict[str, list[str]]:
         words = line.replace("│", " ").split()
         if words[:1] == ["Slots"]:
             words = words[1:]
-        if words[:1] in (["blue"], ["green"]) and len(words) >= 4:
+        if words[:1] in (["blue"], ["green"]) and len(words) >= 3:
             rows[words[0]] = words[1:]
     return rows
 
@@ -767,17 +771,18 @@ def test_policy_get_edit_apply_round_trip_keeps_everything(server: Server, tmp_p
     assert stored_policy(server, "shop") == {**original, "interval": "45s"}
 
 
-BAD_GATE = {"name": "errors", "query": "sum(rate(x[5m]))", "op": "<", "threshold": 0.01}
+# A valid gate; each bad case below spoils one field of it.
+BASE_GATE = {"name": "errors", "query": "sum(rate(x[5m]))", "op": "<", "threshold": 0.01}
 
 
 @pytest.mark.parametrize(
     ("gate", "field"),
     [
-        pytest.param({**BAD_GATE, "op": "=="}, "gates.0.op", id="unknown-op"),
-        pytest.param({k: v for k, v in BAD_GATE.items() if k != "threshold"},
+        pytest.param({**BASE_GATE, "op": "=="}, "gates.0.op", id="unknown-op"),
+        pytest.param({k: v for k, v in BASE_GATE.items() if k != "threshold"},
                      "gates.0.threshold", id="no-threshold"),
-        pytest.param({**BAD_GATE, "treshold": 1}, "gates.0.treshold", id="misspelt-field"),
-        pytest.param({**BAD_GATE, "on_no_data": "ignore"}, "gates.0.on_no_data",
+        pytest.param({**BASE_GATE, "treshold": 1}, "gates.0.treshold", id="misspelt-field"),
+        pytest.param({**BASE_GATE, "on_no_data": "ignore"}, "gates.0.on_no_data",
                      id="bad-on-no-data"),
     ],
 )  # fmt: skip
@@ -799,6 +804,25 @@ def test_policy_apply_with_a_bad_gate_names_the_field(
     assert lines[0].startswith("opsctl: invalid:")
     assert any(line.strip().startswith(f'{field} (gate "errors"): ') for line in lines[1:]), lines
     assert "Traceback" not in refused.err
+    assert stored_policy(server, "shop") == before
+
+
+def test_a_dry_run_of_a_partial_file_shows_what_the_server_fills_in(
+    server: Server, tmp_path: Path
+) -> None:
+    server.put_policy("shop", steps=FAST_STEPS, interval="1s", gates=[BASE_GATE])
+    before = stored_policy(server, "shop")
+    partial = tmp_path / "partial.yaml"
+    partial.write_text("interval: 30s\n")
+
+    dry = server.opsctl("policy", "apply", "-f", str(partial), "shop", "--dry-run")
+
+    assert dry.code == 0, dry.err
+    changes = [line for line in plain(dry.out).splitlines() if line[:1] in "+-"]
+    assert "+interval: 30s" in changes
+    assert "+- weight: 75" in changes  # the default steps replace the fast ones
+    assert "+gates: <left out of the file, so the server default gates apply>" in changes
+    assert "dry run, nothing applied" in dry.out
     assert stored_policy(server, "shop") == before
 
 
