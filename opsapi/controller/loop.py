@@ -41,6 +41,8 @@ ACTOR = "controller"
 CAUSE = Cause(actor=ACTOR, source=Source.CONTROLLER)
 DEFAULT_IDEMPOTENCY_TTL = timedelta(hours=24)
 LEASE = timedelta(seconds=30)
+# A rollout whose decision failed (a database error) is due again this soon.
+RETRY_AFTER_FAILURE = timedelta(seconds=1)
 
 
 @dataclass(frozen=True)
@@ -96,19 +98,44 @@ class Controller:
         """Handle every rollout due now (in batches); return how many transitions happened."""
         transitions = 0
         while True:
-            claims = await self._claim()
+            claims = await self._claim(self.batch_size)
             if not claims:
                 return transitions
-            measured = await asyncio.gather(*(self.measure(claim) for claim in claims))
-            for result in measured:
-                transitions += await self._decide(result)
+            results = await asyncio.gather(*(self.evaluate(claim) for claim in claims))
+            transitions += sum(results)
             if len(claims) < self.batch_size:
                 return transitions
 
-    async def _claim(self) -> list[Claim]:
+    async def evaluate(self, claim: Claim) -> int:
+        """Measure one claimed rollout and decide about it; how many transitions it made.
+
+        Each claimed rollout is measured and decided on its own: a slow or hung measurement
+        (a Prometheus that does not answer for one service) delays no other rollout's decision.
+        A decision that fails releases the claim, so the rollout is due again within seconds
+        rather than when the lease runs out."""
+        measured = await self.measure(claim)
+        try:
+            return await self._decide(measured)
+        except Exception:
+            log.exception(
+                "deciding about rollout %s failed; it is due again shortly", claim.rollout_id
+            )
+            self.metrics.controller_ticks.labels("error").inc()
+            await self._release(claim)
+            return 0
+
+    async def _release(self, claim: Claim) -> None:
+        with contextlib.suppress(Exception):  # if this fails too, the lease runs out by itself
+            async with self.sessions() as session, session.begin():
+                record = await session.get(RolloutRecord, claim.rollout_id, with_for_update=True)
+                if record is not None and record.state in service.OPEN_STATE_VALUES:
+                    record.next_evaluation_at = self.clock() + RETRY_AFTER_FAILURE
+                    session.add(record)
+
+    async def _claim(self, limit: int) -> list[Claim]:
         now = self.clock()
         async with self.sessions() as session, session.begin():
-            due = await service.claim_due(now=now, limit=self.batch_size, session=session)
+            due = await service.claim_due(now=now, limit=limit, session=session)
             claims = []
             for record in due:
                 overdue = (now - (record.next_evaluation_at or now)).total_seconds()
@@ -216,19 +243,44 @@ class Controller:
         return int(result.rowcount or 0)
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Run passes until `stop` is set; an error in one pass never ends the loop."""
-        while not stop.is_set():
-            try:
-                await self.run_once()
-                if self.traffic is not None:
-                    await self.traffic.reconcile()
-                await self.purge_idempotency_keys()
-                self.metrics.controller_ticks.labels("ok").inc()
-            except Exception:
-                self.metrics.controller_ticks.labels("error").inc()
-                log.exception("controller pass failed; retrying")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=self.poll_seconds)
+        """Run passes until `stop` is set; an error in one pass never ends the loop.
+
+        Each poll claims what is due (up to the free share of the batch) and evaluates every
+        claim in a task of its own; router reconciliation runs in a task of its own too, so
+        neither a slow measurement nor a slow router holds up the next poll."""
+        evaluations: set[asyncio.Task[int]] = set()
+        reconcile: asyncio.Task[int] | None = None
+        try:
+            while not stop.is_set():
+                try:
+                    free = self.batch_size - len(evaluations)
+                    for claim in await self._claim(free) if free > 0 else []:
+                        task = asyncio.create_task(self.evaluate(claim))
+                        evaluations.add(task)
+                        task.add_done_callback(evaluations.discard)
+                    if self.traffic is not None and (reconcile is None or reconcile.done()):
+                        reconcile = asyncio.create_task(self._reconcile())
+                    await self.purge_idempotency_keys()
+                    self.metrics.controller_ticks.labels("ok").inc()
+                except Exception:
+                    self.metrics.controller_ticks.labels("error").inc()
+                    log.exception("controller pass failed; retrying")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=self.poll_seconds)
+        finally:
+            # Claims in flight finish their measurement and decision (each is bounded by the
+            # provider's timeouts); what is cancelled keeps its lease and is retried elsewhere.
+            pending = [*evaluations, *([reconcile] if reconcile is not None else [])]
+            if pending:
+                await asyncio.wait(pending)
+
+    async def _reconcile(self) -> int:
+        assert self.traffic is not None
+        try:
+            return await self.traffic.reconcile()
+        except Exception:
+            log.exception("router reconciliation failed; retrying")
+            return 0
 
 
 def judge_measured(measured: Measured, record: RolloutRecord) -> tuple[GateStatus, ...]:

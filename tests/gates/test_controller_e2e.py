@@ -207,7 +207,7 @@ async def test_baseline_gate_rolls_back_a_canary_slower_than_stable(
     live: Harness, metrics_app: MetricsApp
 ) -> None:
     # given v1 is the stable version (a first rollout without gates that succeeded)
-    one_step = {"steps": [{"weight": 100, "wait": "1s"}], "interval": "1s"}
+    one_step = {"steps": [{"weight": 100, "wait": "1s"}], "interval": "1s", "gates": []}
     await start(live, "baseline", one_step, version="v1")
     await eventually(lambda: in_state(live, "baseline", "succeeded"), timeout=15)
     metrics_app.set("baseline", "v1", rps=30, latency_seconds=0.1)
