@@ -8,7 +8,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlmodel import Field, SQLModel
 
-from opsapi.storage.types import JSONDocument, UTCDateTime
+from opsapi.canary.machine import State
+from opsapi.storage.types import JSONDocument, StrEnumText, UTCDateTime
 
 OPEN_STATES_SQL = "state NOT IN ('succeeded', 'rolled_back', 'reverted')"
 
@@ -54,7 +55,7 @@ class RolloutRecord(SQLModel, table=True):
 
     id: int | None = Field(default=None, primary_key=True)
     service: str = Field(max_length=63)
-    state: str = Field(max_length=32)
+    state: State = Field(sa_type=StrEnumText(State))
     canary_version: str = Field(max_length=128)
     stable_version: str | None = Field(default=None, max_length=128)
     # Where the stable and the canary version run (after a success both name the canary's slot).

@@ -16,7 +16,7 @@ from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from opsapi.canary import machine
-from opsapi.canary.machine import GatePhase, GateStatus, Refusal, RefusalCode, State, Step
+from opsapi.canary.machine import GatePhase, GateStatus, Refusal, RefusalCode, Step
 from opsapi.canary.models import RolloutRecord, ServiceRecord
 from opsapi.canary.policy import Policy
 from opsapi.routers.base import slot_names
@@ -201,7 +201,7 @@ def to_machine(record: RolloutRecord) -> machine.Rollout:
         canary_version=record.canary_version,
         stable_version=record.stable_version,
         steps=tuple(Step(step["weight"], timedelta(seconds=step["wait"])) for step in record.steps),
-        state=State(record.state),
+        state=record.state,
         step_index=record.step_index,
         desired_weight=record.desired_weight,
         step_started_at=record.step_started_at,
@@ -245,7 +245,7 @@ def _gate_to_json(gate: GateStatus) -> dict[str, Any]:
 
 def store(record: RolloutRecord, rollout: machine.Rollout, now: datetime) -> None:
     """Write the machine's rollout into its row (desired weight included; applied untouched)."""
-    record.state = rollout.state.value
+    record.state = rollout.state
     record.stable_version = rollout.stable_version
     record.stable_slot = rollout.stable_slot
     record.canary_slot = rollout.canary_slot
@@ -270,7 +270,7 @@ def new_record(
     """The row of a rollout the machine just started under `policy` (not yet stored)."""
     return RolloutRecord(
         service=rollout.service,
-        state=rollout.state.value,
+        state=rollout.state,
         canary_version=rollout.canary_version,
         stable_version=rollout.stable_version,
         stable_slot=rollout.stable_slot,

@@ -33,3 +33,20 @@ class UTCDateTime(sa.TypeDecorator[datetime]):
 
 
 JSONDocument: Any = sa.JSON().with_variant(JSONB(), "postgresql")
+
+
+class StrEnumText(sa.TypeDecorator[Any]):
+    """A `StrEnum` stored as its value in a VARCHAR (no database enum type to migrate)."""
+
+    impl = sa.String(32)
+    cache_ok = True
+
+    def __init__(self, enum: type[Any], length: int = 32) -> None:
+        super().__init__(length)
+        self.enum = enum
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> str | None:
+        return None if value is None else str(self.enum(value).value)
+
+    def process_result_value(self, value: str | None, dialect: Dialect) -> Any:
+        return None if value is None else self.enum(value)
