@@ -40,6 +40,9 @@ class RouteTarget:
     stable_version: str | None = None
     canary_version: str | None = None
     state: str | None = None  # the rollout's state, for payloads
+    # Fail-safe lease (epoch seconds): a router that supports expiry sends everything to the
+    # stable slot by itself once it has passed. None: no lease.
+    valid_until: float | None = None
 
 
 def is_slot_name(name: object) -> bool:

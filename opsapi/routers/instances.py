@@ -15,6 +15,12 @@ configuration, for example in YAML::
     lb:
       type: haproxy
       socket: /run/haproxy/admin.sock     # or host:port; optional timeout (seconds)
+    edge_lua:
+      type: nginx-lua                     # weights in nginx's shared memory, no reload
+      admin: 127.0.0.1:8098               # loopback or unix:/path; or admins: [...] for several
+      secret: 32-or-more-visible-ascii    # bearer secret; nginx keeps only a salted hash of it
+      state_file: /var/lib/opsapi/edge_lua.state  # read by nginx at start and reload
+                                          # optional timeout (seconds, per admin call)
     hook:
       type: webhook
       url: https://deploy.example.com/opsapi/weights
@@ -34,12 +40,21 @@ from typing import Annotated, Any, Literal
 
 import httpx
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    model_validator,
+)
 
 from opsapi.canary.policy import ROUTER_NAME
 from opsapi.routers.base import Router, RouteTarget
 from opsapi.routers.haproxy import HaproxyRouter, parse_socket
 from opsapi.routers.nginx import NginxRouter, split_host_port
+from opsapi.routers.nginx_lua import SECRET, NginxLuaRouter, admin_error
 from opsapi.routers.webhook import WebhookRouter
 
 PULL = "pull"
@@ -94,7 +109,22 @@ def _long_enough(secret: SecretStr) -> SecretStr:
     return secret
 
 
+def _admin(value: str) -> str:
+    message = admin_error(value)
+    if message is not None:
+        raise ValueError(message)
+    return value
+
+
+def _admin_secret(secret: SecretStr) -> SecretStr:
+    # nginx stores a hash of it in its configuration: long enough that guessing is hopeless.
+    if not SECRET.fullmatch(secret.get_secret_value()):
+        raise ValueError("must be 32 to 4096 visible ASCII characters (openssl rand -hex 32)")
+    return secret
+
+
 AbsolutePath = Annotated[Path, AfterValidator(_absolute)]
+AdminAddress = Annotated[str, AfterValidator(_admin)]
 Timeout = Annotated[float, Field(gt=0, le=300)]
 
 
@@ -124,6 +154,30 @@ class HaproxyInstance(_Instance):
     timeout: Timeout = 3.0
 
 
+class NginxLuaInstance(_Instance):
+    """One or more nginx with the Lua module, reached at their admin locations."""
+
+    type: Literal["nginx-lua"]
+    admin: AdminAddress | None = None
+    admins: list[AdminAddress] | None = Field(default=None, min_length=1, max_length=16)
+    secret: Annotated[SecretStr, AfterValidator(_admin_secret)]
+    state_file: AbsolutePath
+    timeout: Timeout = 2.0
+
+    @model_validator(mode="after")
+    def _one_way_to_name_admins(self) -> NginxLuaInstance:
+        if (self.admin is None) == (self.admins is None):
+            raise ValueError("give either admin or admins")
+        if self.admins is not None and len(set(self.admins)) != len(self.admins):
+            raise ValueError("admins: the same address twice")
+        return self
+
+    @property
+    def addresses(self) -> list[str]:
+        """The admin addresses, however given."""
+        return [self.admin] if self.admin is not None else list(self.admins or ())
+
+
 class WebhookInstance(_Instance):
     """A URL receiving signed weight changes."""
 
@@ -133,9 +187,10 @@ class WebhookInstance(_Instance):
     timeout: Timeout = 5.0
 
 
-InstanceConfig = NginxInstance | HaproxyInstance | WebhookInstance
+InstanceConfig = NginxInstance | HaproxyInstance | WebhookInstance | NginxLuaInstance
 _MODELS: dict[str, type[InstanceConfig]] = {
     "nginx": NginxInstance,
+    "nginx-lua": NginxLuaInstance,
     "haproxy": HaproxyInstance,
     "webhook": WebhookInstance,
 }
@@ -231,6 +286,14 @@ def build_router(name: str, config: InstanceConfig) -> Router:
         )
     if isinstance(config, HaproxyInstance):
         return HaproxyRouter(name, config.socket, timeout=config.timeout)
+    if isinstance(config, NginxLuaInstance):
+        return NginxLuaRouter(
+            name,
+            config.addresses,
+            config.secret.get_secret_value(),
+            config.state_file,
+            timeout=config.timeout,
+        )
     return WebhookRouter(name, config.url, config.secret.get_secret_value(), config.timeout)
 
 
@@ -253,19 +316,17 @@ def _label(name: object) -> str:
 
 
 def _shared_files(instances: dict[str, InstanceConfig]) -> list[dict[str, str]]:
-    # Two nginx instances writing `<service>.conf` into one directory would overwrite each other.
+    # Two nginx instances writing `<service>.conf` into one directory, or two nginx-lua instances
+    # one state file, would overwrite each other.
     owners: dict[Path, str] = {}
     problems = []
     for name, config in instances.items():
-        if isinstance(config, NginxInstance):
-            directory = Path(config.upstreams_dir)
-            if directory in owners:
-                problems.append(
-                    _problem(
-                        name, "upstreams_dir", f"already used by instance {owners[directory]!r}"
-                    )
-                )
-            owners.setdefault(directory, name)
+        if isinstance(config, NginxInstance | NginxLuaInstance):
+            field = "upstreams_dir" if isinstance(config, NginxInstance) else "state_file"
+            path = Path(getattr(config, field))
+            if path in owners:
+                problems.append(_problem(name, field, f"already used by instance {owners[path]!r}"))
+            owners.setdefault(path, name)
     return problems
 
 
