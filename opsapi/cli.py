@@ -32,6 +32,12 @@ def main(argv: list[str] | None = None) -> int:
     token.add_argument("--role", required=True, choices=[role.value for role in Role])
     token.add_argument("--subject", required=True)
     token.add_argument("--ttl", default="8h", help="lifetime, e.g. 30m or 8h (at most 30d)")
+    lua = commands.add_parser(
+        "nginx-config", help="print the http {} snippet of an nginx-lua router instance"
+    )
+    lua.add_argument("--router", required=True, help="the instance's name in the routers file")
+    lua.add_argument("--admin", help="which admin address, when the instance has several")
+    lua.add_argument("upstreams", nargs="+", metavar="UPSTREAM", help="upstream blocks to print")
     args = parser.parse_args(argv)
 
     try:
@@ -46,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
             return _migrate(settings)
         if args.command == "controller":
             return _controller(settings)
+        if args.command == "nginx-config":
+            return _nginx_config(settings, args.router, args.upstreams, args.admin)
         return _token(settings, args.role, args.subject, args.ttl)
     except KeyboardInterrupt:
         return 130
@@ -350,6 +358,17 @@ def _abandon_hung_threads(code: int, grace: float = 1.0) -> None:
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(code)
+
+
+def _nginx_config(settings: Settings, router: str, upstreams: list[str], admin: str | None) -> int:
+    from opsapi.routers.nginx_lua import nginx_config
+
+    try:
+        print(nginx_config(settings.routers_file, router, upstreams, admin), end="")
+    except ValueError as error:  # the routers file's errors never quote a value
+        print(f"opsapi nginx-config: {error}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def _migrate(settings: Settings) -> int:
