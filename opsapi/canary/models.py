@@ -101,3 +101,67 @@ class RolloutRecord(SQLModel, table=True):
     def converged(self) -> bool:
         """Whether the router has made the latest desired state live."""
         return self.applied_generation == self.generation and self.router_error is None
+
+
+class RejectedVersion(SQLModel, table=True):
+    """A version rolled back by a breach or an incident: not started again without an override."""
+
+    __tablename__ = "rejected_version"
+    __table_args__ = (
+        # One standing rejection per version of a service; lifted ones stay as history.
+        sa.Index(
+            "uq_rejected_version_standing",
+            "service",
+            "version",
+            unique=True,
+            postgresql_where=sa.text("lifted_at IS NULL"),
+            sqlite_where=sa.text("lifted_at IS NULL"),
+        ),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    service: str = Field(max_length=63)
+    version: str = Field(max_length=128)
+    rollout_id: int | None = None
+    reason: str = Field(max_length=2000)
+    rejected_at: datetime = Field(sa_type=UTCDateTime)
+    lifted_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    lifted_by: str | None = Field(default=None, max_length=255)
+    lift_reason: str | None = Field(default=None, max_length=2000)
+
+
+class Incident(SQLModel, table=True):
+    """A PagerDuty incident on a mapped service: while open, changes to the service are held."""
+
+    __tablename__ = "incident"
+    __table_args__ = (sa.Index("ix_incident_open", "service", "resolved_at"),)
+
+    id: str = Field(primary_key=True, max_length=128)  # PagerDuty's incident id
+    service: str = Field(primary_key=True, max_length=63)
+    number: int | None = None
+    title: str = Field(default="", max_length=500)
+    html_url: str | None = Field(default=None, max_length=1000)
+    status: str = Field(max_length=32)
+    opened_at: datetime = Field(sa_type=UTCDateTime)
+    updated_at: datetime = Field(sa_type=UTCDateTime)
+    resolved_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+
+
+class FreezeRecord(SQLModel, table=True):
+    """A freeze window set by an admin through the API (server-configured ones live in a file)."""
+
+    __tablename__ = "freeze_window"
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(max_length=100)
+    services: list[str] = Field(sa_type=JSONDocument)
+    reason: str = Field(max_length=2000)
+    starts_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    ends_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    cron: str | None = Field(default=None, max_length=100)
+    duration_seconds: float | None = None
+    timezone: str = Field(default="UTC", max_length=64)
+    created_by: str = Field(max_length=255)
+    created_at: datetime = Field(sa_type=UTCDateTime)
+    deleted_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    deleted_by: str | None = Field(default=None, max_length=255)

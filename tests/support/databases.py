@@ -17,6 +17,9 @@ TABLES = (
     "gate_evaluation",
     "outbox",
     "pagerduty_event",
+    "rejected_version",
+    "incident",
+    "freeze_window",
 )
 
 
