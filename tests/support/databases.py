@@ -20,6 +20,7 @@ TABLES = (
     "rejected_version",
     "incident",
     "freeze_window",
+    "audit_checkpoint",
 )
 
 
