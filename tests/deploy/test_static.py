@@ -20,7 +20,8 @@ def test_prometheus_rules_are_valid() -> None:
         unavailable("promtool (Debian package prometheus)")
     assert promtool is not None
     result = subprocess.run(
-        [promtool, "check", "rules", str(ROOT / "deploy/prometheus/rules.yml")],
+        [promtool, "check", "rules", *(str(ROOT / "deploy/prometheus" / name)
+                                       for name in ("rules.yml", "alerts.yml"))],  # fmt: skip
         capture_output=True,
         text=True,
         check=False,
