@@ -54,6 +54,8 @@ class Settings(BaseSettings):
     pagerduty_worker_enabled: bool = True
     pagerduty_poll_seconds: float = Field(default=1.0, gt=0)
     routers_file: Path | None = None
+    # Server-configured freeze windows (JSON or YAML list); admins add more through the API.
+    freezes_file: Path | None = None
     notifications_file: Path | None = None  # notification channels (docs/notifications.md)
     public_url: str | None = None  # e.g. https://opsapi.example.com, for links in notifications
 

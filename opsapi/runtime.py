@@ -20,6 +20,7 @@ from opsapi.auth.cache import CachedVerifier
 from opsapi.auth.identity import AuthError, Identity
 from opsapi.auth.tokens import JwksVerifier, LocalSigner, TokenVerifier
 from opsapi.canary.effects import Effects
+from opsapi.canary.freezes import load_freezes
 from opsapi.canary.policy import default_policy
 from opsapi.clock import Clock
 from opsapi.config import Settings
@@ -109,7 +110,12 @@ async def build_runtime(
         metrics = Metrics()
         traffic = Traffic(engine, sessions, load_routers(settings.routers_file), clock, metrics)
         policy = default_policy(with_gates=bool(settings.prometheus_url))
-        effects = Effects(traffic=traffic, metrics=metrics, default_policy=policy)
+        effects = Effects(
+            traffic=traffic,
+            metrics=metrics,
+            default_policy=policy,
+            freezes=load_freezes(settings.freezes_file),
+        )
         controller = Controller(
             sessions,
             clock,

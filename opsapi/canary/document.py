@@ -90,6 +90,8 @@ class RolloutView(_Answer):
     updated_at: str | None
     finished_at: str | None
     next_evaluation_at: str | None
+    # What holds starts and promotions of the service now (open incidents, freeze windows).
+    holds: list[dict[str, Any]]
     # PagerDuty events about this rollout, and its notifications, with their delivery state.
     alerts: list[dict[str, Any]]
     notifications: list[dict[str, Any]]
@@ -130,6 +132,7 @@ def rollout_view(
     now: datetime,
     alerts: list[dict[str, Any]] | None = None,
     notifications: list[dict[str, Any]] | None = None,
+    holds: tuple[machine.Hold, ...] = (),
 ) -> RolloutView:
     """The rollout as the API shows it."""
     rollout = service.to_machine(record)
@@ -189,6 +192,10 @@ def rollout_view(
         updated_at=iso(record.updated_at),
         finished_at=iso(record.finished_at),
         next_evaluation_at=iso(record.next_evaluation_at),
+        holds=[
+            {"kind": hold.kind.value, "detail": hold.detail, "until": iso(hold.until)}
+            for hold in holds
+        ],
         alerts=alerts or [],
         notifications=notifications or [],
     )

@@ -23,6 +23,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from opsapi.audit import service as audit
 from opsapi.audit.models import Outcome, Source
 from opsapi.canary import machine, service
+from opsapi.canary.freezes import FreezeWindow
 from opsapi.canary.machine import (
     Audit,
     Event,
@@ -30,6 +31,7 @@ from opsapi.canary.machine import (
     Page,
     PageKind,
     Refusal,
+    Reject,
     SetWeight,
     Start,
     SwapSlots,
@@ -93,10 +95,13 @@ class Effects:
         traffic: Traffic | None,
         metrics: Metrics,
         default_policy: Policy,
+        freezes: Sequence[FreezeWindow] = (),
     ) -> None:
         self.traffic = traffic
         self.metrics = metrics
         self.default_policy = default_policy
+        # The server's own freeze windows (OPSAPI_FREEZES_FILE); admins add more through the API.
+        self.freezes = tuple(freezes)
 
     async def decide(
         self,
@@ -110,7 +115,8 @@ class Effects:
         """What the machine would do (a dry run): nothing is locked or written."""
         record = await service.latest_rollout(name, session=session)
         row = await session.get(ServiceRecord, name)
-        state = _service_state(name, row, record, policy or self.default_policy, event)
+        safety = await service.safety_of(name, now=now, windows=self.freezes, session=session)
+        state = _service_state(name, row, record, policy or self.default_policy, event, safety)
         rollout = service.to_machine(record) if record is not None else None
         return machine.decide(rollout, event, now, state), record
 
@@ -137,7 +143,8 @@ class Effects:
                 Refusal(machine.RefusalCode.STALE, "a newer rollout replaced this one"), record
             )
         current = policy or service.policy_of(row, self.default_policy)
-        state = _service_state(name, row, record, current, event)
+        safety = await service.safety_of(name, now=now, windows=self.freezes, session=session)
+        state = _service_state(name, row, record, current, event, safety)
         rollout = service.to_machine(record) if record is not None else None
         decision = machine.decide(rollout, event, now, state)
         if isinstance(decision, Refusal):
@@ -180,6 +187,10 @@ class Effects:
         for effect in transition.effects:
             if isinstance(effect, Page):
                 details.update(await self._page(session, record, effect, now))
+            elif isinstance(effect, Reject):
+                await service.reject(record, effect.version, effect.reason, now=now,
+                                     session=session)  # fmt: skip
+                details["rejected_version"] = effect.version
             elif isinstance(effect, Notify) and policy.notify:
                 channels = await notifications.enqueue(
                     session,
@@ -265,13 +276,14 @@ def _service_state(
     record: RolloutRecord | None,
     policy: Policy,
     event: Event,
+    safety: service.Safety,
 ) -> machine.ServiceState:
     # A start uses the policy's router (the slots the new canary goes to); every other event
     # the router the rollout started with.
     router = policy.router.model_dump(mode="json")
     if record is not None and not isinstance(event, Start):
         router = record.router
-    return service.service_state(name, row, router)
+    return service.service_state(name, row, router, safety)
 
 
 def _message(record: RolloutRecord, notify: Notify, cause: Cause) -> Message:

@@ -7,17 +7,31 @@ named, or `*` for all. Rollback and revert are never held.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Annotated
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+import yaml
 from croniter import croniter
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 
 from opsapi.canary.machine import Hold, HoldKind
+from opsapi.canary.policy import SERVICE_NAME, Duration
 from opsapi.durations import format_duration
 
 ALL_SERVICES = "*"
+SERVICE_OR_ALL = r"^(\*|" + SERVICE_NAME.pattern.strip("^$") + r")$"
 
 
 @dataclass(frozen=True)
@@ -128,3 +142,74 @@ def describe(window: FreezeWindow, now: datetime) -> dict[str, object]:
 def sorted_windows(windows: Sequence[FreezeWindow]) -> list[FreezeWindow]:
     """Server-configured windows first, then the API's by id."""
     return sorted(windows, key=lambda w: (w.source != "server", w.id or 0, w.name))
+
+
+class FreezeSpec(BaseModel):
+    """A freeze window as written in the freezes file or a `POST /freezes` body."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9 _.-]{0,99}$")
+    services: list[Annotated[str, Field(pattern=SERVICE_OR_ALL)]] = Field(
+        min_length=1, max_length=200
+    )
+    reason: str = Field(min_length=1, max_length=2000)
+    starts_at: AwareDatetime | None = None
+    ends_at: AwareDatetime | None = None
+    cron: str | None = Field(default=None, max_length=100)
+    duration: Duration | None = None
+    timezone: str = Field(default="UTC", max_length=64)
+
+    @model_validator(mode="after")
+    def _usable(self) -> FreezeSpec:
+        problems = check_window(starts_at=self.starts_at, ends_at=self.ends_at, cron=self.cron,
+                                duration=self.duration, timezone=self.timezone)  # fmt: skip
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def window(self, *, source: str, id: int | None = None) -> FreezeWindow:
+        """The window this spec describes."""
+        return FreezeWindow(
+            name=self.name,
+            services=tuple(self.services),
+            reason=self.reason,
+            starts_at=self.starts_at,
+            ends_at=self.ends_at,
+            cron=self.cron,
+            duration=self.duration,
+            timezone=self.timezone,
+            source=source,
+            id=id,
+        )
+
+
+class FreezesFileError(ValueError):
+    """The freezes file cannot be used (the message names the window and the problem)."""
+
+
+def load_freezes(path: Path | None) -> list[FreezeWindow]:
+    """The server's freeze windows from `OPSAPI_FREEZES_FILE` (JSON or YAML list); none without."""
+    if path is None:
+        return []
+    try:
+        text = path.read_text(encoding="utf-8")
+        data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+    except (OSError, ValueError, yaml.YAMLError) as error:
+        raise FreezesFileError(f"freezes file {path}: cannot read it ({error.__class__.__name__})"
+                               ) from None  # fmt: skip
+    if data is None:
+        return []
+    if not isinstance(data, list):
+        raise FreezesFileError(f"freezes file {path}: must be a list of windows")
+    windows = []
+    for index, item in enumerate(data):
+        try:
+            windows.append(FreezeSpec.model_validate(item).window(source="server"))
+        except ValidationError as error:
+            first = error.errors(include_input=False, include_url=False)[0]
+            where = ".".join(str(part) for part in first["loc"]) or "window"
+            raise FreezesFileError(
+                f"freezes file {path}: window {index}: {where}: {first['msg']}"
+            ) from None
+    return windows

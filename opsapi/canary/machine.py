@@ -68,9 +68,26 @@ class GateStatus:
 DEFAULT_SLOTS = ("blue", "green")
 
 
+class HoldKind(enum.StrEnum):
+    INCIDENT_OPEN = "incident_open"
+    FROZEN = "frozen"
+
+
+@dataclass(frozen=True)
+class Hold:
+    """Why changes to a service are held now: an open incident, a freeze window (DESIGN §12).
+
+    A hold refuses starts and promotions and keeps auto-promotion waiting; it never blocks a
+    rollback or a revert."""
+
+    kind: HoldKind
+    detail: str
+    until: datetime | None = None
+
+
 @dataclass(frozen=True)
 class ServiceState:
-    """What a service carries from one rollout to the next (DESIGN §9)."""
+    """What a service carries from one rollout to the next (DESIGN §9, §12)."""
 
     name: str
     slots: tuple[str, str] = DEFAULT_SLOTS
@@ -79,6 +96,9 @@ class ServiceState:
     stable_slot: str | None = None
     previous_version: str | None = None
     previous_slot: str | None = None
+    # Versions rolled back by a breach or an incident: not started again without an override.
+    rejected: frozenset[str] = frozenset()
+    holds: tuple[Hold, ...] = ()
 
     def other_slot(self, slot: str) -> str:
         """The slot that is not `slot`."""
@@ -143,6 +163,17 @@ class Start:
     gate_names: tuple[str, ...] = ()
     target_percent: int | None = None
     reason: str | None = None
+    # An admin's break-glass past holds (incident, freeze) and a rejected version, with why.
+    override: Override | None = None
+
+
+@dataclass(frozen=True)
+class Override:
+    """An admin's audited decision to act despite what would refuse it."""
+
+    reason: str
+    holds: bool = False
+    rejection: bool = False
 
 
 @dataclass(frozen=True)
@@ -152,6 +183,7 @@ class Promote:
     target_percent: int | None = None
     from_percent: int | None = None
     reason: str | None = None
+    override: Override | None = None
 
 
 @dataclass(frozen=True)
@@ -239,7 +271,15 @@ class Page:
     details: dict[str, Any] = field(default_factory=dict)
 
 
-Effect = SetWeight | SwapSlots | Notify | Audit | Page
+@dataclass(frozen=True)
+class Reject:
+    """A version rolled back by a breach or an incident is not to be started again."""
+
+    version: str
+    reason: str
+
+
+Effect = SetWeight | SwapSlots | Notify | Audit | Page | Reject
 
 
 @dataclass(frozen=True)
@@ -268,6 +308,9 @@ class RefusalCode(enum.StrEnum):
     STABLE_MISMATCH = "stable_mismatch"
     UNKNOWN_SLOT = "unknown_slot"
     NOTHING_TO_REVERT = "nothing_to_revert"
+    INCIDENT_OPEN = "incident_open"
+    FROZEN = "frozen"
+    VERSION_REJECTED = "version_rejected"
 
 
 @dataclass(frozen=True)
@@ -276,6 +319,7 @@ class Refusal:
     detail: str
     time_left: timedelta | None = None
     failing_gates: tuple[str, ...] = ()
+    holds: tuple[Hold, ...] = ()
 
 
 Decision = Transition | Refusal
@@ -399,6 +443,16 @@ def _start(event: Start, now: datetime, service: ServiceState) -> Decision:
             RefusalCode.ALREADY_STABLE,
             f"{event.canary_version} is already the stable version of {event.service}",
         )
+    override = event.override
+    if event.canary_version in service.rejected and not (override and override.rejection):
+        return Refusal(
+            RefusalCode.VERSION_REJECTED,
+            f"{event.canary_version} of {event.service} was rolled back by a breach or an "
+            "incident; an admin may start it again with an override and a reason",
+        )
+    held = _held(service, override)
+    if held is not None:
+        return held
     stable_slot = service.stable_slot or service.slots[0]
     if stable_slot not in service.slots:
         return Refusal(
@@ -450,11 +504,38 @@ def _start(event: Start, now: datetime, service: ServiceState) -> Decision:
     }
     if event.target_percent is not None:
         details["target_percent"] = event.target_percent
+    if override is not None:
+        details["override"] = _override_details(override, service, event.canary_version)
     return Transition(
         rollout,
         (SetWeight(step.weight), Audit("rollout.started", details), Notify("started")),
         service=after,
     )
+
+
+def _held(service: ServiceState, override: Override | None) -> Refusal | None:
+    """The refusal of a start or promotion while the service is held (unless overridden)."""
+    if not service.holds or (override is not None and override.holds):
+        return None
+    hold = service.holds[0]
+    code = RefusalCode(hold.kind.value)
+    return Refusal(
+        code,
+        f"changes to {service.name} are held: {hold.detail}; rollback and revert stay "
+        "available, and an admin may override with a reason",
+        holds=service.holds,
+    )
+
+
+def _override_details(
+    override: Override, service: ServiceState, version: str | None
+) -> dict[str, Any]:
+    details: dict[str, Any] = {"reason": override.reason}
+    if override.holds and service.holds:
+        details["holds"] = [{"kind": h.kind.value, "detail": h.detail} for h in service.holds]
+    if override.rejection and version in service.rejected:
+        details["rejected_version"] = version
+    return details
 
 
 def _weights(steps: Sequence[Step]) -> str:
@@ -471,6 +552,10 @@ def _promote(
         )
     if rollout.state == State.PAUSED:
         return Refusal(RefusalCode.PAUSED, "the rollout is paused; resume it first")
+    if service is not None:
+        held = _held(service, event.override)
+        if held is not None:
+            return held
     target = rollout.step_index + 1
     if event.target_percent is not None:
         found = _step_index_for(rollout.steps, event.target_percent)
@@ -485,8 +570,26 @@ def _promote(
     if not state.ready and not event.force:
         return _not_ready(rollout, state)
     if rollout.state == State.BAKING:
-        return _succeed(rollout, event.actor, now, service, forced=event.force and not state.ready)
-    return _advance(rollout, target, event.actor, now, forced=event.force and not state.ready)
+        decision = _succeed(
+            rollout, event.actor, now, service, forced=event.force and not state.ready
+        )
+    else:
+        decision = _advance(
+            rollout, target, event.actor, now, forced=event.force and not state.ready
+        )
+    if event.override is not None and service is not None and service.holds:
+        return _with_override(decision, _override_details(event.override, service, None))
+    return decision
+
+
+def _with_override(decision: Decision, override: dict[str, Any]) -> Decision:
+    if isinstance(decision, Refusal):
+        return decision
+    effects = tuple(
+        replace(e, details={**e.details, "override": override}) if isinstance(e, Audit) else e
+        for e in decision.effects
+    )
+    return replace(decision, effects=effects)
 
 
 def _not_ready(rollout: Rollout, state: Readiness) -> Refusal:
@@ -704,6 +807,9 @@ def _rollback(
     )
     if breach is not None:
         effects += (Page(PageKind.TRIGGER, details),)
+    if breach is not None or actor.triggered_by == Trigger.PAGERDUTY:
+        # The evidence says this version is bad: starting it again takes an admin's override.
+        effects += (Reject(rollout.canary_version, reason),)
     return Transition(rolled_back, effects)
 
 
@@ -780,7 +886,7 @@ def _settle(rollout: Rollout, now: datetime, service: ServiceState | None = None
     if rollout.state == State.BAKING and state.ready:
         return _succeed(rollout, CONTROLLER, now, service, forced=False)
     if rollout.state in (State.PROGRESSING, State.AWAITING_PROMOTION) and state.ready:
-        if rollout.auto_promote:
+        if rollout.auto_promote and not (service is not None and service.holds):
             return _advance(rollout, rollout.step_index + 1, CONTROLLER, now, forced=False)
         if rollout.state == State.PROGRESSING:
             awaiting = replace(

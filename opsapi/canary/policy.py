@@ -120,6 +120,10 @@ class PagerDutyPolicy(_Strict):
     priorities: list[str] = Field(default_factory=lambda: ["P1"], max_length=10)
     urgencies: list[str] = Field(default_factory=lambda: ["high"], max_length=2)
     routing_key: str | None = Field(default=None, max_length=64)
+    # Services held too while an incident is open on this one (they depend on it).
+    dependants: list[Annotated[str, Field(pattern=SERVICE_NAME.pattern)]] = Field(
+        default_factory=list, max_length=50
+    )
 
 
 DEFAULT_STEPS = (

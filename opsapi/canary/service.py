@@ -7,17 +7,26 @@ that the HTTP layer maps to a problem.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from opsapi.canary import machine
+from opsapi.canary.freezes import FreezeWindow, holds_for
 from opsapi.canary.machine import GatePhase, GateStatus, Refusal, RefusalCode, Step
-from opsapi.canary.models import RolloutRecord, ServiceRecord
+from opsapi.canary.models import (
+    FreezeRecord,
+    Incident,
+    RejectedVersion,
+    RolloutRecord,
+    ServiceRecord,
+)
 from opsapi.canary.policy import Policy
 from opsapi.routers.base import slot_names
 
@@ -92,11 +101,17 @@ async def lock_service(name: str, *, now: datetime, session: AsyncSession) -> Se
 
 
 def service_state(
-    name: str, record: ServiceRecord | None, router: Mapping[str, Any]
+    name: str,
+    record: ServiceRecord | None,
+    router: Mapping[str, Any],
+    safety: Safety | None = None,
 ) -> machine.ServiceState:
-    """The machine's view of a service, with the slots its router policy names."""
+    """The machine's view of a service, with the slots its router policy names, the versions
+    it rejected and what holds changes to it now."""
+    rejected, holds = (safety.rejected, safety.holds) if safety else (frozenset(), ())
     if record is None:
-        return machine.ServiceState(name=name, slots=slot_names(router))
+        return machine.ServiceState(name=name, slots=slot_names(router), rejected=rejected,
+                                    holds=holds)  # fmt: skip
     return machine.ServiceState(
         name=record.name,
         slots=slot_names(router),
@@ -104,7 +119,84 @@ def service_state(
         stable_slot=record.stable_slot,
         previous_version=record.previous_version,
         previous_slot=record.previous_slot,
+        rejected=rejected,
+        holds=holds,
     )
+
+
+@dataclass(frozen=True)
+class Safety:
+    """What stops changes to a service beyond its rollout: rejected versions and holds."""
+
+    rejected: frozenset[str]
+    holds: tuple[machine.Hold, ...]
+
+
+async def safety_of(
+    name: str, *, now: datetime, windows: Sequence[FreezeWindow], session: AsyncSession
+) -> Safety:
+    """The service's standing rejections, open incidents and freeze windows at `now`."""
+    rejected = await session.exec(
+        select(RejectedVersion.version).where(
+            RejectedVersion.service == name, col(RejectedVersion.lifted_at).is_(None)
+        )
+    )
+    incidents = await session.exec(
+        select(Incident)
+        .where(Incident.service == name, col(Incident.resolved_at).is_(None))
+        .order_by(col(Incident.opened_at))
+    )
+    holds = [
+        machine.Hold(machine.HoldKind.INCIDENT_OPEN, incident_detail(incident))
+        for incident in incidents
+    ]
+    holds += holds_for(name, [*windows, *await api_windows(session)], now)
+    return Safety(frozenset(rejected), tuple(holds))
+
+
+def incident_detail(incident: Incident) -> str:
+    """How a hold names an open incident."""
+    number = f" #{incident.number}" if incident.number is not None else ""
+    detail = f"PagerDuty incident{number} ({incident.id}) is {incident.status}: {incident.title}"
+    return detail + (f" {incident.html_url}" if incident.html_url else "")
+
+
+async def api_windows(session: AsyncSession) -> list[FreezeWindow]:
+    """The freeze windows admins set through the API (not deleted)."""
+    rows = await session.exec(select(FreezeRecord).where(col(FreezeRecord.deleted_at).is_(None)))
+    return [window_of(row) for row in rows]
+
+
+def window_of(row: FreezeRecord) -> FreezeWindow:
+    """A stored freeze window as the pure evaluation sees it."""
+    return FreezeWindow(
+        name=row.name,
+        services=tuple(row.services),
+        reason=row.reason,
+        starts_at=row.starts_at,
+        ends_at=row.ends_at,
+        cron=row.cron,
+        duration=timedelta(seconds=row.duration_seconds) if row.duration_seconds else None,
+        timezone=row.timezone,
+        source="api",
+        id=row.id,
+    )
+
+
+async def reject(
+    record: RolloutRecord, version: str, reason: str, *, now: datetime, session: AsyncSession
+) -> None:
+    """Mark `version` rejected for the rollout's service (once; a standing one stays)."""
+    dialect = session.bind.dialect.name if session.bind else "postgresql"
+    insert = postgresql_insert if dialect == "postgresql" else sqlite_insert
+    await session.exec(
+        insert(RejectedVersion)
+        .values(service=record.service, version=version, rollout_id=record.id,
+                reason=reason[:2000], rejected_at=now)
+        .on_conflict_do_nothing(
+            index_elements=["service", "version"], index_where=sa.text("lifted_at IS NULL")
+        )
+    )  # fmt: skip
 
 
 def store_service(record: ServiceRecord, state: machine.ServiceState, now: datetime) -> None:

@@ -8,7 +8,9 @@ from typing import Any
 from pydantic import BaseModel
 
 from opsapi import __version__
+from opsapi.canary.freezes import FreezeSpec
 from opsapi.canary.policy import Policy
+from opsapi.canary.safety_views import LiftBody
 from opsapi.canary.views import PauseBody, PromoteBody, RollbackBody
 from opsapi.execute.views import ExecuteBody
 
@@ -33,6 +35,14 @@ OPERATIONS: list[tuple[str, str, str, str, type[BaseModel] | None]] = [
      ExecuteBody),
     ("get", "/services/{service}", "viewer", "The service's policy", None),
     ("put", "/services/{service}", "admin", "Replace the service's policy", Policy),
+    ("get", "/services/{service}/rejections", "viewer",
+     "Versions rolled back by a breach or an incident (standing and lifted)", None),
+    ("post", "/services/{service}/rejections/lift", "admin",
+     "Lift a standing rejection, with a reason", LiftBody),
+    ("get", "/freezes", "viewer", "Freeze windows (server and API) and open incidents", None),
+    ("post", "/freezes", "admin", "Add a freeze window (absolute, or cron + duration + time zone)",
+     FreezeSpec),
+    ("delete", "/freezes/{freeze_id}", "admin", "End an API-set freeze window now", None),
     ("get", "/audit", "auditor", "Audit events newest first: filters actor, action, service, "
      "rollout_id, outcome, source, since, until; limit; cursor", None),
     ("get", "/audit/export", "auditor", "Stream matching audit events oldest first "
@@ -63,7 +73,7 @@ def openapi_document(prefix: str) -> dict[str, Any]:
                 **{code: _PROBLEM for code in ("400", "401", "403", "404", "409", "422")},
             },
         }
-        for name in ("service", "rollout_id"):
+        for name in ("service", "rollout_id", "freeze_id"):
             if "{" + name + "}" in path:
                 operation["parameters"] = [
                     {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}

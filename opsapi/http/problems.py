@@ -30,6 +30,12 @@ def refusal_problem(refused: Refused) -> Problem:
         extra["time_left_seconds"] = round(refusal.time_left.total_seconds(), 3)
     if refusal.failing_gates:
         extra["failing_gates"] = list(refusal.failing_gates)
+    if refusal.holds:
+        extra["holds"] = [
+            {"kind": hold.kind.value, "detail": hold.detail,
+             "until": hold.until.isoformat() if hold.until else None}
+            for hold in refusal.holds
+        ]  # fmt: skip
     return _STATUS.get(refusal.code, Conflict)(refusal.detail, **extra)
 
 

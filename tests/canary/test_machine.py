@@ -30,6 +30,7 @@ from opsapi.canary.machine import (
     Promote,
     Refusal,
     RefusalCode,
+    Reject,
     Resume,
     Revert,
     Rollback,
@@ -283,6 +284,8 @@ def describe(effect: Effect) -> str:
             return f"page:{kind.value}"
         case SwapSlots():
             return "swap"
+        case Reject(version=version):
+            return f"reject:{version}"
     raise AssertionError(effect)  # pragma: no cover
 
 
@@ -302,8 +305,11 @@ def promoted_to(weight: int, trigger: Trigger = Trigger.USER) -> Moves:
     return Moves(state, weight, trigger, (f"weight:{weight}", *PROMOTED))
 
 
-USER_ROLLBACK = Moves(State.ROLLED_BACK, 0, Trigger.PAGERDUTY, ROLLED_BACK)
-BREACH_ROLLBACK = Moves(State.ROLLED_BACK, 0, Trigger.CONTROLLER, (*ROLLED_BACK, "page:trigger"))
+# An incident's rollback and a breach's reject the version; a person's rollback does not.
+USER_ROLLBACK = Moves(State.ROLLED_BACK, 0, Trigger.PAGERDUTY, (*ROLLED_BACK, "reject:v2"))
+BREACH_ROLLBACK = Moves(
+    State.ROLLED_BACK, 0, Trigger.CONTROLLER, (*ROLLED_BACK, "page:trigger", "reject:v2")
+)
 PIN = ("weight:40", "audit:rollout.weight_pinned")
 PINNED = Moves(State.PAUSED, 40, Trigger.USER, (*PIN, "notify:paused"))
 PINNED_WHILE_PAUSED = Moves(State.PAUSED, 40, Trigger.USER, PIN)

@@ -13,7 +13,7 @@ import httpx
 import pytest
 from sqlmodel import col, select
 
-from opsapi.canary.models import RolloutRecord, ServiceRecord
+from opsapi.canary.models import RejectedVersion, RolloutRecord, ServiceRecord
 from opsapi.storage.idempotency import IdempotencyRecord
 from tests.support.app import API, Harness
 
@@ -40,6 +40,11 @@ RBAC: dict[tuple[str, str, str], tuple[int, int, int, int, int]] = {
     ("GET",  "/rollouts/1/evaluations",       "started"):   (401,  200,   200,    200,  200),
     ("GET",  "/services/checkout",            "nothing"):   (401,  200,   200,    200,  200),
     ("PUT",  "/services/checkout",            "nothing"):   (401,  403,   403,    200,  403),
+    ("GET",  "/services/checkout/rejections", "nothing"):   (401,  200,   200,    200,  200),
+    ("POST", "/services/checkout/rejections/lift", "rejected"): (401, 403,  403,    200,  403),
+    ("GET",  "/freezes",                      "nothing"):   (401,  200,   200,    200,  200),
+    ("POST", "/freezes",                      "nothing"):   (401,  403,   403,    201,  403),
+    ("DELETE", "/freezes/1",                  "frozen"):    (401,  403,   403,    200,  403),
     # each operation's own role is covered in tests/execute/test_execute.py
     ("POST", "/execute",                      "nothing"):   (401,  200,   200,    200,  200),
     ("GET",  "/openapi.json",                 "nothing"):   (200,  200,   200,    200,  200),
@@ -68,6 +73,10 @@ BODIES: dict[tuple[str, str], Any] = {
     ("POST", "/canary/resume"): {"service": SERVICE},
     ("PUT", "/services/checkout"): NEW_POLICY,
     ("POST", "/execute"): {"operation": "health-check"},
+    ("POST", "/services/checkout/rejections/lift"): {"version": "v2", "reason": "fixed config"},
+    ("POST", "/freezes"): {"name": "release-train", "services": ["checkout"], "reason": "audit",
+                           "cron": "0 17 * * FRI", "duration": "64h",
+                           "timezone": "Europe/Berlin"},
 }
 
 PUBLIC = {("GET", "/openapi.json")}
@@ -86,6 +95,14 @@ async def given_state(api: Harness, given: str) -> None:
     """Put the database in the named state (through the API, as an operator)."""
     if given == "nothing":
         return
+    if given == "rejected":
+        await reject_v2(api)
+        return
+    if given == "frozen":
+        freeze = {"name": "f", "services": ["*"], "reason": "r", "cron": "0 0 1 1 *",
+                  "duration": "1h"}  # fmt: skip
+        assert (await api.post("/freezes", freeze, role="admin")).status_code == 201
+        return
     if given == "succeeded":
         body = {"service": SERVICE, "version": "v2", "stable_version": "v1", "target_percent": 100}
         assert (await api.post("/canary/promote", body, role="admin")).status_code == 200
@@ -98,6 +115,13 @@ async def given_state(api: Harness, given: str) -> None:
         paused = await api.post("/canary/pause", {"service": SERVICE})
         assert paused.status_code == 200, paused.text
         assert paused.json()["state"] == "paused"
+
+
+async def reject_v2(api: Harness) -> None:
+    """v2 rolled back by an incident: a standing rejection (written as the interpreter does)."""
+    async with api.runtime.sessions() as session, session.begin():
+        session.add(RejectedVersion(service=SERVICE, version="v2", reason="incident",
+                                    rejected_at=api.clock()))  # fmt: skip
 
 
 async def send(
@@ -204,7 +228,8 @@ async def test_matrix_covers_every_api_route(api: Harness) -> None:
             method,
             path.partition("?")[0]
             .replace(f"/{SERVICE}", "/{service}")
-            .replace("/1/", "/{rollout_id}/"),
+            .replace("/1/", "/{rollout_id}/")
+            .replace("/freezes/1", "/freezes/{freeze_id}"),
         )
         for method, path, _ in RBAC
     }
