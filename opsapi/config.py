@@ -56,6 +56,8 @@ class Settings(BaseSettings):
     routers_file: Path | None = None
     # Server-configured freeze windows (JSON or YAML list); admins add more through the API.
     freezes_file: Path | None = None
+    # A rollback whose traffic is not confirmed at 0 this long after its decision pages.
+    rollback_confirm_seconds: float = Field(default=10.0, gt=0)
     notifications_file: Path | None = None  # notification channels (docs/notifications.md)
     public_url: str | None = None  # e.g. https://opsapi.example.com, for links in notifications
 

@@ -48,6 +48,14 @@ class Metrics:
             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
             registry=self.registry,
         )
+        self.time_to_safe = Histogram(
+            "opsapi_rollback_time_to_safe_seconds",
+            "From a rollback's cause (breach measured, incident or request received) to its "
+            "traffic confirmed at 0 (applied, for routers that cannot confirm)",
+            ["trigger", "router"],
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60),
+            registry=self.registry,
+        )
         self.router_applies = Counter(
             "opsapi_router_applies",
             "Router applies by result",

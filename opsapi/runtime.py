@@ -108,7 +108,10 @@ async def build_runtime(
     try:
         sessions = session_factory(engine)
         metrics = Metrics()
-        traffic = Traffic(engine, sessions, load_routers(settings.routers_file), clock, metrics)
+        traffic = Traffic(
+            engine, sessions, load_routers(settings.routers_file), clock, metrics,
+            confirm_within=timedelta(seconds=settings.rollback_confirm_seconds),
+        )  # fmt: skip
         policy = default_policy(with_gates=bool(settings.prometheus_url))
         effects = Effects(
             traffic=traffic,

@@ -90,6 +90,8 @@ class RolloutView(_Answer):
     updated_at: str | None
     finished_at: str | None
     next_evaluation_at: str | None
+    # A rollback's instants: cause seen, decision, router applied, traffic confirmed at 0.
+    time_to_safe: dict[str, Any] | None
     # What holds starts and promotions of the service now (open incidents, freeze windows).
     holds: list[dict[str, Any]]
     # PagerDuty events about this rollout, and its notifications, with their delivery state.
@@ -192,6 +194,7 @@ def rollout_view(
         updated_at=iso(record.updated_at),
         finished_at=iso(record.finished_at),
         next_evaluation_at=iso(record.next_evaluation_at),
+        time_to_safe=record.time_to_safe,
         holds=[
             {"kind": hold.kind.value, "detail": hold.detail, "until": iso(hold.until)}
             for hold in holds

@@ -34,6 +34,7 @@ from opsapi.canary.machine import (
     Reject,
     SetWeight,
     Start,
+    State,
     SwapSlots,
 )
 from opsapi.canary.models import RolloutRecord, ServiceRecord
@@ -61,6 +62,9 @@ class Cause:
     action: str | None = None
     # What the request said (its body's fields), kept in the audit event beside the transition.
     details: Mapping[str, Any] = field(default_factory=dict)
+    # When the cause was first seen: the request received, the incident received, the breach
+    # measured. A rollback's time to safe counts from here.
+    detected_at: datetime | None = None
 
 
 @dataclass
@@ -181,6 +185,10 @@ class Effects:
         if transition.service is not None:
             service.store_service(row, transition.service, now)
             session.add(row)
+        if record.state in (State.ROLLED_BACK, State.REVERTED) and any(
+            isinstance(e, SetWeight) and e.weight == 0 for e in transition.effects
+        ):
+            record.time_to_safe = _time_to_safe(record, cause, now)
         session.add(record)
         await session.flush()
         details = summary(transition)
@@ -251,6 +259,7 @@ class Effects:
         if outcome.ok:
             record.applied_weight = outcome.applied_weight
             record.applied_generation = outcome.generation
+            record.time_to_safe = outcome.time_to_safe or record.time_to_safe
         return applied
 
 
@@ -284,6 +293,21 @@ def _service_state(
     if record is not None and not isinstance(event, Start):
         router = record.router
     return service.service_state(name, row, router, safety)
+
+
+def _time_to_safe(record: RolloutRecord, cause: Cause, now: datetime) -> dict[str, Any]:
+    """The instants of a rollback known at its decision; the router fills in the rest."""
+    pull = record.router.get("name", PULL) == PULL
+    return {
+        "trigger": record.triggered_by,
+        "router": record.router.get("name", PULL),
+        "detected_at": (cause.detected_at or now).isoformat(),
+        "decided_at": now.isoformat(),
+        # The pull router's weight is what clients read: committed is applied (not confirmed).
+        "applied_at": now.isoformat() if pull else None,
+        "confirmed_at": None,
+        "seconds": None,
+    }
 
 
 def _message(record: RolloutRecord, notify: Notify, cause: Cause) -> Message:

@@ -97,6 +97,10 @@ class RolloutRecord(SQLModel, table=True):
     generation: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
     applied_generation: int | None = None
 
+    # A rollback's (or revert's) instants, ISO 8601: cause seen, decision committed, router
+    # applied, traffic confirmed at 0 (DESIGN §12); None for other rollouts.
+    time_to_safe: dict[str, Any] | None = Field(default=None, sa_type=JSONDocument)
+
     @property
     def converged(self) -> bool:
         """Whether the router has made the latest desired state live."""

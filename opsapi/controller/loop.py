@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
 from sqlmodel import col, delete
@@ -189,8 +189,10 @@ class Controller:
                 self._store_evaluations(session, record, statuses, measured.at)
                 event = machine.GateResults(statuses)
             try:
+                # A breach's rollback counts its time to safe from the measurement.
+                cause = replace(CAUSE, detected_at=measured.at)
                 applied = await self.effects.run(
-                    record.service, event, now=now, cause=CAUSE, session=session,
+                    record.service, event, now=now, cause=cause, session=session,
                     rollout_id=claim.rollout_id,
                 )  # fmt: skip
             except service.Refused:

@@ -180,6 +180,36 @@ async def page_router_failure(
     )
 
 
+async def page_unconfirmed(
+    session: AsyncSession, record: RolloutRecord, bound_seconds: float, *, now: datetime
+) -> str:
+    """Enqueue the (one) trigger of a rollback whose traffic is not confirmed at 0 in time."""
+    routing_key = await routing_key_of(session, record.service)
+    if routing_key is None:
+        return "no routing key"
+    router = record.router.get("name", "pull")
+    summary = (
+        f"{record.service}: rollback of canary {record.canary_version} not confirmed at 0% "
+        f"within {bound_seconds:g}s (router {router}"
+        + (f": {record.router_error}" if record.router_error else "")
+        + "): users may still reach the canary"
+    )
+    custom_details = {**_rollout_details(record), "time_to_safe": record.time_to_safe,
+                      "router": router, "router_error": record.router_error}  # fmt: skip
+    created = await enqueue(
+        session,
+        kind=OutboxKind.TRIGGER,
+        cause=f"unconfirmed:{record.id}",
+        service=record.service,
+        rollout_id=record.id,
+        dedup_key=dedup_key(record.id),
+        routing_key=routing_key,
+        payload=_trigger_payload(summary, custom_details),
+        now=now,
+    )
+    return "enqueued" if created else "already paged"
+
+
 async def resolve_earlier(
     session: AsyncSession, record: RolloutRecord, *, now: datetime
 ) -> list[str]:

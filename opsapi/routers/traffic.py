@@ -14,11 +14,13 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlmodel import col, func, select
+from sqlmodel.ext.asyncio.session import AsyncSession
 
 from opsapi.audit import service as audit
 from opsapi.audit.models import Outcome, Source
@@ -45,6 +47,8 @@ class ApplyOutcome:
     applied_weight: int | None
     error: str | None
     generation: int | None = None
+    # A rollback's instants as recorded with this apply (time to safe).
+    time_to_safe: dict[str, Any] | None = None
 
     @property
     def ok(self) -> bool:
@@ -66,12 +70,16 @@ class Traffic:
         routers: dict[str, Router],
         clock: Clock,
         metrics: Metrics,
+        *,
+        confirm_within: timedelta = timedelta(seconds=10),
     ) -> None:
         self.engine = engine
         self.sessions = sessions
         self.routers = routers
         self.clock = clock
         self.metrics = metrics
+        # A rollback not confirmed at 0 this long after its decision pages (DESIGN §12).
+        self.confirm_within = confirm_within
         self._locks: dict[str, asyncio.Lock] = {}
 
     def router_for(self, router_policy: dict[str, object]) -> Router | None:
@@ -147,7 +155,9 @@ class Traffic:
         return await self.apply(rollout_id, service, reason="drift", force=True)
 
     async def reconcile(self) -> int:
-        """Re-apply wherever desired ≠ applied, retry failures when due, check for drift."""
+        """Re-apply wherever desired ≠ applied, retry failures when due, check for drift; page
+        for rollbacks not confirmed within the bound."""
+        await self.page_unconfirmed()
         now = self.clock()
         async with self.sessions() as session:
             latest = select(func.max(RolloutRecord.id)).group_by(col(RolloutRecord.service))
@@ -201,6 +211,8 @@ class Traffic:
                 record.applied_weight = weight
                 record.applied_generation = generation
                 record.router_error = None
+                if weight == 0 and record.time_to_safe and not record.time_to_safe["applied_at"]:
+                    await self._safe(session, record, now)
                 record.router_attempts = 0
                 record.router_retry_at = None
                 record.router_checked_at = now
@@ -234,7 +246,72 @@ class Traffic:
                 )  # fmt: skip
             applied = record.applied_weight
             live = record.applied_generation
-        return ApplyOutcome(applied, error, live)
+            safe = record.time_to_safe
+        return ApplyOutcome(applied, error, live, safe)
+
+    async def _safe(self, session: AsyncSession, record: RolloutRecord, now: datetime) -> None:
+        """A rollback's 0 % is live: record when, observe its time to safe, audit the instants."""
+        assert record.time_to_safe is not None
+        safe = dict(record.time_to_safe)
+        router = self.router_for(record.router)
+        safe["applied_at"] = now.isoformat()
+        # Routers that read the weight back before answering confirm it; a webhook cannot.
+        if router is not None and getattr(router, "confirms", True):
+            safe["confirmed_at"] = now.isoformat()
+        detected = datetime.fromisoformat(safe["detected_at"])
+        safe["seconds"] = round((now - detected).total_seconds(), 6)
+        record.time_to_safe = safe
+        self.metrics.time_to_safe.labels(safe["trigger"], safe["router"]).observe(safe["seconds"])
+        await audit.record(
+            session=session,
+            at=now,
+            actor=ACTOR,
+            source=Source.SYSTEM,
+            action="rollout.safe",
+            outcome=Outcome.SUCCESS,
+            service=record.service,
+            rollout_id=record.id,
+            details=safe,
+        )
+
+    async def page_unconfirmed(self) -> int:
+        """Page for every rollback not confirmed at 0 within the bound (once each)."""
+        now = self.clock()
+        paged = 0
+        async with self.sessions() as session:
+            latest = select(func.max(RolloutRecord.id)).group_by(col(RolloutRecord.service))
+            records = (
+                await session.exec(select(RolloutRecord).where(col(RolloutRecord.id).in_(latest)))
+            ).all()
+        for candidate in records:
+            safe = candidate.time_to_safe
+            if not safe or safe.get("confirmed_at") or safe.get("unconfirmed_paged_at"):
+                continue
+            if now - datetime.fromisoformat(safe["decided_at"]) < self.confirm_within:
+                continue
+            async with self.sessions() as session, session.begin():
+                record = await session.get(RolloutRecord, candidate.id, with_for_update=True)
+                if record is None or not record.time_to_safe:
+                    continue
+                safe = {**record.time_to_safe, "unconfirmed_paged_at": now.isoformat()}
+                record.time_to_safe = safe
+                session.add(record)
+                seconds = self.confirm_within.total_seconds()
+                page = await pagerduty_outbox.page_unconfirmed(session, record, seconds, now=now)
+                await audit.record(
+                    session=session,
+                    at=now,
+                    actor=ACTOR,
+                    source=Source.SYSTEM,
+                    action="rollout.unconfirmed",
+                    outcome=Outcome.ERROR,
+                    service=record.service,
+                    rollout_id=record.id,
+                    details={**safe, "bound_seconds": seconds, "page": page,
+                             "router_error": record.router_error},
+                )  # fmt: skip
+                paged += 1
+        return paged
 
     async def _mark_checked(self, rollout_id: int) -> None:
         async with self.sessions() as session, session.begin():

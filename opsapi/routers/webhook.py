@@ -79,6 +79,9 @@ def payload(target: RouteTarget, weight: int) -> bytes:
 class WebhookRouter:
     """Posts each weight change, signed, to the instance's URL."""
 
+    # A 2xx says the receiver took the weight; nothing can be read back to confirm it.
+    confirms = False
+
     def __init__(
         self,
         name: str,
