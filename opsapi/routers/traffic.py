@@ -24,9 +24,13 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from opsapi.audit import service as audit
 from opsapi.audit.models import Outcome, Source
-from opsapi.canary.models import RolloutRecord
+from opsapi.canary.models import RolloutRecord, ServiceRecord
+from opsapi.canary.policy import Policy
+from opsapi.canary.service import policy_of
 from opsapi.clock import Clock
 from opsapi.metrics import Metrics
+from opsapi.notifications import outbox as notifications
+from opsapi.notifications.messages import Message
 from opsapi.pagerduty import outbox as pagerduty_outbox
 from opsapi.routers.base import Router, RouterError, RouteTarget
 from opsapi.routers.registry import PULL
@@ -225,6 +229,7 @@ class Traffic:
                     await pagerduty_outbox.page_router_failure(
                         session, record, error=error, weight=weight or 0, now=now
                     )
+                    await _notify_router_failed(session, record, error, now)
             session.add(record)
             self.metrics.router_applies.labels("ok" if error is None else "error").inc()
             self.metrics.router_errors.labels(record.service).set(1 if error else 0)
@@ -357,4 +362,31 @@ def _target(record: RolloutRecord) -> RouteTarget:
         stable_version=record.stable_version,
         canary_version=record.canary_version,
         state=record.state,
+    )
+
+
+async def _notify_router_failed(
+    session: AsyncSession, record: RolloutRecord, error: str, now: datetime
+) -> None:
+    """Tell the service's channels that its router keeps failing (once per rollout)."""
+    row = await session.get(ServiceRecord, record.service)
+    rules = policy_of(row, Policy()).notify
+    if not rules:
+        return
+    message = Message(
+        event="router_failed",
+        service=record.service,
+        rollout_id=record.id,
+        state=record.state,
+        canary_version=record.canary_version,
+        stable_version=record.stable_version,
+        canary_slot=record.canary_slot,
+        stable_slot=record.stable_slot,
+        weight=record.desired_weight,
+        triggered_by="system",
+        actor=ACTOR,
+        reason=f"router {record.router.get('name')} failed {record.router_attempts} times: {error}",
+    )
+    await notifications.enqueue(
+        session, rules=rules, message=message, cause=f"router-failed:{record.id}", now=now
     )

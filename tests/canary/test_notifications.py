@@ -127,3 +127,34 @@ async def test_every_caller_notifies_each_transition_once(
         ("started", "delivered"),
         ("rolled_back", "delivered"),
     ]
+
+
+async def test_a_router_that_keeps_failing_is_notified_once(
+    pg_url: str, key_file: Path, tmp_path: Path, receiver: NotifyReceiver
+) -> None:
+    channels = tmp_path / "channels.json"
+    channels.write_text(json.dumps({"ops": {"type": "webhook", "url": f"{receiver.url}/ops",
+                                            "secret": "n" * 32}}))  # fmt: skip
+    routers = tmp_path / "routers.json"
+    # a webhook router whose receiver is gone (nothing listens on port 9 here)
+    routers.write_text(json.dumps({"hook": {"type": "webhook", "url": "http://127.0.0.1:9/w",
+                                            "secret": "s" * 32, "timeout": 1}}))  # fmt: skip
+    async with running_app(
+        pg_url, key_file, notifications_file=channels, routers_file=routers,
+        pagerduty_worker_enabled=False,
+    ) as api:  # fmt: skip
+        policy = {"steps": [{"weight": 10, "wait": "1m"}, {"weight": 100, "wait": "1m"}],
+                  "gates": [], "router": {"name": "hook"},
+                  "notify": [{"channel": "ops", "events": ["router_failed"]}]}  # fmt: skip
+        assert (await api.put("/services/routed", policy)).status_code == 200
+        started = await api.post("/canary/promote", {"service": "routed", "version": "v2"})
+        rollout_id = started.json()["id"]
+        # when the router fails again and again (the request's apply, then reconcile's retries)
+        for _ in range(6):
+            await api.runtime.traffic.apply(rollout_id, "routed", reason="reconcile")
+
+        # then the channel hears once that the router is failing, and why
+        assert [event for event, *_ in await delivered(api, receiver)] == ["router_failed"]
+        [request] = receiver.accepted()
+        assert request.json["triggered_by"] == "system"
+        assert "hook" in request.json["reason"]
