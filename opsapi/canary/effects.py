@@ -124,6 +124,15 @@ class Effects:
         rollout = service.to_machine(record) if record is not None else None
         return machine.decide(rollout, event, now, state), record
 
+    async def lock(
+        self, name: str, *, now: datetime, session: AsyncSession
+    ) -> tuple[ServiceRecord, RolloutRecord | None]:
+        """The service's row and its latest rollout, locked in that order (every transition
+        locks them so), for `apply`."""
+        row = await service.lock_service(name, now=now, session=session)
+        record = await service.latest_rollout(name, session=session, lock=True)
+        return row, record
+
     async def run(
         self,
         name: str,
@@ -133,24 +142,41 @@ class Effects:
         cause: Cause,
         session: AsyncSession,
         policy: Policy | None = None,
-        rollout_id: int | None = None,
     ) -> Applied:
         """Apply `event` to the service's latest rollout; raise `service.Refused` if refused.
 
-        `policy` is the service's current policy (a Start uses it); `rollout_id`, when given,
-        must be the latest rollout's id (the controller decides about the rollout it measured).
-        """
-        row = await service.lock_service(name, now=now, session=session)
-        record = await service.latest_rollout(name, session=session, lock=True)
-        if rollout_id is not None and (record is None or record.id != rollout_id):
-            raise service.Refused(
-                Refusal(machine.RefusalCode.STALE, "a newer rollout replaced this one"), record
-            )
+        `policy` is the service's current policy (a Start uses it)."""
+        row, record = await self.lock(name, now=now, session=session)
+        return await self.apply(
+            row, record, event, now=now, cause=cause, session=session, policy=policy
+        )
+
+    async def apply(
+        self,
+        row: ServiceRecord,
+        record: RolloutRecord | None,
+        event: Event,
+        *,
+        now: datetime,
+        cause: Cause,
+        session: AsyncSession,
+        policy: Policy | None = None,
+    ) -> Applied:
+        """Apply `event` to `record` (locked with `row` by `lock`); raise `service.Refused`."""
+        name = row.name
         current = policy or service.policy_of(row, self.default_policy)
-        safety = await service.safety_of(name, now=now, windows=self.freezes, session=session)
-        state = _service_state(name, row, record, current, event, safety)
         rollout = service.to_machine(record) if record is not None else None
+        # Rejections and holds matter only to a start or a promotion: the controller's passes
+        # (most transitions) skip their queries unless the machine wants to auto-promote.
+        safety = NO_SAFETY
+        if isinstance(event, Start | machine.Promote):
+            safety = await service.safety_of(name, now=now, windows=self.freezes, session=session)
+        state = _service_state(name, row, record, current, event, safety)
         decision = machine.decide(rollout, event, now, state)
+        if safety is NO_SAFETY and _promotes(decision):
+            safety = await service.safety_of(name, now=now, windows=self.freezes, session=session)
+            state = _service_state(name, row, record, current, event, safety)
+            decision = machine.decide(rollout, event, now, state)
         if isinstance(decision, Refusal):
             raise service.Refused(decision, record)
         if isinstance(event, Start):
@@ -261,6 +287,16 @@ class Effects:
             record.applied_generation = outcome.generation
             record.time_to_safe = outcome.time_to_safe or record.time_to_safe
         return applied
+
+
+NO_SAFETY = service.Safety(frozenset(), ())
+
+
+def _promotes(decision: machine.Decision) -> bool:
+    return isinstance(decision, machine.Transition) and any(
+        isinstance(e, Audit) and e.action in ("rollout.promoted", "rollout.started")
+        for e in decision.effects
+    )
 
 
 def summary(transition: machine.Transition) -> dict[str, Any]:

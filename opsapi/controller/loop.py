@@ -174,9 +174,10 @@ class Controller:
         now = self.clock()
         async with self.sessions() as session, session.begin():
             # The service before its rollout: every transition locks in this order.
-            await service.lock_service(claim.service, now=now, session=session)
-            record = await session.get(RolloutRecord, claim.rollout_id, with_for_update=True)
-            if record is None or record.state not in service.OPEN_STATE_VALUES:
+            row, record = await self.effects.lock(claim.service, now=now, session=session)
+            if record is None or record.id != claim.rollout_id:
+                return 0  # a newer rollout replaced it while we measured
+            if record.state not in service.OPEN_STATE_VALUES:
                 return 0
             if record.step_index != claim.step_index:
                 # Promoted while we measured: these numbers describe the previous step.
@@ -188,15 +189,11 @@ class Controller:
                 statuses = self._judge(measured, record)
                 self._store_evaluations(session, record, statuses, measured.at)
                 event = machine.GateResults(statuses)
-            try:
-                # A breach's rollback counts its time to safe from the measurement.
-                cause = replace(CAUSE, detected_at=measured.at)
-                applied = await self.effects.run(
-                    record.service, event, now=now, cause=cause, session=session,
-                    rollout_id=claim.rollout_id,
-                )  # fmt: skip
-            except service.Refused:
-                return 0  # a newer rollout replaced it while we measured
+            # A breach's rollback counts its time to safe from the measurement.
+            cause = replace(CAUSE, detected_at=measured.at)
+            applied = await self.effects.apply(
+                row, record, event, now=now, cause=cause, session=session
+            )
         # Committed first; now make it real (a breach's rollback is not kept waiting).
         await self.effects.finish(applied)
         return sum(1 for e in applied.transition.effects if isinstance(e, machine.Audit))

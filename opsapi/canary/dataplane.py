@@ -1,0 +1,231 @@
+"""The data plane: `GET /canary/{service}/weight`, which application instances poll (DESIGN §11).
+
+Answers come from an in-process copy of each service's weight document, fetched from the database
+once per change: every transition that changes what routers must apply sends a PostgreSQL
+`NOTIFY opsapi_weights, '<service>'` in its own transaction, and each replica's listener drops
+its copy and wakes the long polls of that service (SQLite, one process: the interpreter
+invalidates directly). While the listener is down (reconnecting), copies live one second.
+
+An answer carries an `ETag` (a digest of the document); `If-None-Match` with the current tag is
+answered 304 without touching the database, and `?wait=30s` keeps a 304-bound poll open until the
+document changes (or the wait ends). Polls are audited as one event per caller, service and
+minute (count, first and last poll), not one row per poll; control-plane reads stay per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import asyncpg  # type: ignore[import-untyped]
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+log = logging.getLogger("opsapi.dataplane")
+CHANNEL = "opsapi_weights"
+UNLISTENED_TTL = 1.0  # seconds a copy lives while no listener keeps it fresh
+
+
+@dataclass(frozen=True)
+class WeightDocument:
+    """One service's weight answer as JSON bytes, with its entity tag."""
+
+    body: bytes
+    etag: str
+    rollout_id: int | None
+    generation: int | None
+    # Whether the pull router serves this rollout (a fetch of it then counts as applied).
+    pull: bool = False
+
+    @classmethod
+    def of(cls, document: dict[str, Any], *, generation: int | None, pull: bool) -> WeightDocument:
+        """The document as served (compact JSON) and its tag."""
+        body = json.dumps(document, separators=(",", ":"), sort_keys=True).encode()
+        etag = '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
+        return cls(body, etag, document.get("rollout_id"), generation, pull)
+
+
+@dataclass
+class _Entry:
+    document: WeightDocument
+    loaded_at: float
+
+
+Loader = Callable[[str], Awaitable[WeightDocument]]
+
+
+class WeightCache:
+    """Each service's current weight document, loaded once per change."""
+
+    def __init__(self) -> None:
+        self._entries: dict[str, _Entry] = {}
+        self._changed: dict[str, asyncio.Event] = {}
+        self._loading: dict[str, asyncio.Future[WeightDocument]] = {}
+        # False while no database listener keeps copies fresh (SQLite keeps them fresh itself).
+        self.listening = False
+
+    async def get(self, service: str, load: Loader) -> WeightDocument:
+        """The current document (loaded once even when many polls ask at the same moment)."""
+        entry = self._entries.get(service)
+        if entry is not None and (
+            self.listening or time.monotonic() - entry.loaded_at < UNLISTENED_TTL
+        ):
+            return entry.document
+        pending = self._loading.get(service)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        future: asyncio.Future[WeightDocument] = asyncio.get_running_loop().create_future()
+        self._loading[service] = future
+        try:
+            document = await load(service)
+        except BaseException as error:
+            future.set_exception(error)
+            future.exception()  # retrieved: waiters re-raise it, nobody logs it twice
+            raise
+        finally:
+            self._loading.pop(service, None)
+        self._entries[service] = _Entry(document, time.monotonic())
+        future.set_result(document)
+        return document
+
+    def invalidate(self, service: str) -> None:
+        """The service's document changed: drop the copy, wake its long polls."""
+        self._entries.pop(service, None)
+        event = self._changed.pop(service, None)
+        if event is not None:
+            event.set()
+
+    def invalidate_all(self) -> None:
+        """Everything may have changed (the listener reconnected)."""
+        for service in list(self._entries) + list(self._changed):
+            self.invalidate(service)
+
+    async def wait_change(self, service: str, etag: str, seconds: float, load: Loader) -> bool:
+        """Wait up to `seconds` for the document to differ from `etag`; whether it did."""
+        deadline = time.monotonic() + seconds
+        while True:
+            if (await self.get(service, load)).etag != etag:
+                return True
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            event = self._changed.setdefault(service, asyncio.Event())
+            # Without a listener, look again each second (copies expire that fast).
+            wait = left if self.listening else min(left, UNLISTENED_TTL)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(event.wait(), wait)
+
+
+class Listener:
+    """Listens for `NOTIFY opsapi_weights` on its own connection; reconnects when it drops."""
+
+    def __init__(self, engine: AsyncEngine, cache: WeightCache) -> None:
+        self._dsn = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+        self._cache = cache
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Start listening in the background."""
+        self._task = asyncio.create_task(self._run(), name="weights-listener")
+
+    async def stop(self) -> None:
+        """Stop listening."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        while True:
+            connection: asyncpg.Connection | None = None
+            try:
+                connection = await asyncpg.connect(self._dsn, timeout=5)
+                lost = asyncio.Event()
+                connection.add_termination_listener(_setter(lost))
+                await connection.add_listener(CHANNEL, self._notified)
+                # Anything may have changed while nobody listened.
+                self._cache.invalidate_all()
+                self._cache.listening = True
+                await lost.wait()
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:
+                log.warning("weights listener: %s; retrying", error.__class__.__name__)
+            finally:
+                self._cache.listening = False
+                if connection is not None and not connection.is_closed():
+                    with contextlib.suppress(Exception):
+                        await connection.close(timeout=2)
+            await asyncio.sleep(1)
+
+    def _notified(self, _connection: Any, _pid: int, _channel: str, service: str) -> None:
+        self._cache.invalidate(service)
+
+
+def _setter(event: asyncio.Event) -> Callable[[Any], None]:
+    return lambda _connection: event.set()
+
+
+@dataclass
+class _Polls:
+    count: int
+    first: datetime
+    last: datetime
+    address: str | None
+    roles: list[str] = field(default_factory=list)
+    rollout_id: int | None = None
+
+
+class PollAudit:
+    """Counts polls per (caller, service, minute); `drain()` gives the minutes that are over."""
+
+    def __init__(self) -> None:
+        self._polls: dict[tuple[str, str, str], _Polls] = {}
+
+    def count(
+        self,
+        *,
+        caller: str,
+        roles: list[str],
+        service: str,
+        rollout_id: int | None,
+        address: str | None,
+        at: datetime,
+    ) -> None:
+        """Count one poll."""
+        key = (caller, service, at.strftime("%Y-%m-%dT%H:%M"))
+        polls = self._polls.get(key)
+        if polls is None:
+            self._polls[key] = _Polls(1, at, at, address, sorted(roles), rollout_id)
+            return
+        polls.count += 1
+        polls.last = max(polls.last, at)
+        polls.rollout_id = rollout_id
+
+    def drain(self, now: datetime | None = None) -> list[dict[str, Any]]:
+        """Audit-event fields for every minute before `now`'s (all minutes when None)."""
+        current = now.strftime("%Y-%m-%dT%H:%M") if now is not None else None
+        rows = []
+        for key in sorted(self._polls):
+            caller, service, minute = key
+            if current is not None and minute >= current:
+                continue
+            polls = self._polls.pop(key)
+            rows.append({
+                "at": polls.last,
+                "actor": caller,
+                "roles": polls.roles,
+                "service": service,
+                "rollout_id": polls.rollout_id,
+                "client_address": polls.address,
+                "details": {"minute": minute, "polls": polls.count,
+                            "first": polls.first.isoformat(), "last": polls.last.isoformat()},
+            })  # fmt: skip
+        return rows
