@@ -17,7 +17,7 @@ from opsapi.audit import views as audit_views
 from opsapi.audit.verify import publish_head
 from opsapi.auth.tokens import TokenVerifier
 from opsapi.canary import effects as canary_effects
-from opsapi.canary import safety_views
+from opsapi.canary import safety_views, service_list
 from opsapi.canary import service as canary_service
 from opsapi.canary import views as canary_views
 from opsapi.clock import Clock, system_clock
@@ -68,6 +68,7 @@ def create_app(
     api_routes = [
         *canary_views.routes,
         *safety_views.routes,
+        *service_list.routes,
         *gate_views.routes,
         *execute_views.routes,
         *audit_views.routes,

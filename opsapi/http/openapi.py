@@ -33,6 +33,8 @@ OPERATIONS: list[tuple[str, str, str, str, type[BaseModel] | None]] = [
     ("post", "/execute", "per operation (health-check: viewer; gate-check, router-sync: "
      "operator; set-weight, pagerduty-test: admin)", "Run a named operation, or a dry run",
      ExecuteBody),
+    ("get", "/services", "viewer", "Every service: stable version and slot, latest rollout "
+     "(limit, cursor)", None),
     ("get", "/services/{service}", "viewer", "The service's policy", None),
     ("put", "/services/{service}", "admin", "Replace the service's policy", Policy),
     ("get", "/services/{service}/rejections", "viewer",

@@ -38,6 +38,7 @@ RBAC: dict[tuple[str, str, str], tuple[int, int, int, int, int]] = {
     ("GET",  "/canary/checkout/history",      "started"):   (401,  200,   200,    200,  200),
     ("GET",  "/canary/checkout/weight",       "started"):   (401,  200,   200,    200,  200),
     ("GET",  "/rollouts/1/evaluations",       "started"):   (401,  200,   200,    200,  200),
+    ("GET",  "/services",                     "started"):   (401,  200,   200,    200,  200),
     ("GET",  "/services/checkout",            "nothing"):   (401,  200,   200,    200,  200),
     ("PUT",  "/services/checkout",            "nothing"):   (401,  403,   403,    200,  403),
     ("GET",  "/services/checkout/rejections", "nothing"):   (401,  200,   200,    200,  200),
