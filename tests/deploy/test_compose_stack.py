@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from opsapi.opsctl import policy as policy_files
 from tests.deploy.compose import SHARED, container_file, listen_port, services
 from tests.deploy.support import ROOT
 from tests.support.app import API, running_app
@@ -113,12 +114,15 @@ async def test_a_canary_of_the_compose_stack_gets_its_share_then_none_after_roll
         nginx = [nginx_binary, *cmd[1:], "-c", str(tmp_path / "nginx.conf"), "-e", "stderr"]
         processes.append(start(nginx, tmp_path / "nginx.log", public, {}))
 
-        async with running_app(pg_url, key_file, routers_file=local_routers) as api:
+        # On the system clock: the router leases weights until a time nginx checks on its own.
+        async with running_app(pg_url, key_file, real_time=True, routers_file=local_routers) as api:
             # when an admin applies the stack's policy and an operator starts v2 beside v1
-            body = {k: v for k, v in policy.items() if k != "service"}
+            # (read as `opsctl policy apply -f` reads it)
+            policy_file = str(ROOT / "deploy/compose/checkout-policy.yaml")
+            name, body = policy_files.split(policy_files.load(policy_file), None, policy_file)
             body["router"] = {**body["router"], "slots": slots}
             put = await api.client.put(
-                f"{API}/services/{policy['service']}", json=body, headers=api.auth("admin")
+                f"{API}/services/{name}", json=body, headers=api.auth("admin")
             )
             assert put.status_code == 200, put.text
             started = await api.post(
