@@ -90,6 +90,10 @@ class RolloutView(_Answer):
     updated_at: str | None
     finished_at: str | None
     next_evaluation_at: str | None
+    # The fail-safe lease: how long an applied canary weight holds without the controller's
+    # renewals (null once pinned), and when the one applied last runs out (null: none applied).
+    lease_seconds: float | None
+    lease_until: str | None
     # A rollback's instants: cause seen, decision, router applied, traffic confirmed at 0.
     time_to_safe: dict[str, Any] | None
     # What holds starts and promotions of the service now (open incidents, freeze windows).
@@ -194,6 +198,8 @@ def rollout_view(
         updated_at=iso(record.updated_at),
         finished_at=iso(record.finished_at),
         next_evaluation_at=iso(record.next_evaluation_at),
+        lease_seconds=record.lease_seconds,
+        lease_until=iso(record.lease_until),
         time_to_safe=record.time_to_safe,
         holds=[
             {"kind": hold.kind.value, "detail": hold.detail, "until": iso(hold.until)}

@@ -128,6 +128,8 @@ class Rollout:
     # stable slot is the canary's (both name where the new stable version runs).
     stable_slot: str = DEFAULT_SLOTS[0]
     canary_slot: str = DEFAULT_SLOTS[1]
+    # The fail-safe lease of the applied weight (DESIGN §12); None once a person pinned it.
+    lease: timedelta | None = None
 
     @property
     def step(self) -> Step:
@@ -163,6 +165,7 @@ class Start:
     gate_names: tuple[str, ...] = ()
     target_percent: int | None = None
     reason: str | None = None
+    lease: timedelta | None = None
     # An admin's break-glass past holds (incident, freeze) and a rejected version, with why.
     override: Override | None = None
 
@@ -486,6 +489,7 @@ def _start(event: Start, now: datetime, service: ServiceState) -> Decision:
         gates=tuple(GateStatus(name) for name in event.gate_names),
         stable_slot=stable_slot,
         canary_slot=canary_slot,
+        lease=event.lease,
     )
     # The canary takes the other slot: what ran there before can no longer be reverted to.
     after = replace(
@@ -753,6 +757,8 @@ def _pin(rollout: Rollout, event: PinWeight, now: datetime) -> Decision:
         desired_weight=event.weight,
         paused_at=rollout.paused_at or now,
         triggered_by=event.actor.triggered_by,
+        # A person's pinned weight holds without the controller's renewals.
+        lease=None,
     )
     details: dict[str, Any] = {
         "from_state": rollout.state.value,

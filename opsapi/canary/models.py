@@ -100,6 +100,10 @@ class RolloutRecord(SQLModel, table=True):
     # A rollback's (or revert's) instants, ISO 8601: cause seen, decision committed, router
     # applied, traffic confirmed at 0 (DESIGN §12); None for other rollouts.
     time_to_safe: dict[str, Any] | None = Field(default=None, sa_type=JSONDocument)
+    # The fail-safe lease of the applied canary weight (None: off, or the router cannot hold
+    # an expiry) and when the lease last applied runs out (DESIGN §12).
+    lease_seconds: float | None = None
+    lease_until: datetime | None = Field(default=None, sa_type=UTCDateTime)
 
     @property
     def converged(self) -> bool:

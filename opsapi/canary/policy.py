@@ -143,6 +143,10 @@ class Policy(_Strict):
     )
     bake: Duration | None = None
     interval: Duration = timedelta(seconds=60)
+    # How long an applied canary weight stays valid without the controller renewing it (routers
+    # that can hold an expiry then send everything to the stable slot): default 3 × interval,
+    # at least 30 s.
+    lease: Duration | None = None
     auto_promote: bool = False
     gates: list[GatePolicy] = Field(default_factory=list, max_length=50)
     min_sample: MinSample | None = None
@@ -196,6 +200,19 @@ class Policy(_Strict):
         if len(names) != len(set(names)):
             raise ValueError("gate names must be unique")
         return gates
+
+    @field_validator("lease")
+    @classmethod
+    def _lease_at_least_1s(cls, lease: timedelta | None) -> timedelta | None:
+        if lease is not None and lease < MIN_INTERVAL:
+            raise ValueError("lease must be at least 1s")
+        return lease
+
+    def effective_lease(self) -> timedelta:
+        """The lease a rollout under this policy starts with."""
+        if self.lease is not None:
+            return self.lease
+        return max(3 * self.interval, timedelta(seconds=30))
 
     def machine_steps(self) -> tuple[Step, ...]:
         """The steps as the state machine sees them."""

@@ -306,6 +306,7 @@ def to_machine(record: RolloutRecord) -> machine.Rollout:
         finished_at=record.finished_at,
         stable_slot=record.stable_slot,
         canary_slot=record.canary_slot,
+        lease=timedelta(seconds=record.lease_seconds) if record.lease_seconds else None,
     )
 
 
@@ -350,6 +351,7 @@ def store(record: RolloutRecord, rollout: machine.Rollout, now: datetime) -> Non
     record.reason = rollout.reason
     record.gates = [_gate_to_json(gate) for gate in rollout.gates]
     record.finished_at = rollout.finished_at
+    record.lease_seconds = rollout.lease.total_seconds() if rollout.lease else None
     record.updated_at = now
     record.next_evaluation_at = machine.next_due(
         rollout, now, timedelta(seconds=record.interval_seconds)
@@ -379,6 +381,7 @@ def new_record(
             mode="json", by_alias=True, include={"gates", "min_sample"}, exclude_none=True
         ),
         triggered_by=rollout.triggered_by.value,
+        lease_seconds=rollout.lease.total_seconds() if rollout.lease else None,
         created_by=created_by,
         created_at=now,
         updated_at=now,

@@ -24,6 +24,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from opsapi.audit import service as audit
 from opsapi.audit.models import Outcome, Source
+from opsapi.canary.machine import OPEN_STATES
 from opsapi.canary.models import RolloutRecord, ServiceRecord
 from opsapi.canary.policy import Policy
 from opsapi.canary.service import policy_of
@@ -162,6 +163,7 @@ class Traffic:
         """Re-apply wherever desired ≠ applied, retry failures when due, check for drift; page
         for rollbacks not confirmed within the bound."""
         await self.page_unconfirmed()
+        await self.renew_leases()
         now = self.clock()
         async with self.sessions() as session:
             latest = select(func.max(RolloutRecord.id)).group_by(col(RolloutRecord.service))
@@ -184,11 +186,48 @@ class Traffic:
                 work += 1
         return work
 
+    def lease_until(self, record: RolloutRecord, now: datetime) -> datetime | None:
+        """Until when an apply of `record` now holds its weight without renewal (None: no
+        lease: pinned, not a canary weight, or a router that cannot hold an expiry)."""
+        router = self.router_for(record.router)
+        if router is None or not getattr(router, "holds_lease", False):
+            return None
+        if (
+            not record.lease_seconds
+            or record.state not in OPEN_STATES
+            or record.desired_weight == 0
+        ):
+            return None
+        return now + timedelta(seconds=record.lease_seconds)
+
+    async def renew_leases(self) -> int:
+        """Re-apply every converged canary weight whose lease is past half its life."""
+        now = self.clock()
+        async with self.sessions() as session:
+            records = (
+                await session.exec(
+                    select(RolloutRecord).where(
+                        col(RolloutRecord.state).in_(OPEN_STATES),
+                        col(RolloutRecord.lease_until).is_not(None),
+                    )
+                )
+            ).all()
+        renewed = 0
+        for record in records:
+            assert record.lease_until is not None
+            assert record.id is not None
+            half = timedelta(seconds=(record.lease_seconds or 0) / 2)
+            if not record.converged or record.lease_until - now > half:
+                continue
+            await self.apply(record.id, record.service, reason="lease renewal", force=True)
+            renewed += 1
+        return renewed
+
     async def _send(self, record: RolloutRecord, weight: int) -> str | None:
         try:
             router = self.router_for(record.router)
             if router is not None:
-                await router.apply(_target(record), weight)
+                await router.apply(_target(record, self.lease_until(record, self.clock())), weight)
         except RouterError as error:
             return str(error)[:2000]
         except Exception:
@@ -212,9 +251,11 @@ class Traffic:
             first_failure = error is not None and record.router_error is None
             recovered = error is None and record.router_error is not None
             if error is None:
+                renewal = reason == "lease renewal" and record.applied_weight == weight
                 record.applied_weight = weight
                 record.applied_generation = generation
                 record.router_error = None
+                record.lease_until = self.lease_until(record, now)
                 if weight == 0 and record.time_to_safe and not record.time_to_safe["applied_at"]:
                     await self._safe(session, record, now)
                 record.router_attempts = 0
@@ -235,7 +276,7 @@ class Traffic:
             self.metrics.router_errors.labels(record.service).set(1 if error else 0)
             # Every apply that changes traffic is audited; repeated identical failures are not,
             # so a long outage does not flood the log (attempts are on the rollout).
-            if error is None or first_failure or recovered:
+            if (error is None and not renewal) or first_failure or recovered:
                 await audit.record(
                     session=session,
                     at=now,
@@ -351,9 +392,10 @@ def _drift_every(record: RolloutRecord) -> timedelta:
     return min(DRIFT_CHECK, timedelta(seconds=record.interval_seconds))
 
 
-def _target(record: RolloutRecord) -> RouteTarget:
+def _target(record: RolloutRecord, valid_until: datetime | None = None) -> RouteTarget:
     params = {key: value for key, value in record.router.items() if key != "name"}
     return RouteTarget(
+        valid_until=valid_until.timestamp() if valid_until else None,
         service=record.service,
         rollout_id=record.id,
         params=params,

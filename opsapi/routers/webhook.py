@@ -62,7 +62,7 @@ def redact_url(url: str) -> str:
 def payload(target: RouteTarget, weight: int) -> bytes:
     """The JSON body announcing `weight` % for the target's canary slot (see the module doc)."""
     weights = slot_weights(target, weight)
-    body = {
+    body: dict[str, Any] = {
         "service": target.service,
         "rollout_id": target.rollout_id,
         "canary_percent": weight,
@@ -73,6 +73,9 @@ def payload(target: RouteTarget, weight: int) -> bytes:
         "state": target.state,
         "weights": weights,
     }
+    if target.valid_until is not None:
+        # Epoch seconds after which, unrenewed, the receiver must send everything to stable.
+        body["valid_until"] = target.valid_until
     return json.dumps(body, separators=(",", ":"), sort_keys=True).encode()
 
 
@@ -81,6 +84,8 @@ class WebhookRouter:
 
     # A 2xx says the receiver took the weight; nothing can be read back to confirm it.
     confirms = False
+    # The payload carries `valid_until`: a receiver falls back to stable once it has passed.
+    holds_lease = True
 
     def __init__(
         self,
