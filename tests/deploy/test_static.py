@@ -50,3 +50,24 @@ def test_every_path_the_dockerfile_copies_exists() -> None:
     assert sources
     for source in sources:
         assert (ROOT / source).exists(), source
+
+
+def test_the_image_entrypoint_and_command_are_the_package_console_script() -> None:
+    import json
+    import sys
+    import tomllib
+
+    dockerfile = (ROOT / "deploy/Dockerfile").read_text()
+    (entrypoint,) = re.findall(r"^ENTRYPOINT (.+)$", dockerfile, re.M)
+    (command,) = re.findall(r"^CMD (.+)$", dockerfile, re.M)
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    (program,) = json.loads(entrypoint)
+    assert scripts[program] == "opsapi.cli:main"
+    arguments = json.loads(command)
+    result = subprocess.run(
+        [sys.executable, "-m", "opsapi", arguments[0], "--help"], capture_output=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    port = arguments[arguments.index("--port") + 1]
+    assert f"EXPOSE {port}" in dockerfile
+    assert f"127.0.0.1:{port}/healthz" in dockerfile
