@@ -1,4 +1,4 @@
-"""The `opsapi` command: serve, migrate, token."""
+"""The `opsapi` command: serve, migrate, token, audit."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from opsapi.audit.commands import add_audit_commands, run_audit
 from opsapi.auth.identity import Role
 from opsapi.config import Settings
 
@@ -38,7 +39,10 @@ def main(argv: list[str] | None = None) -> int:
     lua.add_argument("--router", required=True, help="the instance's name in the routers file")
     lua.add_argument("--admin", help="which admin address, when the instance has several")
     lua.add_argument("upstreams", nargs="+", metavar="UPSTREAM", help="upstream blocks to print")
+    add_audit_commands(commands)
     args = parser.parse_args(argv)
+    if args.command == "audit":
+        return run_audit(args)
 
     try:
         settings = Settings()
