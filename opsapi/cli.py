@@ -1,4 +1,4 @@
-"""The `opsapi` command: serve, migrate, token, audit."""
+"""The `opsapi` command: serve, migrate, token, audit, demo."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from pydantic import ValidationError
 from opsapi.audit.commands import add_audit_commands, run_audit
 from opsapi.auth.identity import Role
 from opsapi.config import Settings
+from opsapi.demo import add_demo_command, run_demo
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,9 +41,12 @@ def main(argv: list[str] | None = None) -> int:
     lua.add_argument("--admin", help="which admin address, when the instance has several")
     lua.add_argument("upstreams", nargs="+", metavar="UPSTREAM", help="upstream blocks to print")
     add_audit_commands(commands)
+    add_demo_command(commands)
     args = parser.parse_args(argv)
     if args.command == "audit":
         return run_audit(args)
+    if args.command == "demo":  # its own settings: only OPSAPI_DATABASE_URL is read
+        return run_demo(args)
 
     try:
         settings = Settings()

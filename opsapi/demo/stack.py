@@ -17,7 +17,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,20 +48,22 @@ class Binaries:
     nginx: str
 
 
-def find_binaries(path: str | None = None) -> Binaries:
-    """The prometheus and nginx binaries; DemoError naming what is missing and how to get it."""
+def find_binaries(path: str | None = None, sbin: Sequence[str] = SBIN_DIRS) -> Binaries:
+    """The prometheus and nginx programs, on `path` (default: PATH), nginx also in `sbin`;
+    DemoError naming what is missing and how to install it."""
     path = os.environ.get("PATH", os.defpath) if path is None else path
     prometheus = shutil.which("prometheus", path=path)
-    nginx = shutil.which("nginx", path=path) or shutil.which(
-        "nginx", path=os.pathsep.join(SBIN_DIRS)
-    )
+    nginx = shutil.which("nginx", path=path) or shutil.which("nginx", path=os.pathsep.join(sbin))
     missing = [name for name, found in (("prometheus", prometheus), ("nginx", nginx)) if not found]
     if missing:
-        what = " and ".join(missing)
-        where = "on PATH" if missing == ["prometheus"] else f"on PATH or in {', '.join(SBIN_DIRS)}"
+        where = {"prometheus": "on PATH", "nginx": "on PATH"}
+        if sbin:
+            where["nginx"] = f"on PATH or in {', '.join(sbin)}"
+        what = " and ".join(f"{name} ({where[name]})" for name in missing)
         raise DemoError(
-            f"{what} not found ({where}); the demo runs real ones: on Debian or Ubuntu install "
-            f"them with `sudo apt-get install {' '.join(missing)}`"
+            f"{what} not found: the demo runs a real Prometheus and nginx; on Debian or Ubuntu "
+            f"install {'it' if len(missing) == 1 else 'them'} with "
+            f"`sudo apt-get install {' '.join(missing)}`"
         )
     assert prometheus is not None
     assert nginx is not None
