@@ -87,6 +87,7 @@ SECRET = re.compile(r"^[\x21-\x7e]{32,4096}$")
 WEIGHTS_PATH = "/opsapi/weights"
 HEALTH_PATH = "/opsapi/health"
 MAX_GENERATION = 10**16 - 1  # 16 digits, as the Lua side accepts
+MAX_IDLE = 4  # kept-alive connections per admin address
 _ENTRY_FIELD = re.compile(r"^([a-z_]+)=(\S+)$")
 _SLOT = re.compile(r"^([a-z0-9][a-z0-9_-]{0,31}):(\d{1,3})@(\S+)$")
 
@@ -347,7 +348,7 @@ class AdminClient:
         except BaseException:
             writer.close()
             raise
-        if headers.get("connection", "").lower() == "close":
+        if headers.get("connection", "").lower() == "close" or len(self._idle) >= MAX_IDLE:
             writer.close()
         else:
             self._idle.append(connection)
@@ -377,6 +378,9 @@ class LuaParams:
 
 class NginxLuaRouter:
     """Splits a service's traffic through a Lua balancer's shared weights (see the module doc)."""
+
+    # It holds an expiry: past `valid_until`, the balancer sends everything to the stable slot.
+    holds_lease = True
 
     def __init__(
         self,

@@ -412,9 +412,13 @@ async def routed(
     instance = {"type": "nginx-lua", "admin": edge.nginx[0].admin, "secret": SECRET,
                 "state_file": str(edge.router.state_file)}  # fmt: skip
     routers_file.write_text(json.dumps({"edge": instance}))
-    async with running_app(pg_url, key_file, routers_file=routers_file) as api:
+    # On the system clock: nginx compares the weights' lease with its own.
+    async with running_app(
+        pg_url, key_file, real_time=True, controller_enabled=False, routers_file=routers_file
+    ) as api:
         policy = {
             "steps": [{"weight": 25, "wait": "1h"}, {"weight": 100, "wait": "1h"}],
+            "interval": "1s",
             "router": {"name": "edge", **target(servers).params, "sticky": {"header": "X-User"}},
         }
         response = await api.put("/services/checkout", policy)
@@ -430,11 +434,34 @@ async def test_rollback_through_the_api_answers_once_traffic_is_at_zero(
     started = await routed.post("/canary/promote", {"service": "checkout", "version": "v2"})
     assert started.json()["applied_weight"] == 25, started.text
     assert abs(await measured(nginx) - 25) <= 3
+    # held under a lease that nginx enforces by itself,
+    assert read_state(edge.router.state_file)["checkout"].valid_until > time.time()
     # when an operator rolls back,
     response = await routed.post("/canary/rollback", {"service": "checkout", "reason": "5xx"})
     # then the answer says traffic is at 0, and none of the next 500 requests reach the canary.
     assert response.json()["traffic_at_zero"] is True, response.text
     assert await asyncio.to_thread(split, nginx.port, 500) == Counter({"stable": 500})
+    assert read_state(edge.router.state_file)["checkout"].valid_until == 0  # 0 needs no lease
+
+
+async def test_drift_is_restored_by_reconcile(routed: Harness, edge: Edge) -> None:
+    (nginx,) = edge.nginx
+    # Given a canary at 25 % through the API, set to 60 % behind opsapi's back,
+    await routed.post("/canary/promote", {"service": "checkout", "version": "v2"})
+    live = read_state(edge.router.state_file)["checkout"]
+    by_hand = replace(live, generation=live.generation + 1, slots={
+        "blue": (40, live.slots["blue"][1]), "green": (60, live.slots["green"][1])})  # fmt: skip
+    right = {"Authorization": f"Bearer {SECRET}"}
+    assert admin_call(nginx.admin, "POST", "/opsapi/weights", by_hand.line(), right)[0] == 200
+
+    # when the drift check is due (every interval: 1 s here),
+    await asyncio.sleep(1.1)
+    await routed.runtime.traffic.reconcile()
+
+    # then the weights are 25 % again, and the drift is audited.
+    assert abs(await measured(nginx) - 25) <= 3
+    [drift] = await routed.audit_events(action="router.drift")
+    assert (drift.details["live_weight"], drift.details["applied_weight"]) == (60, 25)
 
 
 async def test_policy_parameters_are_checked(routed: Harness, servers: Backends) -> None:
