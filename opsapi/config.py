@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 if TYPE_CHECKING:
@@ -60,6 +60,11 @@ class Settings(BaseSettings):
     rollback_confirm_seconds: float = Field(default=10.0, gt=0)
     notifications_file: Path | None = None  # notification channels (docs/notifications.md)
     public_url: str | None = None  # e.g. https://opsapi.example.com, for links in notifications
+    oidc_issuer: str | None = None  # the console's sign-in provider (docs/console.md)
+    oidc_client_id: str | None = None  # the console's OIDC client
+    oidc_client_secret: SecretStr | None = None  # unset for a public client (PKCE alone)
+    oidc_scope: str = "openid profile email"  # scopes the console asks the provider for
+    console_secret: SecretStr | None = Field(default=None, min_length=32)  # signs sessions
 
     # Optional client allowlist (comma-separated CIDRs), and the proxies whose X-Forwarded-For
     # is believed (comma-separated CIDRs); both empty by default.

@@ -22,6 +22,7 @@ from opsapi.canary import service as canary_service
 from opsapi.canary import views as canary_views
 from opsapi.clock import Clock, system_clock
 from opsapi.config import Settings
+from opsapi.console import routes as console_routes
 from opsapi.errors import Problem
 from opsapi.execute import views as execute_views
 from opsapi.gates import views as gate_views
@@ -78,6 +79,8 @@ def create_app(
     ]
     return Starlette(
         routes=[
+            # The web console (HTML, session-authenticated): before the API's mount.
+            *console_routes(API_PREFIX),
             Mount(API_PREFIX, routes=api_routes),
             Route("/healthz", healthz, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),
