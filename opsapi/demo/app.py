@@ -125,7 +125,7 @@ class DemoApp:
         )
         self._base = behaviour
         self._behaviour = behaviour
-        self._seen: tuple[int, int] | None = None
+        self._seen: tuple[int, int, int] | None = None
         self._lock = threading.Lock()
         self.refresh()
 
@@ -144,9 +144,11 @@ class DemoApp:
         except FileNotFoundError:
             return
         with self._lock:
-            if self._seen == (stat.st_mtime_ns, stat.st_size):
+            # The inode too: write_control replaces the file, and mtimes may be coarse.
+            seen = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+            if self._seen == seen:
                 return
-            self._seen = (stat.st_mtime_ns, stat.st_size)
+            self._seen = seen
             try:
                 document = json.loads(self.control.read_text())
                 behaviour = parse_behaviour(document, self._base)

@@ -113,6 +113,11 @@ def _run(
         admin_api = Api(stack.api_base, admin)
         try:
             stack.service = _unused_service(admin_api)
+            if stack.service != SERVICE:
+                narrator.say(
+                    f"the database already has releases of {SERVICE}: this run's "
+                    f"service is {stack.service}"
+                )
             stack.start_slots("v1")
             narrator.say("demo app slots blue (v1) and green (empty) answering")
             stack.start_nginx()
@@ -198,8 +203,8 @@ def _unused_service(api: Api) -> str:
 
 def _console_url(api: Api) -> str | None:
     """The web console's URL, when this opsapi serves one."""
-    status, _ = api.call("GET", "/console/")
-    return f"{api.base}/internal/ops/console/" if status == 200 else None
+    status, _ = api.call("GET", "/console/")  # 200, or a redirect to its sign-in page
+    return None if status == 404 else f"{api.base}/internal/ops/console/"
 
 
 def _print_stack(
@@ -217,7 +222,7 @@ def _print_stack(
     show()
     show(f"  opsapi API   {stack.api_base}/internal/ops  ({database})")
     if console:
-        show(f"  console      {console}")
+        show(f"  console      {console}  (sign in with the admin token)")
     show(f"  admin token  {admin}")
     show(
         f"  opsctl       OPSAPI_URL={stack.api_base} OPSAPI_TOKEN={admin} opsctl status "

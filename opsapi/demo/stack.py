@@ -319,6 +319,9 @@ class Stack:
         directory = self.nginx_dir
         upstreams = directory / "upstreams"
         upstreams.mkdir(parents=True, exist_ok=True)
+        # Files of an earlier run in this directory name its ports: they must not come back.
+        for stale in upstreams.glob("*.conf"):
+            stale.unlink()
         (directory / "temp").mkdir(exist_ok=True)
         (upstreams / f"{self.service}.conf").write_text(
             f"upstream {self.service} {{\n    server {self.slots['blue'].address};\n}}\n"
