@@ -40,6 +40,8 @@ class Settings(BaseSettings):
     # The controller loop inside the server process.
     controller_enabled: bool = True
     controller_poll_seconds: float = Field(default=1.0, gt=0)
+    # Liveness (/healthz) fails when the controller loop has not completed a pass this long.
+    controller_stall_seconds: float = Field(default=60.0, gt=0)
     controller_batch_size: int = Field(default=100, ge=1)
 
     prometheus_url: str | None = None

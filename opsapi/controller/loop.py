@@ -91,6 +91,9 @@ class Controller:
         self.poll_seconds = poll_seconds
         self.idempotency_ttl = idempotency_ttl
         self._next_purge: datetime | None = None
+        # For liveness: when the loop started and last completed a pass (monotonic seconds).
+        self._running_since: float | None = None
+        self._last_pass: float | None = None
         # Built by the runtime and shared with the API; a controller on its own (tests) makes one.
         self.effects = effects or Effects(traffic=traffic, metrics=metrics, default_policy=Policy())
 
@@ -249,6 +252,7 @@ class Controller:
         neither a slow measurement nor a slow router holds up the next poll."""
         evaluations: set[asyncio.Task[int]] = set()
         reconcile: asyncio.Task[int] | None = None
+        self._running_since = time.monotonic()
         try:
             while not stop.is_set():
                 try:
@@ -261,6 +265,7 @@ class Controller:
                         reconcile = asyncio.create_task(self._reconcile())
                     await self.purge_idempotency_keys()
                     self.metrics.controller_ticks.labels("ok").inc()
+                    self._last_pass = time.monotonic()
                 except Exception:
                     self.metrics.controller_ticks.labels("error").inc()
                     log.exception("controller pass failed; retrying")
@@ -272,6 +277,12 @@ class Controller:
             pending = [*evaluations, *([reconcile] if reconcile is not None else [])]
             if pending:
                 await asyncio.wait(pending)
+
+    def stalled_for(self) -> float | None:
+        """Seconds since the loop last completed a pass (None when it is not running)."""
+        if self._running_since is None:
+            return None
+        return time.monotonic() - max(self._running_since, self._last_pass or 0.0)
 
     async def _reconcile(self) -> int:
         assert self.traffic is not None

@@ -92,7 +92,14 @@ def create_app(
 
 
 async def healthz(request: Request) -> Response:
-    """Liveness: the process answers."""
+    """Liveness: the process answers, and its controller loop (when it runs one) is not stuck."""
+    runtime: Runtime = request.app.state.runtime
+    stalled = runtime.controller.stalled_for()
+    if runtime.settings.controller_enabled and stalled is not None:
+        if stalled > runtime.settings.controller_stall_seconds:
+            return problem_response(
+                _NotReady(f"the controller loop has not completed a pass for {stalled:.0f}s")
+            )
     return JSONResponse({"status": "ok"})
 
 

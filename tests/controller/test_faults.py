@@ -119,3 +119,28 @@ async def test_a_short_database_error_delays_a_decision_by_seconds(
             # then the controller decides within seconds, not after its 30 s claim lease
             took = await eventually(lambda: _in(api, "checkout", "awaiting_promotion"), 10)
             assert took < 3
+
+
+async def test_liveness_fails_while_the_controller_loop_is_stuck(
+    pg_url: str, key_file: Path
+) -> None:
+    async with running_app(
+        pg_url, key_file, real_time=True, controller_stall_seconds=2,
+        database_lock_timeout_seconds=8,
+    ) as api:  # fmt: skip
+        await eventually(lambda: _live(api, 200), timeout=5)
+        # given a lock that keeps the controller from claiming anything
+        db = await database(pg_url)
+        try:
+            async with db.transaction():
+                await db.execute("LOCK TABLE rollout IN ACCESS EXCLUSIVE MODE")
+                # then liveness fails once no pass has completed for the stall limit
+                await eventually(lambda: _live(api, 503), timeout=6)
+        finally:
+            await db.close()
+        # and recovers when the loop does
+        await eventually(lambda: _live(api, 200), timeout=10)
+
+
+async def _live(api: Harness, status: int) -> bool:
+    return (await api.client.get("/healthz")).status_code == status
