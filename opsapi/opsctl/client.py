@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
@@ -38,7 +39,8 @@ EXIT_CODES: dict[ExitCode, str] = {
     ExitCode.OK: "success",
     ExitCode.ERROR: "any other failure (an answer opsctl did not expect, e.g. 405)",
     ExitCode.USAGE: "usage error: unknown command or option, bad argument",
-    ExitCode.UNAUTHENTICATED: "not authenticated (401): missing, invalid or expired token",
+    ExitCode.UNAUTHENTICATED: "not authenticated (401), or not logged in: missing, invalid or "
+    "expired token or login",
     ExitCode.FORBIDDEN: "forbidden (403): the token lacks the role",
     ExitCode.NOT_FOUND: "not found (404): no such service rollout, rollout or operation",
     ExitCode.CONFLICT: "conflict (409): the state refuses it (not ready, paused, no revert, ...)",
@@ -101,13 +103,17 @@ def new_idempotency_key() -> str:
 
 
 class Client:
-    """A small synchronous client of the opsapi API with bounded retries."""
+    """A small synchronous client of the opsapi API with bounded retries.
+
+    The bearer token is `token` (OPSAPI_TOKEN or --token) when given, else what `login_token`
+    answers before each request (the cached `opsctl login`, renewed when it expires)."""
 
     def __init__(
         self,
         url: str,
         token: str | None,
         *,
+        login_token: Callable[[], str | None] | None = None,
         timeout: float = 30.0,
         retries: int = 2,
         backoff: float = 0.25,
@@ -115,16 +121,25 @@ class Client:
     ) -> None:
         self.server = url
         self.base = api_base(url)
-        self.token = token
+        self.token = token.strip() if token else None
+        self.login_token = login_token
         self.retries = max(0, retries)
         self.backoff = backoff
         headers = {"Accept": "application/json", "User-Agent": "opsctl"}
-        if token:
-            headers["Authorization"] = f"Bearer {token.strip()}"
         self._http = httpx.Client(
             base_url=self.base, headers=headers, timeout=timeout, transport=transport
         )
         self._timeout = timeout
+
+    def bearer(self) -> tuple[str | None, str | None]:
+        """The token to send and where it comes from: "token", "login" or None (no token)."""
+        if self.token:
+            return self.token, "token"
+        if self.login_token is not None:
+            token = self.login_token()
+            if token:
+                return token, "login"
+        return None, None
 
     def close(self) -> None:
         """Close the connection pool."""
@@ -164,6 +179,9 @@ class Client:
     ) -> httpx.Response:
         request_id = new_request_id()
         headers = {"X-Request-Id": request_id, "Accept": accept}
+        token, origin = self.bearer()
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
         if content is not None:
             headers["Content-Type"] = "application/json"
         if idempotency_key is not None:
@@ -185,7 +203,7 @@ class Client:
                 time.sleep(self.backoff * 2 ** (attempt - 1))
                 continue
             if response.status_code >= 400:
-                raise error_for(response, method, path, self.token)
+                raise error_for(response, method, path, token, origin)
             return response
 
     def _json(self, response: httpx.Response) -> Answer:
@@ -235,7 +253,11 @@ def _transport_reason(error: httpx.HTTPError) -> str:
 
 
 def error_for(
-    response: httpx.Response, method: str, path: str, token: str | None = None
+    response: httpx.Response,
+    method: str,
+    path: str,
+    token: str | None = None,
+    origin: str | None = None,
 ) -> OpsctlError:
     """The one-line error (and exit code) for a refused request, from its problem+json body."""
     status = response.status_code
@@ -253,12 +275,21 @@ def error_for(
     if code is None:
         code = ExitCode.SERVER_ERROR if status >= 500 else ExitCode.ERROR
     if status == 401:
-        message = (
-            f"not authenticated: set OPSAPI_TOKEN or pass --token with a valid bearer token "
-            f"(server: {detail})"
-            if token
-            else "not authenticated: set OPSAPI_TOKEN or pass --token (no token was sent)"
-        )
+        if origin == "login":
+            message = (
+                f"not authenticated: opsapi refused the token of your `opsctl login` (server: "
+                f"{detail}): run `opsctl login` again, or check that opsapi trusts that issuer"
+            )
+        elif token:
+            message = (
+                "not authenticated: set OPSAPI_TOKEN or pass --token with a valid bearer token, "
+                f"or unset it to use `opsctl login` (server: {detail})"
+            )
+        else:
+            message = (
+                "not authenticated: run `opsctl login`, or set OPSAPI_TOKEN or pass --token "
+                "(no token was sent)"
+            )
     elif status == 403:
         message = f"forbidden: {detail}{_token_hint(token)}"
     elif status == 404:
@@ -322,11 +353,12 @@ def token_claims(token: str | None) -> dict[str, Any]:
 
 
 def _token_hint(token: str | None) -> str:
+    from opsapi.auth.tokens import roles_from_claims  # only when a refusal needs explaining
+
     claims = token_claims(token)
     subject = claims.get("sub")
     if not isinstance(subject, str):
         return ""
-    roles = claims.get("roles")
-    if isinstance(roles, list) and all(isinstance(role, str) for role in roles):
-        return f" (token of {subject}, roles: {', '.join(roles) or 'none'})"
-    return f" (token of {subject})"
+    claim = os.environ.get("OPSCTL_ROLES_CLAIM") or os.environ.get("OPSAPI_ROLES_CLAIM") or "roles"
+    roles = sorted(role.value for role in roles_from_claims(claims, claim))
+    return f" (token of {subject}, roles: {', '.join(roles) or 'none'})"

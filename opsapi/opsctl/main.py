@@ -1,11 +1,14 @@
 """`opsctl`: drive canary rollouts through the opsapi HTTP API from a terminal.
 
 Settings: `OPSAPI_URL` (the server, e.g. http://127.0.0.1:8080; `/internal/ops` is added) and
-`OPSAPI_TOKEN` (a bearer token); `--url` and `--token` override them.
+`OPSAPI_TOKEN` (a bearer token); `--url` and `--token` override them. Without a token, the
+login cached by `opsctl login` is used (renewed with its refresh token when it expires); its
+settings (`OPSCTL_ISSUER`, `OPSCTL_CLIENT_ID`, ...) are described in `opsapi/opsctl/login.py`.
 
-Commands: promote, rollback, revert, pause, resume, status, history, evaluations, policy get,
-policy apply, audit, audit verify, execute. Every change is sent with an Idempotency-Key (one
-per command, reused by its own retries, or `--idempotency-key`), so a retried command acts once.
+Commands: login, logout, whoami, services, promote, rollback, revert, pause, resume, status,
+history, evaluations, policy get, policy apply, audit, audit verify, execute. Every change is
+sent with an Idempotency-Key (one per command, reused by its own retries, or
+`--idempotency-key`), so a retried command acts once.
 
 Exit codes (one per class of failure, for scripts):
 
@@ -27,12 +30,14 @@ Ctrl-C ends `status --watch` with 0; elsewhere it exits 130.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
+from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import quote
 
@@ -40,8 +45,10 @@ import typer
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
 from rich.rule import Rule
+from rich.table import Table
 from rich.text import Text
 
+from opsapi.opsctl import login as logins
 from opsapi.opsctl import policy as policy_files
 from opsapi.opsctl import render
 from opsapi.opsctl.client import (
@@ -105,10 +112,22 @@ def _client(ctx: typer.Context) -> Client:
         raise OpsctlError(ExitCode.ERROR, "internal error: no settings")
     if settings.client is None:
         settings.client = Client(
-            settings.url, settings.token, timeout=settings.timeout, retries=settings.retries
+            settings.url,
+            settings.token,
+            login_token=_login_token,
+            timeout=settings.timeout,
+            retries=settings.retries,
         )
         ctx.call_on_close(settings.client.close)
     return settings.client
+
+
+def _login_token() -> str | None:
+    """The cached login's token, renewed if it expired; None when nobody logged in."""
+    path = logins.cache_path()
+    if not path.exists():
+        return None
+    return logins.refresh(path)
 
 
 def _print_json(document: Any, *, compact: bool = False) -> None:
@@ -152,6 +171,204 @@ def root(
 ) -> None:
     """Drive canary rollouts through the opsapi HTTP API."""
     ctx.obj = _Settings(url=url, token=token or None, timeout=timeout, retries=retries)
+
+
+# ---------------------------------------------------------------------------------------------
+# Identity: login, logout, whoami
+
+
+def _setting(name: str) -> str | None:
+    value = os.environ.get(name, "").strip()
+    return value or None
+
+
+@app.command()
+def login(
+    issuer: Annotated[
+        str | None,
+        typer.Option(
+            "--issuer",
+            envvar="OPSCTL_ISSUER",
+            help="The identity provider's issuer URL (its discovery document is "
+            "ISSUER/.well-known/openid-configuration).",
+            show_default=False,
+        ),
+    ] = None,
+    client_id: Annotated[
+        str | None,
+        typer.Option(
+            "--client-id",
+            envvar="OPSCTL_CLIENT_ID",
+            help="opsctl's client id at the provider (a native/public application).",
+            show_default=False,
+        ),
+    ] = None,
+    no_browser: Annotated[
+        bool, typer.Option("--no-browser", help="Print the login URL; open no browser.")
+    ] = False,
+    port: Annotated[
+        int,
+        typer.Option(
+            "--port",
+            envvar="OPSCTL_REDIRECT_PORT",
+            min=0,
+            max=65535,
+            help="Loopback port of the redirect http://127.0.0.1:PORT/callback (0: any free "
+            "one; fix it when the provider wants the exact redirect URI registered).",
+        ),
+    ] = 0,
+    wait: Annotated[
+        float, typer.Option("--wait", min=1, help="Seconds to wait for the browser.")
+    ] = 300.0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print who logged in as JSON.")] = False,
+) -> None:
+    """Log in through your identity provider (OIDC, authorization code + PKCE); every later
+    command uses the cached token while OPSAPI_TOKEN is unset, renewing it as it expires."""
+    if not issuer or not client_id:
+        raise OpsctlError(
+            ExitCode.USAGE,
+            "set OPSCTL_ISSUER (the identity provider's issuer URL) and OPSCTL_CLIENT_ID "
+            "(opsctl's client id there), or pass --issuer and --client-id",
+        )
+    settings = logins.LoginSettings(
+        issuer=issuer,
+        client_id=client_id,
+        client_secret=_setting("OPSCTL_CLIENT_SECRET"),
+        scopes=_setting("OPSCTL_SCOPES") or logins.DEFAULT_SCOPES,
+        bearer=_setting("OPSCTL_BEARER") or "id_token",
+        redirect_port=port,
+        auth_params=logins.parse_auth_params(_setting("OPSCTL_AUTH_PARAMS")),
+    )
+    path = logins.cache_path()
+
+    def announce(text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
+    cached = logins.login(
+        settings, path, open_browser=not no_browser, wait_seconds=wait, announce=announce
+    )
+    identity = _identity(cached.bearer_token, cached, path)
+    if as_json:
+        _print_json(identity)
+        return
+    text = Text()
+    text.append("Logged in", style="bold green")
+    text.append(f" to {cached.issuer} as ")
+    text.append(str(identity["subject"]), style="bold")
+    _console().print(text)
+    _console().print(_identity_grid(identity))
+
+
+@app.command()
+def logout() -> None:
+    """Forget the cached login (the provider's own browser session is not ended)."""
+    path = logins.cache_path()
+    removed = logins.remove(path)
+    message = f"logged out: removed {path}" if removed else f"not logged in (no {path})"
+    if os.environ.get("OPSAPI_TOKEN"):
+        message += "; OPSAPI_TOKEN is still set and still used"
+    print(message)
+
+
+def _identity(token: str | None, cached: logins.CachedLogin | None, path: Path) -> dict[str, Any]:
+    """Who `token` says the caller is, as opsapi will see it (roles mapped as opsapi maps them)."""
+    claims = logins.jwt_claims(token)
+    claim = logins.roles_claim()
+    roles, implied = logins.opsapi_roles(claims, claim)
+    raw: Any = claims.get(claim, claims)
+    if claim not in claims:
+        for part in claim.split("."):
+            raw = raw.get(part) if isinstance(raw, dict) else None
+    expires = claims.get("exp")
+    if cached is not None:
+        expires = cached.expires_at
+    expires_at = (
+        datetime.fromtimestamp(float(expires), UTC)
+        if isinstance(expires, int | float) and not isinstance(expires, bool)
+        else None
+    )
+    audience = claims.get("aud")
+    return {
+        "subject": claims.get("sub"),
+        "roles": roles,
+        "implied_roles": implied,
+        "roles_claim": claim,
+        "roles_claim_value": raw,
+        "issuer": claims.get("iss") or (cached.issuer if cached else None),
+        "audience": audience,
+        "expires_at": expires_at.strftime("%Y-%m-%dT%H:%M:%SZ") if expires_at else None,
+        "expires_in_seconds": (
+            round((expires_at - datetime.now(UTC)).total_seconds()) if expires_at else None
+        ),
+        "source": "login" if cached is not None else "OPSAPI_TOKEN",
+        "bearer": cached.bearer if cached is not None else "token",
+        "renewable": bool(cached is not None and cached.token.get("refresh_token")),
+        "cache": str(path) if cached is not None else None,
+        "jwt": bool(claims),
+    }
+
+
+def _identity_grid(identity: dict[str, Any]) -> Table:
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold", no_wrap=True)
+    grid.add_column()
+    grid.add_row("Subject", Text(str(identity["subject"] or render.DASH)))
+    roles = Text(", ".join(identity["roles"]) or "none", style="bold")
+    if identity["implied_roles"]:
+        roles.append(f" (implies {', '.join(identity['implied_roles'])})")
+    roles.append(
+        f"\nclaim {identity['roles_claim']}: "
+        f"{json.dumps(identity['roles_claim_value'], ensure_ascii=False)}",
+        style="dim",
+    )
+    grid.add_row("Roles", roles)
+    expires = Text()
+    if identity["expires_at"] is None:
+        expires.append("unknown (not a JWT)", style="yellow")
+    else:
+        left = identity["expires_in_seconds"]
+        expires.append(identity["expires_at"].replace("T", " "))
+        if left > 0:
+            expires.append(f" (in {render.human(left)})")
+        else:
+            expires.append(f" (expired {render.human(-left)} ago)", style="bold red")
+        if identity["renewable"]:
+            expires.append("; renewed with the refresh token", style="dim")
+    grid.add_row("Expires", expires)
+    grid.add_row("Issuer", Text(str(identity["issuer"] or render.DASH)))
+    if identity["source"] == "login":
+        what = "ID token" if identity["bearer"] == "id_token" else "access token"
+        grid.add_row("Token", Text(f"{what} of `opsctl login`, cached in {identity['cache']}"))
+    else:
+        grid.add_row("Token", Text("OPSAPI_TOKEN or --token (the login cache is not used)"))
+    return grid
+
+
+@app.command()
+def whoami(
+    ctx: typer.Context,
+    as_json: Annotated[bool, typer.Option("--json", help="Print it as JSON.")] = False,
+) -> None:
+    """Who opsctl acts as: subject, roles as opsapi maps them, when the token expires.
+
+    Roles are read from OPSCTL_ROLES_CLAIM (else OPSAPI_ROLES_CLAIM, else roles), as the server
+    reads them from OPSAPI_ROLES_CLAIM: set the same claim on both sides."""
+    settings = ctx.find_object(_Settings)
+    token = settings.token if settings is not None else None
+    path = logins.cache_path()
+    cached = None
+    if not token:
+        if not path.exists():
+            raise OpsctlError(
+                ExitCode.UNAUTHENTICATED, "not logged in: run `opsctl login` (or set OPSAPI_TOKEN)"
+            )
+        token = logins.refresh(path)
+        cached = logins.load(path)
+    identity = _identity(token, cached, path)
+    if as_json:
+        _print_json(identity)
+        return
+    _console().print(_identity_grid(identity))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -524,6 +741,24 @@ def evaluations(
         return
     title = f"rollout #{rollout_id}: gate evaluations"
     _console().print(render.evaluations_table(body["items"], title=title))
+
+
+@app.command()
+def services(
+    ctx: typer.Context,
+    limit: Annotated[int, typer.Option("--limit", "-n", min=1, max=100000)] = 1000,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the raw JSON.")] = False,
+) -> None:
+    """Every service opsapi knows: stable version and slot, latest rollout and its weight."""
+    _json_errors(as_json)
+    body = _paged(_client(ctx), "/services", {}, limit, 1000)
+    if as_json:
+        _print_json(body)
+        return
+    if not body["items"]:
+        _console().print(Text("no services yet", style="dim"))
+        return
+    _console().print(render.services_table(body["items"], title=f"Services ({len(body['items'])})"))
 
 
 # ---------------------------------------------------------------------------------------------

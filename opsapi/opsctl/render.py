@@ -578,6 +578,45 @@ def rollouts_table(rollouts: Iterable[Mapping[str, Any]], *, title: str) -> Tabl
     return table
 
 
+def services_table(services: Iterable[Mapping[str, Any]], *, title: str) -> Table:
+    """Services, one row each: stable version over its slot, the latest rollout (id, canary
+    version, state) and its weight, the router."""
+    table = Table(
+        title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1, 0, 0)
+    )
+    table.add_column("service", no_wrap=True, style="bold")
+    table.add_column("stable", overflow="fold")
+    table.add_column("latest rollout", overflow="fold")
+    table.add_column("state", no_wrap=True)
+    table.add_column("weight", no_wrap=True)
+    table.add_column("router", overflow="fold")
+    for item in services:
+        latest = _mapping(item.get("latest_rollout"))
+        rollout = Text(DASH, style="dim")
+        state: Text = Text(DASH, style="dim")
+        weight = Text(DASH, style="dim")
+        if latest:
+            rollout = Text(f"#{latest.get('id')} ", style="dim")
+            rollout.append(str(latest.get("canary_version")), style="")
+            state = state_text(latest.get("state"))
+            desired, applied = latest.get("desired_weight"), latest.get("applied_weight")
+            weight = Text(f"{desired}%")
+            if desired != applied:
+                weight.append(f"\n(applied {applied}%)", style="yellow")
+        router = Text(str(item.get("router") or DASH))
+        if not item.get("configured"):
+            router.append("\ndefault policy", style="dim")
+        table.add_row(
+            str(item.get("name")),
+            _in_slot(item.get("stable_version") or "none yet", item.get("stable_slot")),
+            rollout,
+            state,
+            weight,
+            router,
+        )
+    return table
+
+
 def history_table(rollouts: Iterable[Mapping[str, Any]], *, title: str) -> Table:
     """A service's rollouts, newest first."""
     table = Table(title=title, title_justify="left")

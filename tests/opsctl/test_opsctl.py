@@ -65,6 +65,7 @@ class Edge:
 class Server:
     url: str
     signer: LocalSigner
+    config_home: Path
     edge: Edge | None = None
 
     def require_edge(self) -> Edge:
@@ -82,8 +83,11 @@ class Server:
             k: v
             for k, v in os.environ.items()
             if k not in ("FORCE_COLOR", "TTY_COMPATIBLE", "NO_COLOR", "OPSAPI_TOKEN")
+            and not k.startswith("OPSCTL_")
         }
         env.update(OPSAPI_URL=url or self.url, COLUMNS="120", TERM="xterm-256color")
+        # No `opsctl login` of the person running the tests may stand in for a missing token.
+        env["XDG_CONFIG_HOME"] = str(self.config_home)
         if role is not None:
             env["OPSAPI_TOKEN"] = self.token(role)
         return env
@@ -202,7 +206,7 @@ def running_server(
     port = free_port()
     process = start_server(port, env, directory / "server.log")
     try:
-        yield Server(f"http://127.0.0.1:{port}", signer, edge)
+        yield Server(f"http://127.0.0.1:{port}", signer, directory / "config", edge)
     finally:
         stop(process)
 
