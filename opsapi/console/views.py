@@ -207,15 +207,24 @@ class Console:
         """The context of a page that needs a signed-in user (else: to the sign-in page)."""
         context = await self._context(request)
         if context.identity is None:
-            if not request.cookies and request.headers.get("sec-fetch-site") == "cross-site":
-                # A link from another site does not carry the SameSite=Strict cookie: load
-                # the page again from here, which does.
-                raise _Stop(self._render(request, "bounce.html", {"target": _here(request)}))
+            self._bounce_cross_site(request)
             target = f"{self.base}/auth/signin?{urlencode({'next': _here(request)})}"
             response = RedirectResponse(target, status_code=303)
-            context.sessions.save(request, response, context.session)
+            self._save(context, response)
             raise _Stop(response)
         return context
+
+    def _bounce_cross_site(self, request: Request) -> None:
+        """A link from another site does not carry the SameSite=Strict cookie: load the page
+        again from here, which does (instead of showing a signed-in user the sign-in page)."""
+        if request.method == "GET" and _cross_site(request):
+            raise _Stop(self._render(request, "bounce.html", {"target": _here(request)}))
+
+    def _save(self, context: _Context, response: Response) -> None:
+        """Set the session cookie, unless the request came from another site: it carried no
+        cookie, so what we hold is not the browser's session, and must not replace it."""
+        if not _cross_site(context.request):
+            context.sessions.save(context.request, response, context.session)
 
     # --- rendering ------------------------------------------------------------------------
 
@@ -247,7 +256,7 @@ class Console:
             },
             status,
         )
-        context.sessions.save(context.request, response, context.session)
+        self._save(context, response)
         return response
 
     def _error(self, request: Request, status: int, detail: str) -> HTMLResponse:
@@ -261,7 +270,7 @@ class Console:
             response = RedirectResponse(
                 f"{self.base}/auth/signin?{urlencode({'next': _here(context.request)})}", 303
             )
-            context.sessions.save(context.request, response, context.session)
+            self._save(context, response)
             return response
         return self._page(
             context,
@@ -648,7 +657,7 @@ class Console:
 
     def _redirect(self, context: _Context, target: str) -> Response:
         response = RedirectResponse(target, status_code=303)
-        context.sessions.save(context.request, response, context.session)
+        self._save(context, response)
         return response
 
     def _to_signin(self, context: _Context) -> Response:
@@ -673,6 +682,7 @@ class Console:
         try:
             context = await self._context(request)
             target = self._next(request.query_params.get("next"))
+            self._bounce_cross_site(request)
             if context.identity is not None:
                 return self._redirect(context, target)
             return self._signin_form(context, target)
@@ -899,6 +909,10 @@ class Console:
         ):
             return raw
         return self.base + "/"
+
+
+def _cross_site(request: Request) -> bool:
+    return request.headers.get("sec-fetch-site") == "cross-site"
 
 
 def _here(request: Request) -> str:

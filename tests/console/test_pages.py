@@ -504,3 +504,27 @@ async def test_forms_must_be_forms(api: Harness) -> None:
             headers={"Sec-Fetch-Site": "same-origin"},
         )
         assert answer.status_code == 415
+
+
+async def test_a_request_from_another_site_never_replaces_the_session(api: Harness) -> None:
+    await start(api)
+    async with browser(api) as client:
+        await client.sign_in("alice", "operator")
+        cookie = client.client.cookies["opsapi_console"]
+        # a cross-site navigation carries no SameSite=Strict cookie, as a browser sends it
+        client.client.cookies.clear()
+        posted = await client.post(
+            "/actions/rollback",
+            {"service": SERVICE, "reason": "x"},
+            **{"Sec-Fetch-Site": "cross-site"},
+        )
+        linked = await client.get(f"/services/{SERVICE}", **{"Sec-Fetch-Site": "cross-site"})
+        signin = await client.get("/auth/signin", **{"Sec-Fetch-Site": "cross-site"})
+    assert posted.status_code == 403
+    # the link is loaded again from the console itself, which then carries the cookie
+    for answer in (linked, signin):
+        assert answer.status_code == 200
+        assert '<meta http-equiv="refresh"' in answer.text
+    for answer in (posted, linked, signin):
+        assert "set-cookie" not in answer.headers
+    assert cookie
