@@ -854,7 +854,7 @@ class Console:
                     outcome=Outcome.SUCCESS,
                     request_id=context.api.request_id,
                     client_address=context.client,
-                    details={"status": 200, "method": "oidc", "token": signed_in.kind},
+                    details={"status": 200, "method": "oidc", "credential": signed_in.kind},
                 )
             )
             # This answer ends a cross-site redirect chain, on which the browser withholds a
