@@ -29,6 +29,7 @@ import getpass
 import hashlib
 import json
 import os
+import re
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -57,7 +58,8 @@ from opsapi.audit.service import event_row
 ARCHIVE_FORMAT = "opsapi-audit-archive/1"
 ACTOR = "audit-archive"
 _CHECKPOINT_LOCK = 724_113_003  # the lock the checkpoint insert trigger takes (migration 0011)
-_HASH = frozenset("0123456789abcdef")
+_HASH = re.compile(r"[0-9a-f]{64}")
+_COLUMNS = frozenset(COLUMNS)
 
 Progress = Callable[[str], None]
 
@@ -174,7 +176,7 @@ class _Walk:
         self, item: Any, head: tuple[int, str] | None
     ) -> tuple[int | None, str, str | None, str | None] | None:
         """Check one event; (id, reason, expected, found) when it breaks the chain."""
-        if not isinstance(item, dict) or any(name not in item for name in COLUMNS):
+        if not isinstance(item, dict) or not item.keys() >= _COLUMNS:
             return None, "not an audit event (missing columns)", None, None
         event_id, prev_hash, stored = item["id"], item["prev_hash"], item["hash"]
         if not (isinstance(event_id, int) and _is_hash(prev_hash) and _is_hash(stored)):
@@ -198,7 +200,7 @@ class _Walk:
 
 
 def _is_hash(value: Any) -> bool:
-    return isinstance(value, str) and len(value) == 64 and set(value) <= _HASH
+    return isinstance(value, str) and _HASH.fullmatch(value) is not None
 
 
 def _manifest_problem(manifest: dict[str, Any], walk: _Walk) -> str | None:

@@ -120,8 +120,11 @@ def _before(raw: str) -> datetime:
             raise ValueError("--before is not a date") from None
     try:
         return parse_timestamp("--before", raw)
-    except Unprocessable as error:
-        raise ValueError(error.detail) from None
+    except Unprocessable:
+        raise ValueError(
+            "--before must be a date (2026-01-01, midnight UTC) or an RFC 3339 time with an "
+            "offset (2026-01-01T00:00:00Z)"
+        ) from None
 
 
 def _archive(args: argparse.Namespace) -> int:

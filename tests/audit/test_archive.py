@@ -350,3 +350,35 @@ async def test_an_archive_must_match_its_signed_checkpoint(
     assert (code, report["expected_head"]["matches"]) == (0, True)
     code, report, _ = verify_archive_cli(capsys, a1, "--expect-head", f"{event['id']}:{'0' * 64}")
     assert (code, report["reason"]) == (1, "expected head differs")
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["archive", "--before", "last month", "--out", "{tmp}/a"], 2, "RFC 3339"),
+        (["archive", "--before", "2026-02-30", "--out", "{tmp}/a"], 2, "not a date"),
+        (["archive", "--before", "2026-06-01T00:00:00", "--out", "{tmp}/a"], 2, "RFC 3339"),
+        (["archive", "--before", "2999-01-01", "--out", "{tmp}/a"], 2, "in the future"),
+        (["archive", "--before", "2026-06-01", "--out", "{tmp}/no/a"], 2, "does not exist"),
+        (["verify-archive", "{tmp}/a", "--key-id", "cb32"], 2, "--key-id must be 64 hex"),
+        (["verify-archive", "{tmp}/a", "--expect-head", "0:ab"], 2, "--expect-head must be"),
+        (["verify-archive", "{tmp}/missing.ndjson"], 1, "cannot read"),
+        (["verify-archive", "{tmp}/a", "--checkpoint", "{tmp}/a"], 1, "not a checkpoint"),
+    ],
+)
+def test_bad_audit_command_lines_are_refused_in_one_line(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    args: list[str],
+    code: int,
+    message: str,
+) -> None:
+    (tmp_path / "a").write_text("not an archive\n", "utf-8")
+
+    result = cli.main(["audit", *(arg.format(tmp=tmp_path) for arg in args)])
+
+    out, err = capsys.readouterr()
+    assert (result, out) == (code, "")
+    assert message in err
+    assert len(err.strip().splitlines()) == 1
+    assert "Traceback" not in err
