@@ -19,3 +19,4 @@ async def test_every_served_route_is_documented_and_nothing_else(api: Harness) -
 
     documented = {(method, path) for path, ops in document["paths"].items() for method in ops}
     assert served == documented
+    assert not [p for p in documented if "/console" in p[1]]  # HTML pages (docs/console.md)
