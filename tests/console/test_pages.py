@@ -285,6 +285,51 @@ async def test_a_console_action_is_the_api_call_with_the_user_as_actor(api: Harn
     assert start_event.actor == "alice"
 
 
+async def given(api: Harness, state: str) -> None:
+    """The rollout in `state`, reached through the API."""
+    if state == "succeeded":
+        body = {"service": SERVICE, "version": "v2", "stable_version": "v1", "target_percent": 100}
+        assert (await api.post("/canary/promote", body, role="admin")).status_code == 200
+        done = await api.post("/canary/promote", {"service": SERVICE, "force": True}, role="admin")
+        assert done.json()["state"] == "succeeded", done.text
+        return
+    await start(api)
+    if state == "paused":
+        assert (await api.post("/canary/pause", {"service": SERVICE})).status_code == 200
+    if state == "ready":
+        api.clock.advance(minutes=31)
+
+
+# (state before, button, extra form fields, state after, canary weight after)
+BUTTONS = [
+    pytest.param("progressing", "pause", {}, "paused", 10, id="pause"),
+    pytest.param("paused", "resume", {}, "progressing", 10, id="resume"),
+    pytest.param("ready", "promote", {"from_percent": 10}, "progressing", 25, id="promote"),
+    pytest.param("progressing", "rollback", {}, "rolled_back", 0, id="roll back"),
+    pytest.param("succeeded", "revert", {}, "reverted", 0, id="revert"),
+]
+
+
+@pytest.mark.parametrize(("before", "button", "extra", "after", "weight"), BUTTONS)
+async def test_each_button_is_its_api_call(
+    api: Harness, before: str, button: str, extra: dict[str, int], after: str, weight: int
+) -> None:
+    await given(api, before)
+    async with browser(api) as client:
+        await client.sign_in("alice", "operator")
+        page = (await client.get(f"/services/{SERVICE}")).text
+        # the page offers the button for this state
+        assert f"actions/{button}" in page
+        answer = await client.act(button, SERVICE, f"{button} from the console", page, **extra)
+        assert answer.status_code == 303
+        shown = (await client.get(f"/services/{SERVICE}")).text
+    rollout = (await api.get(f"/canary/{SERVICE}")).json()
+    assert (rollout["state"], rollout["desired_weight"]) == (after, weight)
+    assert "Refused" not in shown
+    [event] = await api.audit_events(action=f"canary.{button}", actor="alice")
+    assert (event.outcome, event.source, event.service) == ("success", "api", SERVICE)
+
+
 async def test_a_form_sent_twice_acts_once(api: Harness) -> None:
     await start(api)
     async with browser(api) as client:
