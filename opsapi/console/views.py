@@ -122,7 +122,6 @@ class Console:
         self.templates.filters["pretty"] = _pretty
         self._sessions: Sessions | None = None
         self._oidc: Oidc | None = None
-        self._oidc_for: int | None = None
 
     # --- routes ---------------------------------------------------------------------------
 
@@ -170,8 +169,8 @@ class Console:
     def _oidc_of(self, runtime: Runtime) -> Oidc | None:
         if runtime.settings.oidc_issuer is None:
             return None
-        if self._oidc is None or self._oidc_for != id(runtime.settings):
-            self._oidc, self._oidc_for = Oidc(runtime.settings), id(runtime.settings)
+        if self._oidc is None:
+            self._oidc = Oidc(runtime.settings)
         return self._oidc
 
     async def _context(self, request: Request) -> _Context:
@@ -297,7 +296,35 @@ class Console:
             details={"status": status, "detail": detail},
         )
         caller = identity.subject if identity else f"address:{context.client}"
-        await context.runtime.audit_writer.write_refusal(caller, row)
+        try:
+            await context.runtime.audit_writer.write_refusal(caller, row)
+        except Exception:
+            raise self._audit_failed(context) from None
+
+    async def _audit_success(
+        self, context: _Context, identity: Identity, action: str, details: dict[str, Any]
+    ) -> None:
+        """A sign-in or sign-out, audited before it takes effect (not at all if that fails)."""
+        row = audit.event_row(
+            at=context.runtime.clock(),
+            actor=identity.subject,
+            roles=identity.roles,
+            source=Source.API,
+            action=action,
+            outcome=Outcome.SUCCESS,
+            request_id=context.api.request_id,
+            client_address=context.client,
+            details={"status": 303, **details},
+        )
+        try:
+            await context.runtime.audit_writer.write(row)
+        except Exception:
+            raise self._audit_failed(context) from None
+
+    def _audit_failed(self, context: _Context) -> _Stop:
+        log.exception("could not write a console audit event")
+        detail = "The audit log could not be written, so nothing was done; try again later."
+        return _Stop(self._error(context.request, 503, detail))
 
     # --- pages ----------------------------------------------------------------------------
 
@@ -759,19 +786,7 @@ class Console:
                 context, target, 422, "That token is too large for a console session."
             )
         context.identity = identity
-        await context.runtime.audit_writer.write(
-            audit.event_row(
-                at=context.runtime.clock(),
-                actor=identity.subject,
-                roles=identity.roles,
-                source=Source.API,
-                action="console.signin",
-                outcome=Outcome.SUCCESS,
-                request_id=context.api.request_id,
-                client_address=context.client,
-                details={"status": 303, "method": method},
-            )
-        )
+        await self._audit_success(context, identity, "console.signin", {"method": method})
         return self._redirect(context, target)
 
     async def oidc_start(self, request: Request) -> Response:
@@ -844,18 +859,11 @@ class Console:
                 return self._signin_form(
                     context, target, 422, "The provider's token is too large for a session."
                 )
-            await context.runtime.audit_writer.write(
-                audit.event_row(
-                    at=context.runtime.clock(),
-                    actor=signed_in.identity.subject,
-                    roles=signed_in.identity.roles,
-                    source=Source.API,
-                    action="console.signin",
-                    outcome=Outcome.SUCCESS,
-                    request_id=context.api.request_id,
-                    client_address=context.client,
-                    details={"status": 200, "method": "oidc", "credential": signed_in.kind},
-                )
+            await self._audit_success(
+                context,
+                signed_in.identity,
+                "console.signin",
+                {"status": 200, "method": "oidc", "credential": signed_in.kind},
             )
             # This answer ends a cross-site redirect chain, on which the browser withholds a
             # SameSite=Strict cookie: a page of ours navigates on, and that request carries it.
@@ -878,19 +886,7 @@ class Console:
             form = await self._form(context)
             await self._check_csrf(context, form, "console.signout")
             if context.identity is not None:
-                await context.runtime.audit_writer.write(
-                    audit.event_row(
-                        at=context.runtime.clock(),
-                        actor=context.identity.subject,
-                        roles=context.identity.roles,
-                        source=Source.API,
-                        action="console.signout",
-                        outcome=Outcome.SUCCESS,
-                        request_id=context.api.request_id,
-                        client_address=context.client,
-                        details={"status": 303},
-                    )
-                )
+                await self._audit_success(context, context.identity, "console.signout", {})
             context.session = Session()
             context.session.flash("ok", "Signed out.")
             return self._redirect(context, f"{self.base}/auth/signin")
