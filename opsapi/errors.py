@@ -10,6 +10,8 @@ class Problem(Exception):
 
     status = 500
     title = "Internal Server Error"
+    # Sent as `Retry-After` when set: the same request may succeed later.
+    retry_after_seconds: int | None = None
 
     def __init__(self, detail: str, **extra: Any) -> None:
         super().__init__(detail)
@@ -65,3 +67,14 @@ class UnsupportedMediaType(Problem):
 class Unprocessable(Problem):
     status = 422
     title = "Unprocessable Content"
+
+
+class ServiceUnavailable(Problem):
+    """A dependency (the database, the audit log) cannot do the work now; nothing was done.
+
+    Answered with `Retry-After`: the same request, sent again later, may succeed.
+    """
+
+    status = 503
+    title = "Service Unavailable"
+    retry_after_seconds = 5

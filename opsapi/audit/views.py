@@ -24,7 +24,7 @@ from opsapi.audit.verify import Head, verify_chain
 from opsapi.auth.identity import Role
 from opsapi.errors import Unprocessable
 from opsapi.http.endpoint import Call, endpoint
-from opsapi.http.params import int_param
+from opsapi.http.params import INT64_MAX, id_param, int_param
 
 MAX_LIMIT = 1000
 _HEAD = re.compile(r"([1-9][0-9]{0,17}):([0-9a-fA-F]{64})")
@@ -89,12 +89,7 @@ async def verify(call: Call) -> Response:
     with `expect_head=ID:HASH`, also whether that event is still in the chain."""
     params = call.request.query_params
     check_parameters(params, ("since_id", "expect_head"))
-    raw = params.get("since_id")
-    since_id = None
-    if raw is not None:
-        if not (raw.isascii() and raw.isdigit()) or len(raw) > 18 or int(raw) < 1:
-            raise Unprocessable("since_id must be an event id (a whole number from 1)")
-        since_id = int(raw)
+    since_id = id_param(call.request, "since_id", high=INT64_MAX)
     raw_head = params.get("expect_head")
     expect_head = None if raw_head is None else _expected_head(raw_head)
     report = await verify_chain(call.runtime.engine, since_id=since_id, expect_head=expect_head)

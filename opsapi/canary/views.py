@@ -24,7 +24,7 @@ from opsapi.canary.policy import (
 )
 from opsapi.errors import Conflict, NotFound, Unprocessable
 from opsapi.http.endpoint import Call, endpoint, validation_errors
-from opsapi.http.params import int_param
+from opsapi.http.params import INT32_MAX, id_param, int_param
 from opsapi.notifications import outbox as notifications
 from opsapi.notifications.rules import check_rules
 from opsapi.pagerduty import outbox as pagerduty_outbox
@@ -222,12 +222,7 @@ async def rollout_history(call: Call) -> Response:
     """The service's rollouts, newest first; `limit` (≤ 100) and an opaque `cursor`."""
     name = _service_param(call)
     limit = int_param(call.request, "limit", default=20, low=1, high=100)
-    cursor = call.request.query_params.get("cursor")
-    before_id = None
-    if cursor:
-        if not cursor.isdigit():
-            raise Unprocessable("cursor is not one this API returned")
-        before_id = int(cursor)
+    before_id = id_param(call.request, "cursor", high=INT32_MAX)
     records = await service.history(name, limit=limit, before_id=before_id, session=call.session)
     next_cursor = str(records[-1].id) if len(records) == limit else None
     items = await _views(call.session, list(records), call)

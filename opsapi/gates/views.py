@@ -8,33 +8,37 @@ from starlette.routing import Route
 
 from opsapi.auth.identity import Role
 from opsapi.canary.models import RolloutRecord
-from opsapi.errors import NotFound, Unprocessable
+from opsapi.errors import NotFound
 from opsapi.gates.models import GateEvaluation
 from opsapi.http.endpoint import Call, endpoint
-from opsapi.http.params import int_param, iso
+from opsapi.http.params import (
+    INT32_MAX,
+    INT64_MAX,
+    id_param,
+    int_param,
+    iso,
+    path_id,
+    text_param,
+)
 
 
 @endpoint(action="rollout.evaluations", role=Role.VIEWER)
 async def evaluations(call: Call) -> Response:
     """Gate evaluations of one rollout, newest first; `gate`, `limit` (≤ 1000), `cursor`."""
-    raw_id = str(call.request.path_params["rollout_id"])
-    if not raw_id.isdigit() or len(raw_id) > 12:
-        raise Unprocessable("rollout ids are whole numbers")
-    rollout = await call.session.get(RolloutRecord, int(raw_id))
+    rollout_id = path_id(call.request, "rollout_id", high=INT32_MAX)
+    limit = int_param(call.request, "limit", default=100, low=1, high=1000)
+    gate = text_param(call.request, "gate", max_length=63)
+    cursor = id_param(call.request, "cursor", high=INT64_MAX)
+    rollout = await call.session.get(RolloutRecord, rollout_id)
     if rollout is None:
-        raise NotFound(f"there is no rollout {raw_id}")
+        raise NotFound(f"there is no rollout {rollout_id}")
     call.rollout_id = rollout.id
     call.service = rollout.service
-    limit = int_param(call.request, "limit", default=100, low=1, high=1000)
     query = select(GateEvaluation).where(GateEvaluation.rollout_id == rollout.id)
-    gate = call.request.query_params.get("gate")
-    if gate:
-        query = query.where(GateEvaluation.gate == gate[:63])
-    cursor = call.request.query_params.get("cursor")
-    if cursor:
-        if not cursor.isdigit():
-            raise Unprocessable("cursor is not one this API returned")
-        query = query.where(col(GateEvaluation.id) < int(cursor))
+    if gate is not None:
+        query = query.where(GateEvaluation.gate == gate)
+    if cursor is not None:
+        query = query.where(col(GateEvaluation.id) < cursor)
     rows = (
         await call.session.exec(query.order_by(col(GateEvaluation.id).desc()).limit(limit))
     ).all()

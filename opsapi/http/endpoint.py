@@ -11,13 +11,14 @@ import asyncio
 import hashlib
 import json
 import logging
+import math
 import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ValidationError
 from sqlalchemy.exc import IntegrityError
@@ -37,6 +38,7 @@ from opsapi.errors import (
     Forbidden,
     PayloadTooLarge,
     Problem,
+    ServiceUnavailable,
     Unauthorized,
     Unprocessable,
     UnsupportedMediaType,
@@ -44,6 +46,7 @@ from opsapi.errors import (
 from opsapi.http.clients import client_address, is_allowed, networks
 from opsapi.http.problems import refusal_problem
 from opsapi.http.runtime import Runtime
+from opsapi.storage.db import is_unavailable
 from opsapi.storage.idempotency import IdempotencyRecord
 
 log = logging.getLogger("opsapi.http")
@@ -54,6 +57,12 @@ ANONYMOUS = "anonymous"
 # A replay of a call whose router apply is still running waits this long for its final answer.
 _REPLAY_WAITS = 150
 _REPLAY_WAIT_SECONDS = 0.1
+# JSON bodies nest no deeper than this (ours need 6); deeper is refused before it costs a
+# recursion (1,000 levels exhaust Python's stack).
+MAX_JSON_DEPTH = 32
+# Text a body may not carry: NUL (PostgreSQL text cannot hold it) and lone UTF-16 surrogates
+# (not encodable as UTF-8). Only a \u escape can produce either in valid UTF-8 JSON.
+_ODD_TEXT = re.compile("[\x00\ud800-\udfff]")
 
 BodyT = TypeVar("BodyT", bound=BaseModel)
 
@@ -105,6 +114,7 @@ class Call:
             client_address=self.client_address,
             action=self.action,
             details={"status": 200, **self.details},
+            detected_at=self.now,
         )
 
     def pending(self) -> Response:
@@ -121,7 +131,9 @@ Handler = Callable[[Call], Awaitable[Response]]
 
 
 def problem_response(problem: Problem, headers: dict[str, str] | None = None) -> JSONResponse:
-    """An RFC 9457 problem+json response."""
+    """An RFC 9457 problem+json response (with `Retry-After` when the problem has one)."""
+    if problem.retry_after_seconds is not None:
+        headers = {**(headers or {}), "Retry-After": str(problem.retry_after_seconds)}
     return JSONResponse(
         problem.body(),
         status_code=problem.status,
@@ -217,7 +229,13 @@ class _Request:
 
     async def serve(self, handler: Handler) -> Response:
         started = time.perf_counter()
-        response = await self._serve(handler)
+        now = self.runtime.clock()
+        try:
+            response = await self._serve(handler, now)
+        except Exception as error:
+            # Whatever escaped (a database lost mid-request, a bug) is still answered as a
+            # problem, so the connection stays usable and no traceback reaches the client.
+            response = await self._failed(error, now)
         response.headers["X-Request-Id"] = self.request_id
         metrics = self.runtime.metrics
         metrics.requests.labels(self.action, self.request.method, response.status_code).inc()
@@ -226,8 +244,7 @@ class _Request:
         )
         return response
 
-    async def _serve(self, handler: Handler) -> Response:
-        now = self.runtime.clock()
+    async def _serve(self, handler: Handler, now: datetime) -> Response:
         try:
             if not self.client_allowed:
                 raise Forbidden("this client address is not allowed to call the API")
@@ -284,9 +301,8 @@ class _Request:
                         return replay
                 log.exception("integrity error in %s", self.action)
                 return await self._refuse(_internal_error(), now, {}, call=call)
-            except Exception:
-                log.exception("unhandled error in %s", self.action)
-                return await self._refuse(_internal_error(), now, {}, call=call)
+            except Exception as error:
+                return await self._refuse(self._server_problem(error), now, {}, call=call)
         for hook in call.after_commit:
             try:
                 response = await hook() or response
@@ -310,9 +326,8 @@ class _Request:
                 response = await handler(call)
             except Problem as refused:
                 problem = refused
-            except Exception:
-                log.exception("unhandled error in %s", self.action)
-                problem = _internal_error()
+            except Exception as error:
+                problem = self._server_problem(error)
         if problem is not None:
             details = call.details if problem.status < 500 else {}
             return await self._refuse(problem, now, details, call=call)
@@ -323,6 +338,26 @@ class _Request:
         except Exception:
             return _audit_unavailable()
         return response
+
+    def _server_problem(self, error: Exception) -> Problem:
+        """The answer to an exception from a handler or the database: 503 when the database
+        could not do the work (worth a retry), 500 otherwise; logged either way."""
+        if is_unavailable(error):
+            # One line, no statement text: SQLAlchemy's message carries the statement's values.
+            log.warning("the database is unavailable in %s (%s)", self.action,
+                        type(error).__name__)  # fmt: skip
+            return _database_unavailable()
+        log.exception("unhandled error in %s", self.action)
+        return _internal_error()
+
+    async def _failed(self, error: Exception, now: datetime) -> Response:
+        """The answer to an exception that escaped the pipeline's own handling."""
+        problem = self._server_problem(error)
+        try:
+            return await self._refuse(problem, now, {})
+        except Exception:
+            log.exception("could not audit the failure of %s", self.action)
+            return problem_response(problem)
 
     def _call(self, session: AsyncSession, parsed: BaseModel | None, now: datetime) -> Call:
         assert self.identity is not None
@@ -345,9 +380,8 @@ class _Request:
         if self.body_model is None:
             return
         try:
-            raw = await self.read_body()
-            document = json.loads(raw)
-        except (Problem, ValueError, UnicodeDecodeError):
+            document = read_json(await self.read_body())
+        except Problem:
             return
         if isinstance(document, dict):
             self.service = _audit_service(document.get("service"))
@@ -362,13 +396,7 @@ class _Request:
             raise UnsupportedMediaType("the request body must be application/json")
         if not raw.strip():
             raise BadRequest("a JSON request body is required")
-        if b"\\u0000" in raw:
-            # PostgreSQL text cannot hold NUL; refuse it here rather than fail later.
-            raise Unprocessable("NUL characters (\\u0000) are not allowed in the request body")
-        try:
-            document = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
-            raise BadRequest("the request body is not valid JSON") from None
+        document = read_json(raw)
         if isinstance(document, dict) and self.service is None:
             self.service = _audit_service(document.get("service"))
         try:
@@ -538,11 +566,6 @@ class _Request:
         return response
 
 
-class _Unavailable(Problem):
-    status = 503
-    title = "Service Unavailable"
-
-
 async def _bearer(pipeline: _Request) -> Identity:
     header = pipeline.request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
@@ -561,11 +584,117 @@ def _audit_service(name: Any) -> str | None:
 
 def _audit_unavailable() -> Response:
     # Never let a failing audit write pass as a silent success.
-    return problem_response(_Unavailable("the audit log could not be written; nothing was done"))
+    return problem_response(
+        ServiceUnavailable("the audit log could not be written; nothing was done")
+    )
+
+
+def _database_unavailable() -> Problem:
+    # A commit cut off by a lost connection may still have happened: a retry with the same
+    # Idempotency-Key acts at most once.
+    return ServiceUnavailable(
+        "the database is unavailable; try again later (with the same Idempotency-Key, a retry "
+        "acts at most once)"
+    )
 
 
 def _internal_error() -> Problem:
     return Problem("an internal error occurred; nothing was changed")
+
+
+class _NotFinite(ValueError):
+    pass
+
+
+def _refuse_constant(name: str) -> Any:
+    raise _NotFinite(name)
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400 reads as infinity
+        raise _NotFinite(text[:32])
+    return value
+
+
+def read_json(raw: bytes, *, odd_text: Literal["refuse", "replace"] = "refuse") -> Any:
+    """The one strict reader of JSON bodies: UTF-8 (a BOM is tolerated), finite numbers only
+    (no NaN, Infinity, or a literal beyond float range), nested at most `MAX_JSON_DEPTH`
+    levels (400 otherwise). NUL and lone surrogates in strings are refused (422), or with
+    `odd_text="replace"` each is replaced by U+FFFD (for senders we must not refuse)."""
+    try:
+        text = raw.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError:
+        raise BadRequest("the request body is not UTF-8 encoded JSON") from None
+    try:
+        document = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite)
+    except RecursionError:
+        raise BadRequest(_too_deep()) from None
+    except _NotFinite:
+        raise BadRequest("the request body holds a number that is not finite "
+                         "(NaN, Infinity or beyond the range of a double)") from None  # fmt: skip
+    except ValueError:
+        raise BadRequest("the request body is not valid JSON") from None
+    # Both walks are skipped when the text cannot hold what they look for (the usual case).
+    if text.count("[") + text.count("{") > MAX_JSON_DEPTH and _depth(document) > MAX_JSON_DEPTH:
+        raise BadRequest(_too_deep())
+    if "\\u" in text and _has_odd_text(document):
+        if odd_text == "replace":
+            return _replace_odd_text(document)
+        raise Unprocessable(
+            "NUL characters (\\u0000) and unpaired surrogates (\\ud800-\\udfff) are not "
+            "allowed in the request body"
+        )
+    return document
+
+
+def _too_deep() -> str:
+    return f"the request body is nested more than {MAX_JSON_DEPTH} levels deep"
+
+
+def _children(value: Any) -> list[Any]:
+    if isinstance(value, dict):
+        return [*value.keys(), *value.values()]
+    if isinstance(value, list):
+        return value
+    return []
+
+
+def _depth(document: Any) -> int:
+    """How many containers deep `document` nests (a scalar: 0); stops counting past the bound."""
+    deepest = 0
+    pending = [(document, 1)] if isinstance(document, dict | list) else []
+    while pending:
+        value, depth = pending.pop()
+        deepest = max(deepest, depth)
+        if deepest > MAX_JSON_DEPTH:
+            break
+        pending.extend((child, depth + 1) for child in _children(value)
+                       if isinstance(child, dict | list))  # fmt: skip
+    return deepest
+
+
+def _has_odd_text(document: Any) -> bool:
+    pending = [document]
+    while pending:
+        value = pending.pop()
+        if isinstance(value, str):
+            if _ODD_TEXT.search(value):
+                return True
+        else:
+            pending.extend(_children(value))
+    return False
+
+
+def _replace_odd_text(value: Any) -> Any:
+    # Recursion is bounded: the document was checked to nest at most MAX_JSON_DEPTH levels.
+    if isinstance(value, str):
+        return _ODD_TEXT.sub("\ufffd", value)
+    if isinstance(value, list):
+        return [_replace_odd_text(item) for item in value]
+    if isinstance(value, dict):
+        return {_replace_odd_text(k): _replace_odd_text(v) for k, v in value.items()}
+    return value
 
 
 async def read_limited(request: Request, limit: int) -> bytes:

@@ -8,6 +8,12 @@ PagerDuty service mapped in some opsapi service's policy rolls that service's op
 the rollback, its audit event and the event id (replays act once) commit in one transaction;
 the weight is then applied through the router within a short budget, so PagerDuty gets its 2xx
 well within its 5 s. Everything else answers 2xx and is audited `ignored` with the reason.
+
+Text: the body is read by the pipeline's strict JSON reader (depth, finite numbers; 400
+otherwise), except that a NUL or an unpaired surrogate in a string — which a signed incident
+title may carry, and which PostgreSQL cannot store — is replaced by U+FFFD rather than refused:
+refusing would leave the rollback undone and PagerDuty retrying the same body in vain. The
+event id and type are identifiers and must look like them (400 otherwise, audited).
 """
 
 from __future__ import annotations
@@ -15,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
-import json
 import logging
 import re
 from collections.abc import Sequence
@@ -36,7 +41,7 @@ from opsapi.canary.models import ServiceRecord
 from opsapi.canary.policy import PagerDutyPolicy
 from opsapi.canary.service import Refused
 from opsapi.errors import BadRequest, Unauthorized
-from opsapi.http.endpoint import Call, endpoint
+from opsapi.http.endpoint import Call, endpoint, read_json
 from opsapi.pagerduty.models import PagerDutyEvent
 from opsapi.pagerduty.outbox import mapped_services
 
@@ -51,6 +56,8 @@ ACTING_EVENTS = frozenset({"incident.triggered", "incident.reopened", "incident.
 # the background; the reconcile pass re-applies if it fails).
 APPLY_BUDGET_SECONDS = 2.0
 _OWN_ALERT = re.compile(r"^opsapi-rollout-\d+$")
+_EVENT_ID = re.compile(r"[\x21-\x7e]{1,128}")
+_EVENT_TYPE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _AS_ROLLBACK = Actor(Trigger.PAGERDUTY, ACTOR)
 
 
@@ -305,16 +312,14 @@ def _does_not_qualify(event_type: str, incident: Incident, policy: PagerDutyPoli
 
 def _parse(raw: bytes) -> tuple[str, str, Any]:
     """(event id, event type, data) of a v3 webhook body; BadRequest if it is not one."""
-    try:
-        document = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise BadRequest("the request body is not valid JSON") from None
+    document = read_json(raw, odd_text="replace")
     event = document.get("event") if isinstance(document, dict) else None
     if not isinstance(event, dict):
         raise BadRequest("not a PagerDuty webhook v3 event (no event object)")
     event_id, event_type = event.get("id"), event.get("event_type")
-    if not (isinstance(event_id, str) and 0 < len(event_id) <= 128):
-        raise BadRequest("not a PagerDuty webhook v3 event (no event id)")
-    if not (isinstance(event_type, str) and 0 < len(event_type) <= 64):
+    if not (isinstance(event_id, str) and _EVENT_ID.fullmatch(event_id)):
+        raise BadRequest("not a PagerDuty webhook v3 event (no event id: 1-128 visible ASCII "
+                         "characters)")  # fmt: skip
+    if not (isinstance(event_type, str) and _EVENT_TYPE.fullmatch(event_type)):
         raise BadRequest("not a PagerDuty webhook v3 event (no event type)")
     return event_id, event_type, event.get("data")

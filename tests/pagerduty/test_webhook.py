@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlmodel import select
 
 from opsapi.config import Settings
 from opsapi.pagerduty.models import PagerDutyEvent
@@ -470,3 +471,82 @@ async def test_the_route_is_in_the_openapi_document(hook: Harness) -> None:
     document = (await hook.client.get("/internal/ops/openapi.json")).json()
     assert "post" in document["paths"]["/internal/ops/webhooks/pagerduty"]
     assert json.dumps(document).count("X-PagerDuty-Signature") >= 1
+
+
+# --- odd text in a signed body (issue "Hardening" 8) ----------------------------------------
+
+
+@pytest.mark.parametrize(
+    "odd", [pytest.param("\u0000", id="NUL"), pytest.param("\ud800", id="lone-surrogate")]
+)
+async def test_a_signed_incident_with_odd_text_still_rolls_back(hook: Harness, odd: str) -> None:
+    # given a mapped service with an open rollout
+    rollout_id = await mapped_rollout(hook)
+    # when PagerDuty sends a qualifying incident whose title (and summaries) carry a NUL or an
+    # unpaired surrogate, which PostgreSQL cannot store (json.dumps writes them as \u escapes)
+    document = incident_event()
+    document["event"]["data"]["title"] = f"bump {odd} in the road"
+    document["event"]["agent"]["summary"] = odd
+    response = await deliver(hook, document)
+
+    # then the rollback is done, and the odd character is stored as U+FFFD
+    assert response.status_code == 200, response.text
+    assert response.json()["outcome"] == "rolled_back"
+    view = await rollout(hook)
+    assert (view["id"], view["state"]) == (rollout_id, "rolled_back")
+    assert '"bump \ufffd in the road"' in view["reason"]
+    [event] = await webhook_events(hook)
+    assert (event.action, event.outcome) == ("rollout.rolled_back", "success")
+    assert event.details["incident"]["title"] == "bump \ufffd in the road"
+    # and a redelivery of the same body is recognised as the same event
+    again = await deliver(hook, document)
+    assert (again.status_code, again.json()["reason"]) == (200, "duplicate event")
+
+
+@pytest.mark.parametrize(
+    "event_id",
+    [
+        pytest.param("01DEN\u0000X", id="NUL"),
+        pytest.param("01DEN\ud800X", id="lone-surrogate"),
+        pytest.param("01DEN X", id="space"),
+        pytest.param("01DEN\u00e9X", id="non-ASCII"),
+        pytest.param("x" * 129, id="too-long"),
+        pytest.param("", id="empty"),
+    ],
+)
+async def test_a_bad_event_id_is_400_audited_and_nothing_is_done(
+    hook: Harness, event_id: str
+) -> None:
+    # given a mapped service with an open rollout
+    await mapped_rollout(hook)
+    # when a signed incident arrives whose event id is not an identifier
+    response = await deliver(hook, incident_event(event_id=event_id))
+    # then 400 problem+json, audited, and nothing is done or remembered
+    assert response.status_code == 400, response.text
+    assert response.headers["content-type"].startswith("application/problem+json")
+    assert "event id" in response.json()["detail"]
+    assert (await rollout(hook))["state"] == "progressing"
+    [event] = await webhook_events(hook)
+    assert (event.actor, event.outcome, event.details["status"]) == ("pagerduty", "error", 400)
+    async with hook.runtime.sessions() as session:
+        assert (await session.exec(select(PagerDutyEvent))).all() == []
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param(b"[" * 1000 + b"]" * 1000, id="1000-levels"),
+        pytest.param(b'{"event": {"id": "01X", "event_type": "pagey.ping", "n": NaN}}', id="NaN"),
+        pytest.param(
+            b'{"event": {"id": "01X", "event_type": "pagey.ping", "n": 1e999}}', id="1e999"
+        ),
+    ],
+)
+async def test_a_signed_body_the_strict_reader_refuses_is_400_audited(
+    hook: Harness, body: bytes
+) -> None:
+    response = await deliver(hook, body)
+    assert response.status_code == 400, response.text
+    assert response.headers["content-type"].startswith("application/problem+json")
+    [event] = await webhook_events(hook)
+    assert (event.actor, event.outcome, event.details["status"]) == ("pagerduty", "error", 400)
