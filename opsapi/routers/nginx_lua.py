@@ -52,6 +52,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import fcntl
+import functools
 import hashlib
 import ipaddress
 import logging
@@ -248,7 +249,22 @@ def flush_state(path: Path) -> None:
             os.close(fd)
 
 
-# One thread flushes every router's state file, in order.
+def record_state(
+    path: Path, router: str, upstream: str, entry_after: Callable[[Entry | None], Entry]
+) -> Entry:
+    """Read the state file, replace `upstream`'s entry with `entry_after(its current one)` and
+    write the file back (one trip to a thread for the whole update); the new entry."""
+    state = read_state(path)
+    entry = entry_after(state.get(upstream))
+    state[upstream] = entry
+    write_state(path, router, state)
+    return entry
+
+
+# Threads of their own: the state file is on every apply's path (a rollback's too), so it never
+# waits behind other work in the event loop's default executor. One thread flushes every
+# router's state file, in order.
+_STATE_IO = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="opsapi-state")
 _FLUSHER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="opsapi-flush")
 
 
@@ -447,23 +463,26 @@ class NginxLuaRouter:
             raise RouterError(f"nginx-lua router {self.name!r}: invalid lease")
         lease = round(lease, 3)  # as the entry's line carries it
         async with self._lock, self._state_lock():
-            state = await self._io(read_state, self.state_file)
-            previous = state.get(params.upstream)
-            floor = previous.generation if previous is not None else 0
+            floor = 0
             for attempt in (1, 2):
-                entry = Entry(
-                    upstream=params.upstream,
-                    service=target.service,
-                    generation=self._next_generation(floor),
-                    canary=target.canary_slot,
-                    stable=stable,
-                    slots={name: (weights[name], params.slots[name]) for name in names},
-                    valid_until=lease,
-                    sticky=params.sticky,
-                )
-                state[params.upstream] = entry
+
+                def entry_after(previous: Entry | None, floor: int = floor) -> Entry:
+                    last = previous.generation if previous is not None else 0
+                    return Entry(
+                        upstream=params.upstream,
+                        service=target.service,
+                        generation=self._next_generation(max(last, floor)),
+                        canary=target.canary_slot,
+                        stable=stable,
+                        slots={name: (weights[name], params.slots[name]) for name in names},
+                        valid_until=lease,
+                        sticky=params.sticky,
+                    )
+
                 # Before sending: an nginx restarting from here on comes back with these weights.
-                await self._io(write_state, self.state_file, self.name, state)
+                entry = await self._io(
+                    record_state, self.state_file, self.name, params.upstream, entry_after
+                )
                 _FLUSHER.submit(_flush_quietly, self.state_file)
                 results = await asyncio.gather(*(self._set(admin, entry) for admin in self.admins))
                 newer = [result for result in results if isinstance(result, int)]
@@ -597,7 +616,8 @@ class NginxLuaRouter:
 
     async def _io(self, function: Callable[..., T], *args: object) -> T:
         try:
-            return await asyncio.to_thread(function, *args)
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(_STATE_IO, functools.partial(function, *args))
         except OSError as error:
             raise RouterError(
                 f"nginx-lua router {self.name!r}: {error.strerror or error} "
