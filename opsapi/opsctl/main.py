@@ -311,7 +311,7 @@ def _identity(token: str | None, cached: logins.CachedLogin | None, path: Path) 
 def _identity_grid(identity: dict[str, Any]) -> Table:
     grid = Table.grid(padding=(0, 2))
     grid.add_column(style="bold", no_wrap=True)
-    grid.add_column()
+    grid.add_column(overflow="fold")
     grid.add_row("Subject", Text(str(identity["subject"] or render.DASH)))
     roles = Text(", ".join(identity["roles"]) or "none", style="bold")
     if identity["implied_roles"]:
@@ -453,10 +453,28 @@ def promote(
             "--from", min=0, max=100, help="Only advance if the rollout is still at this weight."
         ),
     ] = None,
+    break_glass: Annotated[
+        bool,
+        typer.Option(
+            "--break-glass",
+            help="Act despite an open incident or a freeze window (admin, with --reason).",
+        ),
+    ] = False,
+    override_rejection: Annotated[
+        bool,
+        typer.Option(
+            "--override-rejection",
+            help="Start a version a breach or an incident rolled back (admin, with --reason).",
+        ),
+    ] = False,
     idempotency_key: KeyOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Start a rollout (with --version) or advance the open one by a step."""
+    if (break_glass or override_rejection) and not (reason and reason.strip()):
+        raise typer.BadParameter(
+            "an override is audited with its reason: give --reason", param_hint="--reason"
+        )
     body: dict[str, Any] = {"service": service}
     if version is not None:
         body["version"] = version
@@ -475,6 +493,10 @@ def promote(
         body["target_percent"] = to
     if from_percent is not None:
         body["from_percent"] = from_percent
+    if break_glass:
+        body["break_glass"] = True
+    if override_rejection:
+        body["override_rejection"] = True
     _change(
         ctx,
         "/canary/promote",
@@ -567,7 +589,23 @@ class _Frame:
     finished: bool
 
 
-def _status_frame(client: Client, service: str | None) -> _Frame:
+def _policy_interval(client: Client, service: str, memo: dict[str, str | None]) -> str | None:
+    """How often the service's gates are measured, from its policy (read once per command).
+
+    A rollout keeps the interval it started with; the rollout answer does not carry it yet,
+    so the current policy's is shown, marked as such."""
+    if service not in memo:
+        try:
+            interval = client.get(_path("services", service)).body.get("interval")
+        except OpsctlError:
+            interval = None  # only a detail of the view: the status itself still shows
+        memo[service] = f"{interval} (the policy's)" if isinstance(interval, str) else None
+    return memo[service]
+
+
+def _status_frame(
+    client: Client, service: str | None, memo: dict[str, str | None] | None = None
+) -> _Frame:
     if service is None:
         body = client.get("/canary").body
         items = [item for item in body.get("items", []) if isinstance(item, dict)]
@@ -578,9 +616,11 @@ def _status_frame(client: Client, service: str | None) -> _Frame:
         )
         return _Frame(body, view, finished=False)
     body = client.get(_path("canary", service)).body
-    return _Frame(
-        body, render.rollout_view(body), finished=body.get("state") in render.TERMINAL_STATES
-    )
+    interval = None
+    if body.get("state") in render.OPEN_STATES and not body.get("interval"):
+        interval = _policy_interval(client, service, {} if memo is None else memo)
+    view = render.rollout_view(body, interval=interval)
+    return _Frame(body, view, finished=body.get("state") in render.TERMINAL_STATES)
 
 
 @app.command()
@@ -606,14 +646,15 @@ def status(
     """Show a rollout (steps, wait, gates, weights) or the table of open rollouts."""
     client = _client(ctx)
     _json_errors(as_json)
+    memo: dict[str, str | None] = {}
     if not watch:
-        frame = _status_frame(client, service)
+        frame = _status_frame(client, service, memo)
         if as_json:
             _print_json(frame.body)
         else:
             _console().print(frame.view)
         return
-    _watch(lambda: _status_frame(client, service), interval, count, as_json)
+    _watch(lambda: _status_frame(client, service, memo), interval, count, as_json)
 
 
 def _stamp(number: int, interval: float, error: OpsctlError | None) -> Text:

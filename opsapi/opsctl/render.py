@@ -9,7 +9,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from rich import box
-from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderResult
+from rich.cells import cell_len
+from rich.console import Console, ConsoleOptions, Group, JustifyMethod, RenderableType, RenderResult
+from rich.measure import Measurement
 from rich.panel import Panel
 from rich.progress_bar import ProgressBar
 from rich.segment import Segment
@@ -186,7 +188,7 @@ def wait_progress(rollout: Mapping[str, Any], width: int = 40) -> RenderableType
     bar = WaitBar(
         total=total or 1.0,
         completed=done,
-        width=width,
+        width=None,  # as wide as the column below lets it be: narrower on a narrow terminal
         complete_style="cyan",
         finished_style="green",
         pulse=False,
@@ -201,8 +203,8 @@ def wait_progress(rollout: Mapping[str, Any], width: int = 40) -> RenderableType
         caption.append(f" · {what} over", style="green")
     grid = Table.grid(padding=(0, 1))
     grid.add_column(no_wrap=True)
-    grid.add_column(no_wrap=True)
-    grid.add_column()
+    grid.add_column(min_width=8, max_width=width)  # wrapable: rich shrinks it first
+    grid.add_column(overflow="fold")
     grid.add_row(Text(what.capitalize(), style="bold"), bar, caption)
     return grid
 
@@ -213,25 +215,33 @@ def _is_last_step(rollout: Mapping[str, Any]) -> bool:
     return bool(steps) and index == len(steps) - 1
 
 
-def gate_table(gates: Sequence[Mapping[str, Any]], now: datetime | None = None) -> Table:
-    """The gate table: name, phase (coloured), value, threshold, failing since, detail."""
-    table = Table(title="Gates", title_justify="left", expand=False)
-    table.add_column("gate", style="bold", no_wrap=True)
-    table.add_column("phase", no_wrap=True)
-    table.add_column("value", justify="right")
-    table.add_column("threshold", justify="right")
-    table.add_column("failing since", no_wrap=True)
-    table.add_column("detail", overflow="fold")
+def gate_table(gates: Sequence[Mapping[str, Any]], now: datetime | None = None) -> Listing:
+    """The gates: name, phase (coloured), value against the rule, failing since, detail."""
+    columns = [
+        Column("gate", fold_over=20),
+        Column("phase"),
+        Column("value", justify="right"),
+        Column("rule", justify="right"),
+        Column("failing since"),
+        Column("detail", fold_over=20),
+    ]
+    rows: list[list[Text]] = []
     for gate in gates:
-        table.add_row(
-            Text(str(gate.get("name"))),
-            phase_text(gate.get("phase"), gate.get("breached")),
-            number(gate.get("value")),
-            number(gate.get("threshold")),
-            ago(gate.get("failing_since"), now),
-            Text(str(gate.get("detail") or "")),
+        rule = " ".join(
+            part for part in (str(gate.get("op") or ""), number(gate.get("threshold"))) if part
         )
-    return table
+        since = gate.get("failing_since")
+        if gate.get("for"):
+            rule += f"\nfor {gate.get('for')}"
+        rows.append([
+            Text(str(gate.get("name")), style="bold"),
+            phase_text(gate.get("phase"), gate.get("breached")),
+            Text(number(gate.get("value"))),
+            Text(rule),
+            Text(ago(since, now).replace(" (", "\n(")) if since else _dim(DASH),
+            Text(str(gate.get("detail") or "")),
+        ])  # fmt: skip
+    return Listing("Gates", columns, rows)
 
 
 def weights(rollout: Mapping[str, Any]) -> Text:
@@ -313,31 +323,58 @@ def slot_rows(rollout: Mapping[str, Any]) -> list[SlotRow]:
     return rows
 
 
-def slots_grid(rollout: Mapping[str, Any]) -> Table:
+class SlotsGrid:
     """One line per slot: name, version, role, desired traffic share, and the target when the
-    router names one (the target folds first on a narrow terminal, never the version)."""
-    rows = slot_rows(rollout)
-    with_targets = any(row.target for row in rows)
-    grid = Table.grid(padding=(0, 2))
-    grid.add_column(style="bold", no_wrap=True)
-    grid.add_column(no_wrap=True)
-    grid.add_column(no_wrap=True)
-    grid.add_column(justify="right", no_wrap=True)
-    if with_targets:
-        grid.add_column(overflow="fold", style="dim")
-    for row in rows:
-        share = Text(DASH if row.weight is None else f"{row.weight}%")
-        version = Text(row.version or "unknown", style="" if row.version else "dim")
-        cells: list[RenderableType] = [
-            row.slot,
-            version,
-            Text(row.role, style=ROLE_STYLES.get(row.role, "")),
-            share,
-        ]
-        if with_targets:
-            cells.append(row.target or DASH)
-        grid.add_row(*cells)
-    return grid
+    router names one; on a terminal too narrow for that line, the target goes under the version
+    (the version folds, never cut short)."""
+
+    def __init__(self, rows: Sequence[SlotRow]) -> None:
+        self.rows = list(rows)
+
+    def grid(self, *, wide: bool) -> Table:
+        """The slots as a grid: the target in its own column (`wide`) or under the version."""
+        with_targets = any(row.target for row in self.rows)
+        grid = Table.grid(padding=(0, 2))
+        grid.add_column(style="bold", no_wrap=True)
+        grid.add_column(overflow="fold")
+        grid.add_column(no_wrap=True)
+        grid.add_column(justify="right", no_wrap=True)
+        if with_targets and wide:
+            grid.add_column(overflow="fold", style="dim")
+        for row in self.rows:
+            share = Text(DASH if row.weight is None else f"{row.weight}%")
+            version = Text(row.version or "unknown", style="" if row.version else "dim")
+            if with_targets and not wide:
+                version.append(f"\n{row.target or DASH}", style="dim")
+            cells: list[RenderableType] = [
+                row.slot,
+                version,
+                Text(row.role, style=ROLE_STYLES.get(row.role, "")),
+                share,
+            ]
+            if with_targets and wide:
+                cells.append(row.target or DASH)
+            grid.add_row(*cells)
+        return grid
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        """The wide grid when its lines fit unbroken, else the narrow one."""
+        wide = self.grid(wide=True)
+        # Measured without the limit: a measurement is clamped to the width it is given.
+        unlimited = options.update_width(10_000)
+        fits = Measurement.get(console, unlimited, wide).maximum <= options.max_width
+        yield wide if fits else self.grid(wide=False)
+
+    def __rich_measure__(self, console: Console, options: ConsoleOptions) -> Measurement:
+        """As wide as the wide grid, as narrow as the narrow one."""
+        narrow = Measurement.get(console, options, self.grid(wide=False))
+        wide = Measurement.get(console, options, self.grid(wide=True))
+        return Measurement(narrow.minimum, wide.maximum)
+
+
+def slots_grid(rollout: Mapping[str, Any]) -> SlotsGrid:
+    """Which version runs in which slot, its role and share, and the target when named."""
+    return SlotsGrid(slot_rows(rollout))
 
 
 def revert_text(rollout: Mapping[str, Any]) -> Text | None:
@@ -356,7 +393,7 @@ def slots_block(rollout: Mapping[str, Any]) -> RenderableType:
     """The slots and the revert target under a label, as after a change."""
     grid = Table.grid(padding=(0, 2))
     grid.add_column(style="bold", no_wrap=True)
-    grid.add_column()
+    grid.add_column(overflow="fold")
     _add_slot_rows(grid, rollout)
     return grid
 
@@ -427,11 +464,13 @@ def traffic_text(rollout: Mapping[str, Any]) -> Text:
     return text
 
 
-def header(rollout: Mapping[str, Any]) -> Table:
-    """Service, versions, state, who triggered the last transition, reason."""
+def header(
+    rollout: Mapping[str, Any], interval: str | None = None, now: datetime | None = None
+) -> Table:
+    """Service, versions, state, who triggered the last transition, reason, what comes next."""
     grid = Table.grid(padding=(0, 2))
     grid.add_column(style="bold", no_wrap=True)
-    grid.add_column()
+    grid.add_column(overflow="fold")
     grid.add_row("Versions", versions_text(rollout))
     state = state_text(rollout.get("state"))
     if rollout.get("state") in OPEN_STATES and rollout.get("ready"):
@@ -446,17 +485,87 @@ def header(rollout: Mapping[str, Any]) -> Table:
     grid.add_row("Started", started)
     if rollout.get("finished_at"):
         grid.add_row("Finished", Text(short_time(rollout.get("finished_at"))))
-    elif rollout.get("next_evaluation_at"):
-        grid.add_row("Next check", Text(short_time(rollout.get("next_evaluation_at"))))
+    elif rollout.get("state") in OPEN_STATES:
+        grid.add_row("Next", next_text(rollout, interval, now))
     return grid
 
 
-def rollout_view(rollout: Mapping[str, Any], now: datetime | None = None) -> RenderableType:
-    """The whole view of one rollout, as `opsctl status SERVICE` shows it."""
+def _next_weight(rollout: Mapping[str, Any]) -> str:
+    steps = _steps(rollout)
+    index = int(rollout.get("step_index") or 0)
+    return f"{steps[index + 1].get('weight')}%" if index + 1 < len(steps) else "100%"
+
+
+def next_text(
+    rollout: Mapping[str, Any], interval: str | None = None, now: datetime | None = None
+) -> Text:
+    """What the machine does next: when the wait ends (`ready_at`), what follows (the controller
+    promotes or succeeds, or a person promotes), and how often the gates are measured.
+
+    Not `next_evaluation_at`: while the controller is measuring the gates it holds the rollout
+    with a lease, and that field is the lease's end, not a plan."""
+    state = str(rollout.get("state"))
+    service = rollout.get("service")
+    left = seconds_of(rollout.get("time_left"))
+    blocked = [str(gate) for gate in rollout.get("blocked_by") or []]
+    holds = [hold for hold in rollout.get("holds") or [] if isinstance(hold, Mapping)]
+    baking = state == "baking" or _is_last_step(rollout)
+    auto = bool(rollout.get("auto_promote"))
+    then = (
+        "it succeeds and its version becomes stable"
+        if baking
+        else (
+            f"the controller promotes it to {_next_weight(rollout)}"
+            if auto and not holds
+            else f"a person promotes it to {_next_weight(rollout)} (opsctl promote {service})"
+        )
+    )
+    text = Text()
+    if state == "paused":
+        text.append(f"paused with {human(left)} of the wait left", style="yellow")
+        text.append(f": opsctl resume {service} restarts the clock")
+    elif left is not None and left > 0:
+        text.append(f"{'bake' if baking else 'wait'} over at ")
+        ready_at = parse_time(rollout.get("ready_at"))
+        moment = ready_at.astimezone(UTC).strftime("%H:%M:%SZ") if ready_at else DASH
+        text.append(f"{moment} (in {human(left)})", style="bold")
+        text.append(f"; then, once every gate passes, {then}")
+    elif blocked:
+        text.append(f"{'bake' if baking else 'wait'} over; waiting for ", style="")
+        text.append(", ".join(blocked), style="yellow")
+        text.append(f" to pass, then {then}")
+    elif baking:
+        text.append("bake over: the controller marks it succeeded on its next pass", style="green")
+    elif auto and not holds:
+        text.append(then + " on its next pass", style="green")
+    else:
+        text.append(f"ready: waiting for opsctl promote {service}", style="green")
+    if holds and not baking and state != "paused":
+        kinds = ", ".join(sorted({str(hold.get("kind")) for hold in holds}))
+        text.append(f"\nheld by {kinds}: promotions wait until it ends", style="yellow")
+    gates = rollout.get("gates")
+    if interval and isinstance(gates, list) and gates:
+        text.append(f"\ngates every {interval}; a breach rolls back", style="dim")
+    elif interval:
+        text.append(f"\nchecked every {interval} (no gates)", style="dim")
+    return text
+
+
+def rollout_view(
+    rollout: Mapping[str, Any], now: datetime | None = None, interval: str | None = None
+) -> RenderableType:
+    """The whole view of one rollout, as `opsctl status SERVICE` shows it; `interval` is how
+    often its gates are measured."""
     steps_line = Text()
     steps_line.append("Steps  ", style="bold")
     steps_line.append_text(ladder(rollout))
-    parts: list[RenderableType] = [header(rollout), Text(""), slots_block(rollout), steps_line]
+    interval = rollout.get("interval") or interval
+    parts: list[RenderableType] = [
+        header(rollout, interval if isinstance(interval, str) else None, now),
+        Text(""),
+        slots_block(rollout),
+        steps_line,
+    ]
     progress = wait_progress(rollout)
     if progress is not None:
         parts.append(progress)
@@ -514,6 +623,138 @@ def summary(rollout: Mapping[str, Any]) -> Text:
     return text
 
 
+@dataclass(frozen=True)
+class Column:
+    """A listing's column: its header, and how its cells may break when space is short.
+
+    Cells wrap between words; a word longer than `fold_over` characters (a build hash, a long
+    detail) may be folded inside to keep the column narrow; `no_wrap` cells never break."""
+
+    header: str
+    no_wrap: bool = False
+    justify: JustifyMethod = "left"
+    fold_over: int | None = None
+
+
+def _extent(column: Column, cells: Sequence[Text]) -> tuple[int, int]:
+    """The narrowest width `column` reads well at (its longest unbreakable word) and the width
+    it needs for every line unbroken."""
+    narrowest, widest = 1, 1
+    for text in (Text(column.header), *cells):
+        for line in text.plain.splitlines() or [""]:
+            widest = max(widest, cell_len(line))
+            words = [line] if column.no_wrap else line.split()
+            for word in words:
+                length = cell_len(word)
+                if column.fold_over is not None and not column.no_wrap:
+                    length = min(length, column.fold_over)
+                narrowest = max(narrowest, length)
+    return narrowest, widest
+
+
+def fit_widths(extents: Sequence[tuple[int, int]], room: int) -> list[int] | None:
+    """Column widths within `room`: every column at least its narrowest; what is left goes to
+    the columns that want more, the least demanding first (water filling). None when even the
+    narrowest widths do not fit."""
+    widths = [low for low, _ in extents]
+    spare = room - sum(widths)
+    if spare < 0:
+        return None
+    wants = sorted(range(len(extents)), key=lambda i: extents[i][1] - extents[i][0])
+    for position, index in enumerate(wants):
+        share = spare // (len(wants) - position)
+        grant = min(extents[index][1] - extents[index][0], share)
+        widths[index] += grant
+        spare -= grant
+    return widths
+
+
+class Listing:
+    """Rows as a table when the terminal is wide enough for every column at its narrowest
+    (words whole), otherwise each row stacked as `header  value` lines. Nothing is cut short
+    and no column is squeezed to a few characters."""
+
+    # Between two columns: one space of padding and one of the (blank) divider.
+    GAP = 2
+
+    def __init__(self, title: str, columns: Sequence[Column], rows: Sequence[Sequence[Text]]):
+        self.title = title
+        self.columns = list(columns)
+        self.rows = [list(row) for row in rows]
+
+    def widths(self, room: int) -> list[int] | None:
+        """The columns' widths for a terminal `room` characters wide, or None (stack)."""
+        extents = [
+            _extent(column, [row[index] for row in self.rows])
+            for index, column in enumerate(self.columns)
+        ]
+        return fit_widths(extents, room - self.GAP * (len(self.columns) - 1))
+
+    def table(self, widths: Sequence[int]) -> Table:
+        """The rows as a table with the given column widths and light borders."""
+        table = Table(
+            title=self.title,
+            title_justify="left",
+            box=box.SIMPLE_HEAD,
+            show_edge=False,
+            pad_edge=False,
+            padding=(0, 1, 0, 0),
+        )
+        for column, width in zip(self.columns, widths, strict=True):
+            table.add_column(
+                column.header,
+                width=width,
+                no_wrap=column.no_wrap,
+                overflow="fold",
+                justify=column.justify,
+            )
+        for row in self.rows:
+            table.add_row(*row)
+        return table
+
+    def stacked(self) -> Group:
+        """Each row as a block of `header  value` lines, blocks apart by a blank line."""
+        blocks: list[RenderableType] = [Text(self.title, style="italic")]
+        for row in self.rows:
+            grid = Table.grid(padding=(0, 2))
+            grid.add_column(style="bold", no_wrap=True)
+            grid.add_column(overflow="fold")
+            for column, cell in zip(self.columns, row, strict=True):
+                grid.add_row(column.header, cell)
+            blocks.extend([Text(""), grid])
+        return Group(*blocks)
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        """The table when it fits `options.max_width`, else the stacked rows."""
+        widths = self.widths(options.max_width)
+        yield self.stacked() if widths is None else self.table(widths)
+
+
+def _lines(*parts: Text | str | None) -> Text:
+    """Cell lines, one per non-empty part."""
+    text = Text()
+    for part in parts:
+        if part is None or part == "":
+            continue
+        if text.plain:
+            text.append("\n")
+        text.append_text(part if isinstance(part, Text) else Text(part))
+    return text
+
+
+def _dim(value: str) -> Text:
+    return Text(value, style="dim")
+
+
+def _split_time(value: object) -> Text:
+    """A timestamp as two short lines: date, then time (a table column 10 characters wide)."""
+    parsed = parse_time(value)
+    if parsed is None:
+        return Text(DASH, style="dim")
+    moment = parsed.astimezone(UTC)
+    return _lines(moment.strftime("%Y-%m-%d"), moment.strftime("%H:%M:%SZ"))
+
+
 def gates_summary(gates: object, separator: str = ", ") -> Text:
     """ "2 pass, 1 fail" for a table cell."""
     if not isinstance(gates, list) or not gates:
@@ -539,34 +780,33 @@ def _in_slot(version: object, slot: object) -> Text:
     return text
 
 
-def rollouts_table(rollouts: Iterable[Mapping[str, Any]], *, title: str) -> Table:
+def rollouts_table(rollouts: Iterable[Mapping[str, Any]], *, title: str) -> Listing:
     """Open rollouts, one row each: versions over their slots, state, weight, step and time
-    left, gates. Light borders and no "triggered by" (`status SERVICE` has it), so that it
-    fits 80 columns."""
-    table = Table(
-        title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1, 0, 0)
-    )
-    for column in ("rollout", "canary", "stable", "state", "weight", "step", "gates"):
-        # Versions fold rather than lose their end (a build hash is read to its last character).
-        table.add_column(
-            column,
-            no_wrap=column in ("rollout", "state"),
-            overflow="fold" if column in ("canary", "stable") else "ellipsis",
-        )
+    left, gates. No "triggered by" (`status SERVICE` has it), so that it fits 80 columns."""
+    columns = [
+        Column("rollout", no_wrap=True),
+        Column("canary", fold_over=12),
+        Column("stable", fold_over=12),
+        Column("state", no_wrap=True),
+        Column("weight"),
+        Column("step"),
+        Column("gates", no_wrap=True),
+    ]
+    rows: list[list[Text]] = []
     for rollout in rollouts:
         steps = _steps(rollout)
         index = int(rollout.get("step_index") or 0)
         desired, applied = rollout.get("desired_weight"), rollout.get("applied_weight")
         weight = Text(f"{desired}%")
         if desired != applied:
-            weight.append(f" (applied {applied}%)", style="yellow")
+            weight.append(f"\n(applied {applied}%)", style="yellow")
         name = Text(str(rollout.get("service")), style="bold")
         name.append(f" #{rollout.get('id')}", style="dim")
         step = Text(f"{index + 1}/{len(steps)}" if steps else DASH)
         left = seconds_of(rollout.get("time_left"))
         if left is not None:
             step.append(f"\n{human(left)} left", style="dim")
-        table.add_row(
+        rows.append([
             name,
             _in_slot(rollout.get("canary_version"), rollout.get("canary_slot")),
             _in_slot(rollout.get("stable_version"), rollout.get("stable_slot")),
@@ -574,118 +814,139 @@ def rollouts_table(rollouts: Iterable[Mapping[str, Any]], *, title: str) -> Tabl
             weight,
             step,
             gates_summary(rollout.get("gates"), separator="\n"),
-        )
-    return table
+        ])  # fmt: skip
+    return Listing(title, columns, rows)
 
 
-def services_table(services: Iterable[Mapping[str, Any]], *, title: str) -> Table:
+def services_table(services: Iterable[Mapping[str, Any]], *, title: str) -> Listing:
     """Services, one row each: stable version over its slot, the latest rollout (id, canary
     version, state) and its weight, the router."""
-    table = Table(
-        title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1, 0, 0)
-    )
-    table.add_column("service", no_wrap=True, style="bold")
-    table.add_column("stable", overflow="fold")
-    table.add_column("latest rollout", overflow="fold")
-    table.add_column("state", no_wrap=True)
-    table.add_column("weight", no_wrap=True)
-    table.add_column("router", overflow="fold")
+    columns = [
+        Column("service", no_wrap=True),
+        Column("stable", fold_over=12),
+        Column("latest rollout", fold_over=12),
+        Column("state", no_wrap=True),
+        Column("weight"),
+        Column("router", fold_over=16),
+    ]
+    rows: list[list[Text]] = []
     for item in services:
         latest = _mapping(item.get("latest_rollout"))
-        rollout = Text(DASH, style="dim")
-        state: Text = Text(DASH, style="dim")
-        weight = Text(DASH, style="dim")
+        rollout: Text = _dim(DASH)
+        state: Text = _dim(DASH)
+        weight: Text = _dim(DASH)
         if latest:
-            rollout = Text(f"#{latest.get('id')} ", style="dim")
-            rollout.append(str(latest.get("canary_version")), style="")
+            rollout = _lines(str(latest.get("canary_version")), _dim(f"#{latest.get('id')}"))
             state = state_text(latest.get("state"))
             desired, applied = latest.get("desired_weight"), latest.get("applied_weight")
             weight = Text(f"{desired}%")
             if desired != applied:
                 weight.append(f"\n(applied {applied}%)", style="yellow")
-        router = Text(str(item.get("router") or DASH))
-        if not item.get("configured"):
-            router.append("\ndefault policy", style="dim")
-        table.add_row(
-            str(item.get("name")),
+        router = _lines(
+            str(item.get("router") or DASH),
+            None if item.get("configured") else _dim("default policy"),
+        )
+        rows.append([
+            Text(str(item.get("name")), style="bold"),
             _in_slot(item.get("stable_version") or "none yet", item.get("stable_slot")),
             rollout,
             state,
             weight,
             router,
-        )
-    return table
+        ])  # fmt: skip
+    return Listing(title, columns, rows)
 
 
-def history_table(rollouts: Iterable[Mapping[str, Any]], *, title: str) -> Table:
-    """A service's rollouts, newest first."""
-    table = Table(title=title, title_justify="left")
-    for name in ("id", "canary", "stable", "state", "weight", "step", "started", "finished"):
-        table.add_column(name, no_wrap=True)
-    table.add_column("by")
-    table.add_column("reason", overflow="fold")
+def _finished(started: object, finished: object) -> Text | None:
+    """When a rollout finished: the time alone on the day it started, and how long it took."""
+    begin, end = parse_time(started), parse_time(finished)
+    if end is None:
+        return None
+    end = end.astimezone(UTC)
+    same_day = begin is not None and begin.astimezone(UTC).date() == end.date()
+    moment = end.strftime("%H:%M:%SZ" if same_day else "%Y-%m-%d %H:%M:%SZ")
+    took = f" ({human((end - begin).total_seconds())})" if begin is not None else ""
+    return Text(f"→ {moment}{took}", style="dim")
+
+
+def history_table(rollouts: Iterable[Mapping[str, Any]], *, title: str) -> Listing:
+    """A service's rollouts, newest first: id and state, canary over the stable version it
+    replaced, weight and step, when it started and finished, who started it and why."""
+    columns = [
+        Column("rollout", no_wrap=True),
+        Column("canary / from", fold_over=16),
+        Column("weight", no_wrap=True),
+        Column("started / finished"),
+        Column("by / reason", fold_over=20),
+    ]
+    rows: list[list[Text]] = []
     for rollout in rollouts:
         steps = _steps(rollout)
         index = int(rollout.get("step_index") or 0)
-        table.add_row(
-            str(rollout.get("id")),
-            Text(str(rollout.get("canary_version"))),
-            Text(str(rollout.get("stable_version") or DASH)),
-            state_text(rollout.get("state")),
-            f"{rollout.get('desired_weight')}%",
-            f"{index + 1}/{len(steps)}" if steps else DASH,
-            short_time(rollout.get("created_at")),
-            short_time(rollout.get("finished_at")),
-            Text(str(rollout.get("created_by") or DASH)),
-            Text(str(rollout.get("reason") or "")),
-        )
-    return table
+        rows.append([
+            _lines(Text(f"#{rollout.get('id')}", style="bold"), state_text(rollout.get("state"))),
+            _lines(str(rollout.get("canary_version")),
+                   _dim(f"from {rollout.get('stable_version') or 'nothing (first)'}")),
+            _lines(f"{rollout.get('desired_weight')}%",
+                   _dim(f"step {index + 1}/{len(steps)}") if steps else None),
+            _lines(short_time(rollout.get("created_at")),
+                   _finished(rollout.get("created_at"), rollout.get("finished_at"))),
+            _lines(str(rollout.get("created_by") or DASH),
+                   _dim(str(rollout.get("reason") or ""))),
+        ])  # fmt: skip
+    return Listing(title, columns, rows)
 
 
-def evaluations_table(items: Iterable[Mapping[str, Any]], *, title: str) -> Table:
-    """Gate evaluations, newest first."""
-    table = Table(title=title, title_justify="left")
-    for name in ("id", "at", "gate", "step", "phase"):
-        table.add_column(name, no_wrap=True)
-    table.add_column("value", justify="right")
-    table.add_column("threshold", justify="right")
-    table.add_column("detail", overflow="fold")
+def evaluations_table(items: Iterable[Mapping[str, Any]], *, title: str) -> Listing:
+    """Gate evaluations, newest first: when, gate and step, phase, value against threshold,
+    and the detail."""
+    columns = [
+        Column("at", no_wrap=True),
+        Column("gate / step", fold_over=20),
+        Column("phase"),
+        Column("value", justify="right"),
+        Column("threshold", justify="right"),
+        Column("detail", fold_over=20),
+    ]
+    rows: list[list[Text]] = []
     for item in items:
         step = item.get("step_index")
-        table.add_row(
-            str(item.get("id")),
-            short_time(item.get("at")),
-            Text(str(item.get("gate"))),
-            f"{int(step) + 1} ({item.get('weight')}%)" if isinstance(step, int) else DASH,
+        where = f"step {int(step) + 1} at {item.get('weight')}%" if isinstance(step, int) else None
+        rows.append([
+            _split_time(item.get("at")),
+            _lines(str(item.get("gate")), _dim(where) if where else None),
             phase_text(item.get("phase"), item.get("breached")),
-            number(item.get("value")),
-            number(item.get("threshold")),
+            Text(number(item.get("value"))),
+            Text(number(item.get("threshold"))),
             Text(str(item.get("detail") or "")),
-        )
-    return table
+        ])  # fmt: skip
+    return Listing(title, columns, rows)
 
 
-def audit_table(events: Iterable[Mapping[str, Any]], *, title: str) -> Table:
-    """Audit events."""
-    table = Table(title=title, title_justify="left")
-    for name in ("id", "at", "actor", "source", "action", "service", "rollout", "outcome"):
-        table.add_column(name, no_wrap=name not in ("actor",))
-    table.add_column("details", overflow="fold")
+def audit_table(events: Iterable[Mapping[str, Any]], *, title: str) -> Listing:
+    """Audit events: id and time, who (and through what), action and outcome, service and
+    rollout, details."""
+    columns = [
+        Column("event", no_wrap=True),
+        Column("who", fold_over=16),
+        Column("action / outcome", fold_over=24),
+        Column("service", fold_over=16),
+        Column("details", fold_over=12),
+    ]
+    rows: list[list[Text]] = []
     for event in events:
         outcome = str(event.get("outcome"))
-        details = event.get("details")
-        table.add_row(
-            str(event.get("id")),
-            short_time(event.get("at")),
-            Text(str(event.get("actor") or DASH)),
-            Text(str(event.get("source") or DASH)),
-            Text(str(event.get("action") or DASH)),
-            Text(str(event.get("service") or DASH)),
-            str(event.get("rollout_id") or DASH),
-            Text(outcome, style=OUTCOME_STYLES.get(outcome, "")),
-            Text(_pairs(details)),
-        )
-    return table
+        rollout_id = event.get("rollout_id")
+        rows.append([
+            _lines(Text(f"#{event.get('id')}", style="bold"), _split_time(event.get("at"))),
+            _lines(str(event.get("actor") or DASH), _dim(str(event.get("source") or DASH))),
+            _lines(str(event.get("action") or DASH),
+                   Text(outcome, style=OUTCOME_STYLES.get(outcome, ""))),
+            _lines(str(event.get("service") or DASH),
+                   _dim(f"rollout #{rollout_id}") if rollout_id else None),
+            Text(_pairs(event.get("details"))),
+        ])  # fmt: skip
+    return Listing(title, columns, rows)
 
 
 def _pairs(details: object) -> str:

@@ -222,6 +222,11 @@ def plain(text: str) -> str:
     return ANSI.sub("", text)
 
 
+def flat(text: str) -> str:
+    """The words of opsctl's output in order, without colours, borders or line breaks."""
+    return " ".join(plain(text).replace("│", " ").split())
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -896,3 +901,157 @@ def run_in_terminal(
             process.kill()
         code = process.wait(timeout=10)
     return code, b"".join(chunks).decode(errors="replace")
+
+
+# --- what happens next, services, narrow terminals --------------------------------------------
+
+
+def run_at(server: Server, columns: int, *args: str, role: str = "operator") -> Result:
+    env = {**server.env(role), "COLUMNS": str(columns)}
+    done = subprocess.run([*OPSCTL, *args], env=env, capture_output=True, text=True, timeout=30,
+                          check=False)  # fmt: skip
+    return Result(done.returncode, done.stdout, done.stderr)
+
+
+def test_status_says_what_happens_next(server: Server) -> None:
+    # given rollouts in each situation: a wait running, an auto-promoting wait, a paused one,
+    # and one whose step is ready for a person
+    server.put_policy("auto", auto_promote=True, interval="30s")
+    server.put_policy("ready", steps=FAST_STEPS, interval="1s")
+    for service in ("waiting", "auto", "paused", "ready"):
+        server.start(service)
+    assert server.api("POST", "/canary/pause", role="operator", json={"service": "paused"})
+    server.wait_until("ready", lambda r: r["state"] == "awaiting_promotion")
+
+    # when each is shown
+    waiting, auto, paused, ready = server.parallel(
+        ("status", "waiting"), ("status", "auto"), ("status", "paused"), ("status", "ready")
+    )
+
+    # then "Next" says when the wait ends, what follows, and how often the gates are measured
+    # (never the controller's lease, next_evaluation_at)
+    view = flat(waiting.out)
+    assert re.search(r"Next wait over at \d\d:\d\d:\d\dZ \(in (29m\d+s|30m)\)", view), view
+    assert (
+        "then, once every gate passes, a person promotes it to 25% (opsctl promote waiting)" in view
+    )
+    assert "every 1m (the policy's)" in view
+    assert "Next check" not in view
+    assert "the controller promotes it to 25%" in flat(auto.out)
+    assert "every 30s" in flat(auto.out)
+    assert re.search(
+        r"paused with (29m\d+s|30m) of the wait left: opsctl resume paused", flat(paused.out)
+    )
+    assert "ready: waiting for opsctl promote ready" in flat(ready.out)
+    for result in (waiting, auto, paused, ready):
+        assert result.code == 0, result.err
+
+
+def test_services_lists_every_service(server: Server) -> None:
+    server.put_policy("billing", interval="30s")
+    server.start("checkout", "v2", stable_version="v1")
+
+    shown, raw = server.parallel(
+        (("services",), {"role": "viewer"}), (("services", "--json"), {"role": "viewer"})
+    )
+
+    assert shown.code == 0, shown.err
+    text = plain(shown.out)
+    assert re.search(r"^billing\s+none yet\s+—\s+—\s+—\s+pull", text, re.MULTILINE), text
+    assert re.search(r"^checkout\s+v1\s+v2\s+progressing\s+10%\s+pull", text, re.MULTILINE), text
+    assert "default policy" in text  # checkout has no policy of its own
+    api = server.api("GET", "/services", role="viewer").json()
+    assert raw.json() == {"items": api["items"], "next_cursor": None}
+
+
+LONG_VERSION = "2026.11.30-rc.1+build.5f3a9c1e"
+
+
+@pytest.mark.parametrize("columns", [80, 46])
+def test_tables_stay_readable_on_a_narrow_terminal(server: Server, columns: int) -> None:
+    # given a gated rollout with long versions and evaluations, a finished one, audit events
+    gate = {"name": "webhook-signature-verification", "query": "sum(up)", "op": ">=",
+            "threshold": 0.999, "on_no_data": "hold"}  # fmt: skip
+    server.put_policy("payments-gateway", steps=FAST_STEPS, interval="1s", gates=[gate])
+    started = server.start("payments-gateway", LONG_VERSION, stable_version=LONG_VERSION[:-1])
+    server.start("checkout")
+    reason = {"service": "checkout", "reason": "error rate up after the deploy"}
+    server.api("POST", "/canary/rollback", role="operator", json=reason)
+    server.wait_until("payments-gateway", lambda r: r["gates"][0]["phase"] != "pending")
+    commands = {
+        "status list": ("status",),
+        "status": ("status", "payments-gateway"),
+        "history": ("history", "checkout"),
+        "evaluations": ("evaluations", str(started["id"])),
+        "audit": ("audit", "--limit", "5"),
+        "services": ("services",),
+    }
+
+    # when each table is printed `columns` wide
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        results = dict(zip(commands, pool.map(
+            lambda args: run_at(server, columns, *args, role="auditor"), commands.values()
+        ), strict=True))  # fmt: skip
+
+    # then no line is wider, nothing is cut short with an ellipsis, every heading is whole
+    # (a table that cannot fit stacks its rows instead of squeezing columns)
+    for name, result in results.items():
+        assert result.code == 0, (name, result.err)
+        lines = plain(result.out).splitlines()
+        assert max(len(line) for line in lines) <= columns, (name, result.out)
+        assert "…" not in result.out, (name, result.out)
+    headings = {
+        "status list": ("rollout", "canary", "stable", "state", "weight", "step", "gates"),
+        "history": ("rollout", "canary / from", "weight", "by / reason"),
+        "evaluations": ("gate / step", "phase", "value", "threshold", "detail"),
+        "audit": ("event", "who", "action / outcome", "service", "details"),
+        "services": ("service", "stable", "latest rollout", "state", "weight", "router"),
+        "status": ("gate", "phase", "value", "rule", "detail"),
+    }
+    for name, words in headings.items():
+        text = " ".join(plain(results[name].out).split())
+        for word in words:
+            assert word in text, (name, word, results[name].out)
+    # a long gate name may fold inside its column, never lose characters
+    squeezed = "".join(plain(results["status"].out).replace("│", "").split())
+    assert "webhook-signature-verification" in squeezed
+    assert "no_data" in results["evaluations"].out
+    assert "rolled_back" in results["history"].out
+    history = plain(results["history"].out).split()
+    assert all(word in history for word in ["error", "rate", "up", "after", "the", "deploy"])
+
+
+def test_an_admin_breaks_a_freeze_with_a_reason(server: Server) -> None:
+    # given a freeze window over the service, set through the API
+    now = time.time()
+    window = {"name": "release-freeze", "services": ["frozen-svc"], "reason": "quarter end",
+              "starts_at": iso(now - 60), "ends_at": iso(now + 3600)}  # fmt: skip
+    assert server.api("POST", "/freezes", json=window).status_code == 201
+    start = ("promote", "frozen-svc", "--version", "v2")
+
+    # when an operator starts a release, an operator breaks glass, an admin forgets the reason
+    held, operator, reasonless = server.parallel(
+        start,
+        ((*start, "--break-glass", "-r", "hotfix"), {"role": "operator"}),
+        ((*start, "--break-glass"), {"role": "admin"}),
+    )
+
+    # then the freeze holds, only an admin may override it, and only with a reason
+    assert held.code == 6
+    assert "held" in held.err
+    assert held.err.count("\n") == 1
+    assert operator.code == 4
+    assert reasonless.code == 2
+    assert "--reason" in reasonless.err
+    assert server.api("GET", "/canary/frozen-svc", role="viewer").status_code == 404
+    broken = server.opsctl(*start, "--break-glass", "-r", "hotfix for INC-42", role="admin")
+    assert broken.code == 0, broken.err
+    assert server.rollout("frozen-svc")["canary_version"] == "v2"
+    [event] = server.api("GET", "/audit?action=canary.promote.override", role="auditor").json()[
+        "items"
+    ]
+    assert (event["outcome"], event["details"]["reason"]) == ("success", "hotfix for INC-42")
+
+
+def iso(seconds: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
