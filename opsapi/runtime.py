@@ -14,11 +14,14 @@ import logging
 from collections.abc import AsyncIterator
 from datetime import timedelta
 
+from opsapi.audit import service as audit
 from opsapi.audit.limiter import RefusalLimiter
+from opsapi.audit.models import Outcome, Source
 from opsapi.audit.writer import AuditWriter
 from opsapi.auth.cache import CachedVerifier
 from opsapi.auth.identity import AuthError, Identity
 from opsapi.auth.tokens import JwksVerifier, LocalSigner, TokenVerifier
+from opsapi.canary.dataplane import Listener, PollAudit, WeightCache
 from opsapi.canary.effects import Effects
 from opsapi.canary.freezes import load_freezes
 from opsapi.canary.policy import default_policy
@@ -102,6 +105,7 @@ async def build_runtime(
     own_provider = gate_provider is None
     provider = gate_provider or build_provider(settings)
     tasks: list[asyncio.Task[None]] = []
+    listeners: list[Listener] = []
     stop = asyncio.Event()
     worker: DeliveryWorker | None = None
     audit_writer: AuditWriter | None = None
@@ -113,11 +117,13 @@ async def build_runtime(
             confirm_within=timedelta(seconds=settings.rollback_confirm_seconds),
         )  # fmt: skip
         policy = default_policy(with_gates=bool(settings.prometheus_url))
+        weights = WeightCache()
         effects = Effects(
             traffic=traffic,
             metrics=metrics,
             default_policy=policy,
             freezes=load_freezes(settings.freezes_file),
+            weights=weights,
         )
         controller = Controller(
             sessions,
@@ -154,8 +160,20 @@ async def build_runtime(
             delivery=worker,
             database_health=health,
             stop=stop,
+            weights=weights,
+            polls=PollAudit(),
         )
         audit_writer.start()
+        if serve_api:
+            # Keeps every replica's weight answers fresh (SQLite: one process, invalidated
+            # by the interpreter itself).
+            if engine.dialect.name == "postgresql":
+                listener = Listener(engine, weights)
+                listener.start()
+                listeners.append(listener)
+            else:
+                weights.listening = True
+            tasks.append(asyncio.create_task(_flush_polls(runtime, stop), name="poll-audit"))
         if settings.controller_enabled or not serve_api:
             tasks.append(asyncio.create_task(controller.run(stop), name="controller"))
         if settings.pagerduty_worker_enabled:
@@ -164,6 +182,8 @@ async def build_runtime(
     finally:
         stop.set()
         await _finish(tasks, settings.shutdown_timeout_seconds)
+        for listener in listeners:
+            await listener.stop()
         if worker is not None:
             worker.close()
         if audit_writer is not None:
@@ -171,6 +191,27 @@ async def build_runtime(
         await engine.dispose()
         if own_provider and isinstance(provider, PrometheusProvider):
             provider.close()
+
+
+async def _flush_polls(runtime: Runtime, stop: asyncio.Event) -> None:
+    """Write each minute's aggregated poll events once the minute is over (and all at exit)."""
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=5)
+        await flush_polls(runtime, final=stop.is_set())
+
+
+async def flush_polls(runtime: Runtime, *, final: bool) -> int:
+    """Audit the counted polls of the minutes that are over (all of them when `final`)."""
+    rows = runtime.polls.drain(None if final else runtime.clock())
+    for fields in rows:
+        row = audit.event_row(source=Source.API, action="canary.weight.polls",
+                              outcome=Outcome.SUCCESS, **fields)  # fmt: skip
+        try:
+            await runtime.audit_writer.write(row)
+        except Exception:
+            log.exception("could not write an aggregated poll event")
+    return len(rows)
 
 
 def _verifier_for(settings: Settings, serve_api: bool) -> TokenVerifier:

@@ -18,11 +18,13 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+import sqlalchemy as sa
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from opsapi.audit import service as audit
 from opsapi.audit.models import Outcome, Source
 from opsapi.canary import machine, service
+from opsapi.canary.dataplane import CHANNEL, WeightCache
 from opsapi.canary.freezes import FreezeWindow
 from opsapi.canary.machine import (
     Audit,
@@ -100,12 +102,15 @@ class Effects:
         metrics: Metrics,
         default_policy: Policy,
         freezes: Sequence[FreezeWindow] = (),
+        weights: WeightCache | None = None,
     ) -> None:
         self.traffic = traffic
         self.metrics = metrics
         self.default_policy = default_policy
         # The server's own freeze windows (OPSAPI_FREEZES_FILE); admins add more through the API.
         self.freezes = tuple(freezes)
+        # The data plane's copies of the weight answers, dropped when a transition commits.
+        self.weights = weights
 
     async def decide(
         self,
@@ -238,6 +243,17 @@ class Effects:
                 if channels:
                     details.setdefault("notified", []).extend(channels)
         applied = Applied(record, row, transition, details)
+        if (
+            applied.changed
+            and session.bind is not None
+            and session.bind.dialect.name == "postgresql"
+        ):
+            # Every replica's data plane drops its copy of this service's weight answer when
+            # (and only if) this transaction commits.
+            await session.exec(
+                sa.text("SELECT pg_notify(:channel, :service)"),  # type: ignore[call-overload]
+                params={"channel": CHANNEL, "service": record.service},
+            )
         if applied.changed:
             await audit.record(
                 session=session,
@@ -269,6 +285,8 @@ class Effects:
         for effect in applied.transition.effects:
             if isinstance(effect, Audit):
                 self.metrics.transitions.labels(effect.action, applied.record.triggered_by).inc()
+        if self.weights is not None and applied.changed:
+            self.weights.invalidate(applied.record.service)
         record = applied.record
         if self.traffic is None or record.id is None or not applied.moved or record.converged:
             return applied

@@ -144,7 +144,7 @@ class Policy(_Strict):
     bake: Duration | None = None
     interval: Duration = timedelta(seconds=60)
     # How long an applied canary weight stays valid without the controller renewing it (routers
-    # that can hold an expiry then send everything to the stable slot): default 3 × interval,
+    # that can hold an expiry then send everything to the stable slot): default 3 x interval,
     # at least 30 s.
     lease: Duration | None = None
     auto_promote: bool = False

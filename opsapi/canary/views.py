@@ -6,14 +6,22 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, RootModel, ValidationError
 from sqlmodel.ext.asyncio.session import AsyncSession
+from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from opsapi.auth.identity import Role
 from opsapi.canary import machine, service
-from opsapi.canary.document import RolloutView, VersionInSlot, rollout_view, targets_of
+from opsapi.canary.dataplane import WeightDocument
+from opsapi.canary.document import (
+    RolloutView,
+    VersionInSlot,
+    rollout_view,
+    slot_split,
+    targets_of,
+)
 from opsapi.canary.effects import Applied
-from opsapi.canary.machine import Actor, Trigger
+from opsapi.canary.machine import OPEN_STATES, Actor, Trigger
 from opsapi.canary.models import RolloutRecord, ServiceRecord
 from opsapi.canary.policy import (
     SERVICE_NAME,
@@ -22,6 +30,7 @@ from opsapi.canary.policy import (
     effective_policy,
     is_service_name,
 )
+from opsapi.durations import parse_duration
 from opsapi.errors import Conflict, NotFound, Unprocessable
 from opsapi.http.endpoint import Call, endpoint, validation_errors
 from opsapi.http.params import INT32_MAX, id_param, int_param
@@ -46,6 +55,10 @@ class PromoteBody(_Body):
     force: bool = False
     target_percent: int | None = Field(default=None, ge=1, le=100)
     from_percent: int | None = Field(default=None, ge=0, le=100)
+    # Admin only, with a reason: act despite an open incident or a freeze window (break glass),
+    # or start a version that a breach or an incident rejected.
+    break_glass: bool = False
+    override_rejection: bool = False
 
 
 class PolicyDocument(RootModel[dict[str, Any]]):
@@ -102,6 +115,7 @@ async def promote(call: Call) -> Response:
     if body.target_percent is not None:
         call.action = "canary.promote.target"
         call.require(Role.ADMIN, "target_percent")
+    override = _override(call, body)
     call.details.update(body.model_dump(exclude_none=True, exclude={"service"}))
     record = await service.open_rollout(body.service, session=call.session)
     if record is None:
@@ -123,6 +137,8 @@ async def promote(call: Call) -> Response:
             gate_names=tuple(gate.name for gate in policy.gates),
             target_percent=body.target_percent,
             reason=body.reason,
+            override=override,
+            lease=policy.effective_lease(),
         )
         return await _transition(call, body.service, start, policy=policy)
     call.rollout_id = record.id
@@ -139,8 +155,23 @@ async def promote(call: Call) -> Response:
         target_percent=body.target_percent,
         from_percent=body.from_percent,
         reason=body.reason,
+        override=override,
     )
     return await _transition(call, body.service, event)
+
+
+def _override(call: Call, body: PromoteBody) -> machine.Override | None:
+    """An admin's break-glass or rejection override, which must say why."""
+    if not (body.break_glass or body.override_rejection):
+        return None
+    call.action = "canary.promote.override"
+    call.require(Role.ADMIN, "break_glass and override_rejection")
+    if not body.reason or not body.reason.strip():
+        message = "an override needs a reason"
+        raise Unprocessable(message, errors=[{"field": "reason", "message": message}])
+    return machine.Override(
+        reason=body.reason, holds=body.break_glass, rejection=body.override_rejection
+    )
 
 
 @endpoint(action="canary.rollback", role=Role.OPERATOR, body=RollbackBody, mutating=True)
@@ -214,7 +245,11 @@ async def get_rollout(call: Call) -> Response:
     call.rollout_id = record.id
     row = await call.session.get(ServiceRecord, name)
     outbound = await _outbound(call.session, record.id)
-    return JSONResponse(rollout_view(record, row, call.now, **outbound).model_dump(mode="json"))
+    safety = await service.safety_of(
+        name, now=call.now, windows=call.effects.freezes, session=call.session
+    )
+    view = rollout_view(record, row, call.now, **outbound, holds=safety.holds)
+    return JSONResponse(view.model_dump(mode="json"))
 
 
 @endpoint(action="canary.history", role=Role.VIEWER)
@@ -231,27 +266,78 @@ async def rollout_history(call: Call) -> Response:
 
 @endpoint(action="canary.weight", role=Role.VIEWER)
 async def rollout_weight(call: Call) -> Response:
-    """The canary percentage to apply now, with versions and slots (the pull router's answer)."""
+    """The canary percentage to apply now, with versions, slots and the lease (the pull
+    router's answer; the data plane): served from a copy kept fresh across replicas, with an
+    `ETag`; `If-None-Match` → 304, and `?wait=30s` holds a 304 until the weight changes."""
     name = _service_param(call)
-    record = await service.latest_rollout(name, session=call.session)
-    body: dict[str, Any] = {"service": name, "weight": 0, "rollout_id": None}
+    wait = _wait_param(call)
+    cache = call.runtime.weights
+
+    async def load(service_name: str) -> WeightDocument:
+        async with call.runtime.sessions() as session:
+            return await weight_document(service_name, session)
+
+    document = await cache.get(name, load)
+    etag = call.request.headers.get("if-none-match")
+    if etag == document.etag and wait > 0:
+        await cache.wait_change(name, etag, wait, load)
+        document = await cache.get(name, load)
+    call.rollout_id = document.rollout_id
+    # Polls are audited as one event per caller, service and minute (DESIGN §11).
+    call.audited = True
+    call.runtime.polls.count(
+        caller=call.identity.subject, roles=sorted(call.identity.roles), service=name,
+        rollout_id=document.rollout_id, address=call.client_address, at=call.now,
+    )  # fmt: skip
+    headers = {"ETag": document.etag, "Cache-Control": "no-cache"}
+    if etag == document.etag:
+        return Response(status_code=304, headers=headers)
+    return Response(document.body, media_type="application/json", headers=headers)
+
+
+def _wait_param(call: Call) -> float:
+    raw = call.request.query_params.get("wait")
+    if raw is None:
+        return 0.0
+    try:
+        seconds = parse_duration(raw).total_seconds()
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds <= MAX_WAIT:
+        message = f"wait is a duration such as 30s, at most {MAX_WAIT:g}s"
+        raise Unprocessable(message, errors=[{"field": "wait", "message": message}])
+    return seconds
+
+
+MAX_WAIT = 60.0
+
+
+async def weight_document(name: str, session: AsyncSession) -> WeightDocument:
+    """What the data plane answers for `name` now (read from the database)."""
+    record = await service.latest_rollout(name, session=session)
     if record is None:
-        row = await call.session.get(ServiceRecord, name)
-        body["stable_version"] = row.stable_version if row else None
-        return JSONResponse(body)
-    call.rollout_id = record.id
-    view = rollout_view(record, None, call.now)
-    body.update(
-        weight=record.desired_weight,
-        rollout_id=record.id,
-        state=record.state,
-        canary_version=record.canary_version,
-        stable_version=record.stable_version,
-        canary_slot=record.canary_slot,
-        stable_slot=record.stable_slot,
-        weights=view.weights,
-    )
-    return JSONResponse(body)
+        row = await session.get(ServiceRecord, name)
+        stable = row.stable_version if row else None
+        body: dict[str, Any] = {"service": name, "weight": 0, "rollout_id": None,
+                                "stable_version": stable}  # fmt: skip
+        return WeightDocument.of(body, generation=None, pull=False)
+    weights = slot_split(record)
+    body = {
+        "service": name,
+        "weight": record.desired_weight,
+        "rollout_id": record.id,
+        "state": record.state.value,
+        "canary_version": record.canary_version,
+        "stable_version": record.stable_version,
+        "canary_slot": record.canary_slot,
+        "stable_slot": record.stable_slot,
+        "weights": weights,
+        "generation": record.generation,
+        # A client that cannot reach the API for this long falls back to the stable slot.
+        "lease_seconds": record.lease_seconds if record.state in OPEN_STATES else None,
+    }
+    pull = record.router.get("name", "pull") == "pull"
+    return WeightDocument.of(body, generation=record.generation, pull=pull)
 
 
 class ServiceStatus(BaseModel):
@@ -333,6 +419,12 @@ async def put_policy(call: Call) -> Response:
     return JSONResponse({**document, "status": status.model_dump(mode="json")})
 
 
+async def service_policy(request: Request) -> Response:
+    """GET or PUT a service's policy (one route, so that a 405 lists both methods)."""
+    handler = put_policy if request.method == "PUT" else get_policy
+    return await handler(request)
+
+
 routes = [
     Route("/canary/promote", promote, methods=["POST"]),
     Route("/canary/rollback", rollback, methods=["POST"]),
@@ -343,8 +435,7 @@ routes = [
     Route("/canary/{service}", get_rollout, methods=["GET"]),
     Route("/canary/{service}/history", rollout_history, methods=["GET"]),
     Route("/canary/{service}/weight", rollout_weight, methods=["GET"]),
-    Route("/services/{service}", get_policy, methods=["GET"]),
-    Route("/services/{service}", put_policy, methods=["PUT"]),
+    Route("/services/{service}", service_policy, methods=["GET", "PUT"]),
 ]
 
 __all__ = ["PauseBody", "PromoteBody", "RollbackBody", "RolloutView", "routes"]

@@ -95,11 +95,11 @@ async def healthz(request: Request) -> Response:
     """Liveness: the process answers, and its controller loop (when it runs one) is not stuck."""
     runtime: Runtime = request.app.state.runtime
     stalled = runtime.controller.stalled_for()
-    if runtime.settings.controller_enabled and stalled is not None:
-        if stalled > runtime.settings.controller_stall_seconds:
-            return problem_response(
-                _NotReady(f"the controller loop has not completed a pass for {stalled:.0f}s")
-            )
+    limit = runtime.settings.controller_stall_seconds
+    if runtime.settings.controller_enabled and stalled is not None and stalled > limit:
+        return problem_response(
+            _NotReady(f"the controller loop has not completed a pass for {stalled:.0f}s")
+        )
     return JSONResponse({"status": "ok"})
 
 

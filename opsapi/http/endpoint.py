@@ -331,6 +331,8 @@ class _Request:
         if problem is not None:
             details = call.details if problem.status < 500 else {}
             return await self._refuse(problem, now, details, call=call)
+        if call.audited:
+            return response  # counted into an aggregated event by the handler (the data plane)
         try:
             await self.runtime.audit_writer.write(
                 audit.event_row(**self._audit_fields(call, response))
@@ -560,8 +562,12 @@ class _Request:
             assert request_hash is not None
             replay = await self._replay(key, request_hash, now)
             return replay if replay is not None else _audit_unavailable()
-        except Exception:
-            log.exception("could not write the audit event for %s", self.action)
+        except Exception as error:
+            if is_unavailable(error):  # one line per request while the database is away
+                log.warning("could not write the audit event for %s: the database is "
+                            "unavailable (%s)", self.action, type(error).__name__)  # fmt: skip
+            else:
+                log.exception("could not write the audit event for %s", self.action)
             return _audit_unavailable()
         return response
 

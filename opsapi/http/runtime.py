@@ -10,6 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from opsapi.audit.writer import AuditWriter
 from opsapi.auth.tokens import TokenVerifier
+from opsapi.canary.dataplane import PollAudit, WeightCache
 from opsapi.canary.effects import Effects
 from opsapi.canary.policy import Policy
 from opsapi.clock import Clock
@@ -39,6 +40,9 @@ class Runtime:
     traffic: Traffic
     # The one interpreter of the machine's plans, shared by the API, the controller, webhooks.
     effects: Effects
+    # The data plane: each service's weight answer, and its polls counted per minute.
+    weights: WeightCache
+    polls: PollAudit
     provider: GateProvider
     controller: Controller
     delivery: DeliveryWorker

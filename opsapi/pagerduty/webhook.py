@@ -37,6 +37,7 @@ from opsapi.auth.identity import Identity
 from opsapi.canary import machine
 from opsapi.canary.effects import Applied, Cause
 from opsapi.canary.machine import Actor, Trigger
+from opsapi.canary.models import Incident as IncidentRecord
 from opsapi.canary.models import ServiceRecord
 from opsapi.canary.policy import PagerDutyPolicy
 from opsapi.canary.service import Refused
@@ -193,6 +194,9 @@ async def pagerduty_webhook(call: Call) -> Response:
     call.details.update(base)
     if not await _first_delivery(call, event_id, event_type):
         return _ignored(call, "duplicate event")
+    holds = await _track_incident(call, event_type, Incident.of(data), data)
+    if holds:
+        call.details["holds"] = holds
     if event_type not in ACTING_EVENTS:
         return _ignored(call, f"event type {event_type} does not act")
     incident = Incident.of(data)
@@ -219,6 +223,7 @@ async def pagerduty_webhook(call: Call) -> Response:
                 request_id=call.request_id,
                 client_address=call.client_address,
                 details=dict(call.details),
+                detected_at=call.now,
             )
             try:
                 applied = await call.effects.run(
@@ -258,6 +263,46 @@ async def _answer(call: Call, rolled_back: list[Applied], body: dict[str, Any]) 
         if item["rollout_id"] in at_zero:
             item["traffic_at_zero"] = at_zero[item["rollout_id"]]
     return JSONResponse(body)
+
+
+async def _track_incident(
+    call: Call, event_type: str, incident: Incident, data: Any
+) -> list[dict[str, str]]:
+    """Keep the mapped services' open incidents (and their dependants') up to date: while one
+    is open, starts and promotions of the service are held. Returns what changed."""
+    status = data.get("status") if isinstance(data, dict) else None
+    if not event_type.startswith("incident.") or incident.id is None:
+        return []
+    if incident.service_id is None or not isinstance(status, str):
+        return []
+    records = (await call.session.exec(select(ServiceRecord))).all()
+    names: dict[str, str] = {}
+    for name, policy in mapped_services(records, incident.service_id):
+        names.setdefault(name, name)
+        for dependant in policy.dependants:
+            names.setdefault(dependant, name)
+    changes = []
+    for name, via in sorted(names.items()):
+        row = await call.session.get(IncidentRecord, (incident.id, name))
+        title = incident.title[:500] if via == name else f"{incident.title[:400]} (on {via})"
+        if status == "resolved":
+            if row is None or row.resolved_at is not None:
+                continue
+            row.status, row.resolved_at, row.updated_at = status, call.now, call.now
+            changes.append({"service": name, "hold": "lifted"})
+        elif row is None:
+            row = IncidentRecord(id=incident.id, service=name, number=incident.number,
+                                 title=title, html_url=incident.html_url, status=status[:32],
+                                 opened_at=call.now, updated_at=call.now)  # fmt: skip
+            changes.append({"service": name, "hold": "incident_open"})
+        elif row.resolved_at is not None:  # reopened
+            row.status, row.resolved_at, row.opened_at = status[:32], None, call.now
+            row.updated_at = call.now
+            changes.append({"service": name, "hold": "incident_open"})
+        else:
+            row.status, row.updated_at = status[:32], call.now
+        call.session.add(row)
+    return changes
 
 
 async def _first_delivery(call: Call, event_id: str, event_type: str) -> bool:

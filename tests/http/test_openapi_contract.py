@@ -163,11 +163,6 @@ async def test_rollout_answers_are_the_rollout_view(
             "triggered_by", "gates", "reason"} <= set(view["required"])  # fmt: skip
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="/services/{service} is two Starlette routes (GET, PUT): a 405 lists only the "
-    "first one's methods; needs one Route with both methods in opsapi/canary/views.py",
-)
 async def test_a_405_on_services_lists_get_and_put(api: Harness) -> None:
     response = await api.client.post(API + "/services/checkout", headers=api.auth("admin"))
     assert response.status_code == 405

@@ -14,6 +14,7 @@ import pytest
 from sqlmodel import col, select
 
 from opsapi.canary.models import RejectedVersion, RolloutRecord, ServiceRecord
+from opsapi.runtime import flush_polls
 from opsapi.storage.idempotency import IdempotencyRecord
 from tests.support.app import API, Harness
 
@@ -75,9 +76,14 @@ BODIES: dict[tuple[str, str], Any] = {
     ("PUT", "/services/checkout"): NEW_POLICY,
     ("POST", "/execute"): {"operation": "health-check"},
     ("POST", "/services/checkout/rejections/lift"): {"version": "v2", "reason": "fixed config"},
-    ("POST", "/freezes"): {"name": "release-train", "services": ["checkout"], "reason": "audit",
-                           "cron": "0 17 * * FRI", "duration": "64h",
-                           "timezone": "Europe/Berlin"},
+    ("POST", "/freezes"): {
+        "name": "release-train",
+        "services": ["checkout"],
+        "reason": "audit",
+        "cron": "0 17 * * FRI",
+        "duration": "64h",
+        "timezone": "Europe/Berlin",
+    },
 }
 
 PUBLIC = {("GET", "/openapi.json")}
@@ -188,6 +194,9 @@ async def test_rbac_matrix(
 
     # then the matrix's status is answered
     assert response.status_code == expected, response.text
+    if path.endswith("/weight") and response.status_code == 200:
+        # the data plane's polls are audited per caller, service and minute
+        assert await flush_polls(api.runtime, final=True) == 1
     new_events = (await api.audit_events())[events_before:]
     if (method, path) in PUBLIC:
         assert "paths" in response.json()
@@ -195,6 +204,13 @@ async def test_rbac_matrix(
     # and exactly one audit event tells who did (or tried) what
     assert len(new_events) == 1, [e.model_dump() for e in new_events]
     event = new_events[0]
+    if event.action == "canary.weight.polls":
+        assert (event.actor, event.outcome, event.details["polls"]) == (
+            f"{caller}-user",
+            "success",
+            1,
+        )
+        return
     assert event.details["status"] == expected
     assert event.actor == (f"{caller}-user" if caller else "anonymous")
     assert event.request_id == response.headers["x-request-id"]

@@ -266,9 +266,10 @@ async def test_a_replayed_event_acts_once(hook: Harness) -> None:
     await mapped_rollout(hook)
     body = body_of(fixture("incident_triggered"))
     assert (await deliver(hook, body)).json()["outcome"] == "rolled_back"
-    # and a new rollout of the service since
-    started = await hook.post("/canary/promote", {"service": SERVICE, "version": "v3"})
-    assert started.status_code == 200
+    # and a new rollout of the service since (past the incident's hold: an admin's break glass)
+    body_v3 = {"service": SERVICE, "version": "v3", "break_glass": True, "reason": "the fix"}
+    started = await hook.post("/canary/promote", body_v3, "admin")
+    assert started.status_code == 200, started.text
 
     # when PagerDuty delivers the same event again (at-least-once delivery)
     again = await deliver(hook, body)

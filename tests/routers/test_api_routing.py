@@ -9,6 +9,7 @@ import hashlib
 import hmac
 import json
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -276,8 +277,12 @@ async def test_webhook_router_retries_until_the_receiver_recovers(
                 await asyncio.sleep(0.1)
             assert rollout["applied_weight"] == 10
             assert rollout["router_error"] is None
-            # and the receiver got versions and slots, so that it can route by version
-            assert _Receiver.received == [
+            # and the receiver got versions and slots, so that it can route by version, and the
+            # fail-safe lease of the weight (3 x the 60 s interval from now)
+            [received] = _Receiver.received
+            lease = received.pop("valid_until") - time.time()
+            assert 170 < lease <= 180
+            assert [received] == [
                 {"service": "checkout", "rollout_id": started.json()["id"], "canary_percent": 10,
                  "canary_slot": "green", "stable_slot": "blue", "canary_version": "v2",
                  "stable_version": None, "state": "progressing",

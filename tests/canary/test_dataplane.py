@@ -1,0 +1,130 @@
+"""The data plane (DESIGN §11): the weight endpoint answers from a copy kept fresh across
+replicas, with ETags and long polls, and audits polls per caller, service and minute."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+from sqlalchemy import event
+
+from opsapi.auth.tokens import LocalSigner
+from tests.support.app import API, Harness
+from tests.support.processes import free_port, start_server, stop
+
+SERVICE = "polled"
+
+
+async def test_an_unchanged_weight_is_answered_304_without_the_database(api: Harness) -> None:
+    assert (await api.post("/canary/promote", {"service": SERVICE, "version": "v2"})).is_success
+    first = await api.get(f"/canary/{SERVICE}/weight")
+    assert first.status_code == 200
+    assert first.json()["weight"] == 10
+    assert first.json()["lease_seconds"] == 180
+    etag = first.headers["etag"]
+
+    statements: list[str] = []
+
+    def count(*args: Any) -> None:
+        statements.append(str(args[2]))
+
+    event.listen(api.runtime.engine.sync_engine, "before_cursor_execute", count)
+    try:
+        again = await api.client.get(
+            f"{API}/canary/{SERVICE}/weight",
+            headers={**api.auth("viewer"), "If-None-Match": etag},
+        )
+    finally:
+        event.remove(api.runtime.engine.sync_engine, "before_cursor_execute", count)
+    assert again.status_code == 304
+    assert again.headers["etag"] == etag
+    assert statements == []  # neither the weight nor the audit touched the database
+
+    # when the weight changes, the tag does too
+    api.clock.advance(minutes=30)
+    assert (await api.post("/canary/promote", {"service": SERVICE})).is_success
+    changed = await api.client.get(
+        f"{API}/canary/{SERVICE}/weight", headers={**api.auth("viewer"), "If-None-Match": etag}
+    )
+    assert changed.status_code == 200
+    assert changed.json()["weight"] == 25
+    assert changed.headers["etag"] != etag
+
+
+async def test_a_bad_wait_is_422(api: Harness) -> None:
+    for wait in ("forever", "5m", "-1s"):
+        response = await api.get(f"/canary/{SERVICE}/weight?wait={wait}")
+        assert response.status_code == 422, (wait, response.text)
+
+
+def test_a_long_poll_on_one_replica_returns_when_another_changes_the_weight(
+    pg_url: str, key_file: Path, tmp_path: Path
+) -> None:
+    env = {"OPSAPI_DATABASE_URL": pg_url, "OPSAPI_LOCAL_KEY_FILE": str(key_file),
+           "OPSAPI_CONTROLLER_ENABLED": "false", "OPSAPI_ENV": "test"}  # fmt: skip
+    signer = LocalSigner.load_or_create(key_file)
+    operator = {"Authorization": f"Bearer {signer.mint(subject='ops', roles=['operator'])}"}
+    client = {"Authorization": f"Bearer {signer.mint(subject='pod-7', roles=['viewer'])}"}
+    ports = [free_port(), free_port()]
+    servers = [start_server(port, env, tmp_path / f"server-{port}.log") for port in ports]
+    try:
+        a, b = (f"http://127.0.0.1:{port}{API}" for port in ports)
+        start = {"service": SERVICE, "version": "v2", "stable_version": "v1"}
+        assert httpx.post(f"{b}/canary/promote", json=start, headers=operator).is_success
+        # given a client holding a long poll on replica A with the current tag
+        current = httpx.get(f"{a}/canary/{SERVICE}/weight", headers=client)
+        etag = current.headers["etag"]
+        polls = 2
+        result: dict[str, Any] = {}
+
+        async def poll_and_change() -> None:
+            async with httpx.AsyncClient(timeout=40) as http:
+                waiting = asyncio.create_task(http.get(
+                    f"{a}/canary/{SERVICE}/weight?wait=30s",
+                    headers={**client, "If-None-Match": etag},
+                ))  # fmt: skip
+                await asyncio.sleep(1.0)
+                assert not waiting.done()  # it holds while nothing changes
+                # when an operator rolls back on replica B
+                rollback = {"service": SERVICE, "reason": "errors"}
+                answer = await http.post(f"{b}/canary/rollback", json=rollback, headers=operator)
+                changed_at = time.monotonic()
+                assert answer.is_success
+                response = await waiting
+                result["latency"] = time.monotonic() - changed_at
+                result["response"] = response
+
+        asyncio.run(poll_and_change())
+        # then the long poll on A answers the new weight within 100 ms of B's answer
+        response = result["response"]
+        assert response.status_code == 200
+        assert (response.json()["weight"], response.json()["state"]) == (0, "rolled_back")
+        assert result["latency"] < 0.1, result["latency"]
+
+        # and when the servers stop, the polls are audited as one event per caller and minute
+        for server in servers:
+            server.send_signal(signal.SIGTERM)
+            server.wait(timeout=20)
+        rows = asyncio.run(_poll_events(pg_url))
+        assert sum(row["polls"] for row in rows if row["actor"] == "pod-7") == polls
+        assert {row["service"] for row in rows} == {SERVICE}
+    finally:
+        for server in servers:
+            stop(server)
+
+
+async def _poll_events(url: str) -> list[dict[str, Any]]:
+    connection = await asyncpg.connect(url.replace("+asyncpg", ""))
+    try:
+        rows = await connection.fetch(
+            "SELECT actor, service, (details->>'polls')::int AS polls FROM audit_event"
+            " WHERE action = 'canary.weight.polls'"
+        )
+    finally:
+        await connection.close()
+    return [dict(row) for row in rows]
