@@ -988,11 +988,19 @@ def audit(
 @audit_app.command("verify")
 def audit_verify(
     ctx: typer.Context,
+    expect_head: Annotated[
+        str | None,
+        typer.Option(
+            "--expect-head",
+            help="ID:HASH of a head kept earlier (an anchor): the chain must still hold it.",
+            show_default=False,
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the raw JSON.")] = False,
 ) -> None:
-    """Verify the audit log's hash chain (exit 10 if it is broken)."""
+    """Verify the audit log's hash chain (exit 10 if it is broken or lost the anchor)."""
     _json_errors(as_json)
-    body = _client(ctx).get("/audit/verify").body
+    body = _client(ctx).get("/audit/verify", {"expect_head": expect_head}).body
     if as_json:
         _print_json(body)
     if body.get("intact") is True:
@@ -1004,6 +1012,9 @@ def audit_verify(
                     f" (last event {body.get('last_id')}, hash {str(body.get('last_hash'))[:16]}…)",
                     style="dim",
                 )
+            expected = body.get("expected_head")
+            if isinstance(expected, dict) and expected.get("matches"):
+                text.append(f"; holds the expected head, event {expected.get('id')}")
             _console().print(text)
         return
     broken = body.get("first_broken") or {}

@@ -608,6 +608,19 @@ def test_audit_verify(server: Server) -> None:
     assert "audit chain intact" in verified.out
     assert raw.json()["intact"] is True
 
+    # an anchor kept earlier: the chain still holds it; a forged one is reported, exit 10
+    head = raw.json()["head"]
+    anchor = f"{head['id']}:{head['hash']}"
+    forged = f"{head['id']}:{'0' * 64}"
+    held, lost = server.parallel(
+        (("audit", "verify", "--expect-head", anchor), {"role": "auditor"}),
+        (("audit", "verify", "--expect-head", forged), {"role": "auditor"}),
+    )
+    assert held.code == 0, held.err
+    assert f"holds the expected head, event {head['id']}" in flat(held.out)
+    assert lost.code == 10
+    assert f"audit chain BROKEN at event {head['id']}: expected head differs" in lost.err
+
 
 # --- the release lifecycle: slots, success, revert; policies as files -------------------------
 
@@ -1047,10 +1060,11 @@ def test_an_admin_breaks_a_freeze_with_a_reason(server: Server) -> None:
     broken = server.opsctl(*start, "--break-glass", "-r", "hotfix for INC-42", role="admin")
     assert broken.code == 0, broken.err
     assert server.rollout("frozen-svc")["canary_version"] == "v2"
-    [event] = server.api("GET", "/audit?action=canary.promote.override", role="auditor").json()[
-        "items"
-    ]
-    assert (event["outcome"], event["details"]["reason"]) == ("success", "hotfix for INC-42")
+    audited = server.api("GET", "/audit?action=canary.promote.override", role="auditor").json()
+    # the operator's attempt is there too, denied
+    assert sorted(event["outcome"] for event in audited["items"]) == ["denied", "success"]
+    [event] = [event for event in audited["items"] if event["outcome"] == "success"]
+    assert (event["actor"], event["details"]["reason"]) == ("admin-user", "hotfix for INC-42")
 
 
 def iso(seconds: float) -> str:
