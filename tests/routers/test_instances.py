@@ -87,10 +87,10 @@ def test_no_file_no_instances(tmp_path: Path) -> None:
     ("change", "expected"),
     [
         ({"edge": {**INSTANCES["edge"], "type": "envoy"}},
-         "instance 'edge': field 'type': unknown type 'envoy'; expected one of nginx, haproxy, "
-         "webhook"),
+         "instance 'edge': field 'type': unknown type 'envoy'; expected one of nginx, nginx-lua, "
+         "haproxy, webhook"),
         ({"edge": {k: v for k, v in INSTANCES["edge"].items() if k != "type"}},
-         "instance 'edge': field 'type': required: one of nginx, haproxy, webhook"),
+         "instance 'edge': field 'type': required: one of nginx, nginx-lua, haproxy, webhook"),
         ({"edge": {k: v for k, v in INSTANCES["edge"].items() if k != "conf"}},
          "instance 'edge': field 'conf': Field required"),
         ({"edge": {**INSTANCES["edge"], "conf": "nginx.conf"}},
