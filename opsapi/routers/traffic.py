@@ -140,7 +140,10 @@ class Traffic:
             live = None if router is None else await router.read_back(_target(record))
         except RouterError as error:
             return await self._record(rollout_id, None, None, str(error), reason="drift check")
-        if live is None or live == record.applied_weight:
+        # A router that confirms what it applies but cannot tell now (an instance lost its
+        # state, or instances disagree) has drifted; one that never can (webhook) has not.
+        unknown = live is None and router is not None and getattr(router, "confirms", True)
+        if not unknown and (live is None or live == record.applied_weight):
             await self._mark_checked(rollout_id)
             return None
         self.metrics.router_drift.labels(service).inc()

@@ -633,3 +633,23 @@ def test_nginx_config_command(
 
     assert main(["nginx-config", "--router", "nope", "checkout"]) == 2
     assert "router 'nope' is not an nginx-lua instance" in capsys.readouterr().err
+
+
+
+async def test_an_nginx_that_lost_its_weights_is_repaired_by_reconcile(
+    routed: Harness, edge: Edge, servers: Backends
+) -> None:
+    (nginx,) = edge.nginx
+    # Given a canary at 25 % through the API,
+    await routed.post("/canary/promote", {"service": "checkout", "version": "v2"})
+    assert abs(await measured(nginx) - 25) <= 3
+    # when nginx comes back with no weights at all (its state file lost with it),
+    nginx.stop()
+    edge.router.state_file.unlink()
+    nginx.start()
+    assert await edge.router.read_back(target(servers)) is None
+
+    # then the drift check, which cannot read back a weight it should, applies it again.
+    await asyncio.sleep(1.1)
+    await routed.runtime.traffic.reconcile()
+    assert abs(await measured(nginx) - 25) <= 3
