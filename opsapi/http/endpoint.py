@@ -345,9 +345,7 @@ class _Request:
         """The answer to an exception from a handler or the database: 503 when the database
         could not do the work (worth a retry), 500 otherwise; logged either way."""
         if is_unavailable(error):
-            # One line, no statement text: SQLAlchemy's message carries the statement's values.
-            log.warning("the database is unavailable in %s (%s)", self.action,
-                        type(error).__name__)  # fmt: skip
+            _log_failure(error, f"{self.action} failed")
             return _database_unavailable()
         log.exception("unhandled error in %s", self.action)
         return _internal_error()
@@ -492,9 +490,9 @@ class _Request:
                     stored.response_body = bytes(response.body).decode()
                     stored.complete = True
                     session.add(stored)
-        except Exception:
+        except Exception as error:
             # A replay then answers what was committed (without the router's result).
-            log.exception("could not store the final answer for an Idempotency-Key")
+            _log_failure(error, "could not store the final answer for an Idempotency-Key")
 
     def _audit_fields(self, call: Call, response: Response) -> dict[str, Any]:
         return {
@@ -563,11 +561,7 @@ class _Request:
             replay = await self._replay(key, request_hash, now)
             return replay if replay is not None else _audit_unavailable()
         except Exception as error:
-            if is_unavailable(error):  # one line per request while the database is away
-                log.warning("could not write the audit event for %s: the database is "
-                            "unavailable (%s)", self.action, type(error).__name__)  # fmt: skip
-            else:
-                log.exception("could not write the audit event for %s", self.action)
+            _log_failure(error, f"could not write the audit event for {self.action}")
             return _audit_unavailable()
         return response
 
@@ -586,6 +580,16 @@ async def _bearer(pipeline: _Request) -> Identity:
 def _audit_service(name: Any) -> str | None:
     # Only a valid name goes into the indexed column; anything else stays out of the log.
     return name if isinstance(name, str) and is_service_name(name) else None
+
+
+def _log_failure(error: Exception, what: str) -> None:
+    """Log `what` went wrong: one line while the database is unavailable (a traceback per
+    request would flood the log and say nothing new), the traceback otherwise."""
+    if is_unavailable(error):
+        # No message text: SQLAlchemy's carries the statement's values.
+        log.warning("%s: the database is unavailable (%s)", what, type(error).__name__)
+    else:
+        log.exception(what)
 
 
 def _audit_unavailable() -> Response:
