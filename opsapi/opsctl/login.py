@@ -127,7 +127,8 @@ def parse_auth_params(raw: str | None) -> dict[str, str]:
         raise OpsctlError(
             ExitCode.USAGE, "OPSCTL_AUTH_PARAMS must look like name=value&name=value"
         ) from None
-    reserved = {"client_id", "redirect_uri", "state", "nonce", "code_challenge", "response_type"}
+    reserved = {"client_id", "redirect_uri", "state", "nonce", "code_challenge",
+                "code_challenge_method", "response_type", "scope"}  # fmt: skip
     clash = sorted(name for name, _ in pairs if name in reserved)
     if clash:
         raise OpsctlError(
@@ -137,8 +138,8 @@ def parse_auth_params(raw: str | None) -> dict[str, str]:
 
 
 def _is_loopback(host: str | None) -> bool:
-    if host in ("localhost", None):
-        return host == "localhost"
+    if host is None or host == "localhost":
+        return host is not None
     try:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
