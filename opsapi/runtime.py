@@ -162,6 +162,7 @@ async def build_runtime(
             stop=stop,
             weights=weights,
             polls=PollAudit(),
+            repeats=PollAudit(),
         )
         audit_writer.start()
         if serve_api:
@@ -202,16 +203,21 @@ async def _flush_polls(runtime: Runtime, stop: asyncio.Event) -> None:
 
 
 async def flush_polls(runtime: Runtime, *, final: bool) -> int:
-    """Audit the counted polls of the minutes that are over (all of them when `final`)."""
-    rows = runtime.polls.drain(None if final else runtime.clock())
-    for fields in rows:
-        row = audit.event_row(source=Source.API, action="canary.weight.polls",
-                              outcome=Outcome.SUCCESS, **fields)  # fmt: skip
-        try:
-            await runtime.audit_writer.write(row)
-        except Exception:
-            log.exception("could not write an aggregated poll event")
-    return len(rows)
+    """Audit the counted polls and repeated reads of the minutes that are over (all of them
+    when `final`)."""
+    until = None if final else runtime.clock()
+    written = 0
+    for action, counted in (("canary.weight.polls", runtime.polls),
+                            ("canary.get.repeats", runtime.repeats)):  # fmt: skip
+        for fields in counted.drain(until):
+            row = audit.event_row(source=Source.API, action=action, outcome=Outcome.SUCCESS,
+                                  **fields)  # fmt: skip
+            try:
+                await runtime.audit_writer.write(row)
+                written += 1
+            except Exception:
+                log.exception("could not write an aggregated read event")
+    return written
 
 
 def _verifier_for(settings: Settings, serve_api: bool) -> TokenVerifier:

@@ -205,9 +205,31 @@ class PollAudit:
         if polls is None:
             self._polls[key] = _Polls(1, at, at, address, sorted(roles), rollout_id)
             return
+        if polls.count == 0:
+            polls.first = at
         polls.count += 1
         polls.last = max(polls.last, at)
         polls.rollout_id = rollout_id
+
+    def repeat(
+        self,
+        *,
+        caller: str,
+        roles: list[str],
+        service: str,
+        rollout_id: int | None,
+        address: str | None,
+        at: datetime,
+    ) -> bool:
+        """Whether this read repeats one the caller made of the service this minute (then it is
+        counted); the first of each minute is not (it is audited on its own)."""
+        key = (caller, service, at.strftime("%Y-%m-%dT%H:%M"))
+        if key not in self._polls:
+            self._polls[key] = _Polls(0, at, at, address, sorted(roles), rollout_id)
+            return False
+        self.count(caller=caller, roles=roles, service=service, rollout_id=rollout_id,
+                   address=address, at=at)  # fmt: skip
+        return True
 
     def drain(self, now: datetime | None = None) -> list[dict[str, Any]]:
         """Audit-event fields for every minute before `now`'s (all minutes when None)."""
@@ -218,6 +240,8 @@ class PollAudit:
             if current is not None and minute >= current:
                 continue
             polls = self._polls.pop(key)
+            if polls.count == 0:
+                continue
             rows.append({
                 "at": polls.last,
                 "actor": caller,

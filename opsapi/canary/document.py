@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -78,6 +78,8 @@ class RolloutView(_Answer):
     paused_at: str | None
     paused_for: str
     auto_promote: bool
+    # How often the rollout's gates are evaluated (the policy it started with).
+    interval: str
     triggered_by: str
     gates: list[GateView]
     reason: str | None
@@ -172,6 +174,7 @@ def rollout_view(
         paused_at=iso(record.paused_at),
         paused_for=format_duration(rollout.paused_for),
         auto_promote=record.auto_promote,
+        interval=format_duration(timedelta(seconds=record.interval_seconds)),
         triggered_by=record.triggered_by,
         gates=[
             GateView.model_validate(

@@ -249,6 +249,13 @@ async def get_rollout(call: Call) -> Response:
         name, now=call.now, windows=call.effects.freezes, session=call.session
     )
     view = rollout_view(record, row, call.now, **outbound, holds=safety.holds)
+    # Watching a rollout (`opsctl status --watch`, the console) reads it every few seconds:
+    # each caller's first read of a service in a minute is audited on its own, the repeats in
+    # that minute are counted into one event (DESIGN §11).
+    call.audited = call.runtime.repeats.repeat(
+        caller=call.identity.subject, roles=sorted(call.identity.roles), service=name,
+        rollout_id=record.id, address=call.client_address, at=call.now,
+    )  # fmt: skip
     return JSONResponse(view.model_dump(mode="json"))
 
 

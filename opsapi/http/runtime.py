@@ -43,6 +43,8 @@ class Runtime:
     # The data plane: each service's weight answer, and its polls counted per minute.
     weights: WeightCache
     polls: PollAudit
+    # Repeated status reads of a service by one caller in a minute, counted (the first is not).
+    repeats: PollAudit
     provider: GateProvider
     controller: Controller
     delivery: DeliveryWorker

@@ -14,6 +14,7 @@ import httpx
 from sqlalchemy import event
 
 from opsapi.auth.tokens import LocalSigner
+from opsapi.runtime import flush_polls
 from tests.support.app import API, Harness
 from tests.support.processes import free_port, start_server, stop
 
@@ -128,3 +129,23 @@ async def _poll_events(url: str) -> list[dict[str, Any]]:
     finally:
         await connection.close()
     return [dict(row) for row in rows]
+
+
+async def test_watching_a_rollout_is_audited_once_a_minute_plus_a_count(api: Harness) -> None:
+    assert (await api.post("/canary/promote", {"service": SERVICE, "version": "v2"})).is_success
+    # when one person watches the rollout (a read every few seconds) and another looks once
+    for _ in range(5):
+        assert (await api.get(f"/canary/{SERVICE}")).status_code == 200
+    other = await api.client.get(f"{API}/canary/{SERVICE}", headers=api.auth("viewer", "bob"))
+    assert other.status_code == 200
+    api.clock.advance(minutes=1)
+    assert (await api.get(f"/canary/{SERVICE}")).status_code == 200
+
+    # then each caller's first read in a minute is its own event, the repeats one count
+    await flush_polls(api.runtime, final=True)
+    reads = [
+        (e.actor, e.request_id is not None) for e in await api.audit_events(action="canary.get")
+    ]
+    assert reads == [("viewer-user", True), ("bob", True), ("viewer-user", True)]
+    [repeats] = await api.audit_events(action="canary.get.repeats")
+    assert (repeats.actor, repeats.service, repeats.details["polls"]) == ("viewer-user", SERVICE, 4)
