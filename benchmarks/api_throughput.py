@@ -337,10 +337,10 @@ def process_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _TICK
 
 
-def database_cpu(database: str) -> float:
-    """CPU seconds used by the live PostgreSQL backends connected to `database` (their
+def backends_cpu(database: str) -> dict[int, float]:
+    """CPU seconds used so far by each live PostgreSQL backend connected to `database` (their
     process title names it)."""
-    total = 0.0
+    found: dict[int, float] = {}
     needle = f" {database} ".encode()
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -348,24 +348,46 @@ def database_cpu(database: str) -> float:
         with contextlib.suppress(OSError, ValueError, IndexError):
             title = (entry / "cmdline").read_bytes()
             if title.startswith(b"postgres: ") and needle in title:
-                total += process_cpu(int(entry.name))
-    return total
+                found[int(entry.name)] = process_cpu(int(entry.name))
+    return found
+
+
+class DatabaseCpu:
+    """CPU used by a database's backends over a window, those that exit meanwhile included
+    (SQLAlchemy closes overflow connections on return): sampled every 0.2 s."""
+
+    def __init__(self, database: str) -> None:
+        self.database = database
+        self.first = backends_cpu(database)
+        self.last = dict(self.first)
+        self._task = asyncio.get_running_loop().create_task(self._sample())
+
+    async def _sample(self) -> None:
+        while True:
+            await asyncio.sleep(0.2)
+            self.last.update(backends_cpu(self.database))
+
+    def stop(self) -> float:
+        """CPU seconds used since the start."""
+        self._task.cancel()
+        self.last.update(backends_cpu(self.database))
+        return sum(cpu - self.first.get(pid, 0.0) for pid, cpu in self.last.items())
 
 
 async def measured_run(target: Target, script: str, *, seconds: float,
                        args: argparse.Namespace, workdir: Path) -> Run:  # fmt: skip
     """One wrk run against `target`, with the CPU its process and its backends used."""
     await asyncio.sleep(1)  # what the warm-up left in flight is done
-    app0, db0 = process_cpu(target.process.pid), database_cpu(target.database)
+    app0, db = process_cpu(target.process.pid), DatabaseCpu(target.database)
     run = await run_wrk(target.port, script, seconds=seconds, connections=args.clients,
                         threads=args.threads, workdir=workdir)  # fmt: skip
     # When wrk stops, each connection has one request in flight, which the server finishes
     # (its CPU is in the window): wait for them and count them.
     await asyncio.sleep(min(5.0, max(1.0, 1.5 * run.p99 / 1000)))
-    app1, db1 = process_cpu(target.process.pid), database_cpu(target.database)
+    app1, db_seconds = process_cpu(target.process.pid), db.stop()
     served = run.requests + args.clients
     run.app_cpu_ms = (app1 - app0) * 1000 / served
-    run.db_cpu_ms = (db1 - db0) * 1000 / served
+    run.db_cpu_ms = db_seconds * 1000 / served
     return run
 
 
@@ -686,7 +708,9 @@ async def profile(target: Target, kind: str, services: Sequence[str], *, seconds
         return None
     await prepare(target, kind, services)
     out = workdir / f"profile-{kind}.txt"
-    script = lua_script(kind, token=target.token, services=services, threads=args.threads)
+    etags = await etags_of(target, services) if kind == "weight304" else None
+    script = lua_script(kind, token=target.token, services=services, threads=args.threads,
+                        etags=etags)  # fmt: skip
     load = asyncio.create_task(run_wrk(target.port, script, seconds=seconds + 2,
                                        connections=args.clients, threads=args.threads,
                                        workdir=workdir))  # fmt: skip
@@ -1107,6 +1131,7 @@ async def main() -> None:
     parser.add_argument("--workloads", default=",".join(kind for kind, _ in WORKLOADS))
     parser.add_argument("--checkout", type=Path, default=ROOT,
                         help="the opsapi tree to measure (default: this one)")  # fmt: skip
+    parser.add_argument("--label", help="what the checkout is (e.g. the commit it was exported at)")
     parser.add_argument("--async-commit", action="store_true",
                         help="synchronous_commit=off on both databases: no WAL flush wait "
                              "(NOT durable; shows the cost without the disk)")  # fmt: skip
@@ -1170,7 +1195,7 @@ async def main() -> None:
 
         commit_p50, commit_p99 = await commit_latency(dsn_of(databases["floor"]))
         record["commit_latency_ms"] = [commit_p50, commit_p99]
-        print(f"opsapi: {describe_checkout(checkout)}")
+        print(f"opsapi: {args.label or describe_checkout(checkout)}")
         print(f"opsapi serve (pid {ops_process.pid}) and the floor app (pid {floor_process.pid}),"
               f" PostgreSQL, wrk -t{args.threads} -c{args.clients}, {args.seconds:.0f} s runs "
               f"after {args.warmup:.0f} s of warm-up, {args.services} services, {os.cpu_count()} "
@@ -1216,7 +1241,7 @@ async def main() -> None:
 
         if not args.skip_profile:
             record["profiles"] = {}
-            for kind in ("status", "writes"):
+            for kind in ("status", "writes", "weight304"):
                 print(f"\nprofiling opsapi under {kind} (py-spy, 100 Hz, {args.seconds:.0f} s):")
                 result = await profile(ops, kind, services, seconds=args.seconds, args=args,
                                        workdir=workdir)  # fmt: skip
