@@ -141,6 +141,14 @@ async def safety_of(
             RejectedVersion.service == name, col(RejectedVersion.lifted_at).is_(None)
         )
     )
+    holds = await holds_of(name, now=now, windows=windows, session=session)
+    return Safety(frozenset(rejected), holds)
+
+
+async def holds_of(
+    name: str, *, now: datetime, windows: Sequence[FreezeWindow], session: AsyncSession
+) -> tuple[machine.Hold, ...]:
+    """What holds starts and promotions of the service at `now`: open incidents, freezes."""
     incidents = await session.exec(
         select(Incident)
         .where(Incident.service == name, col(Incident.resolved_at).is_(None))
@@ -151,7 +159,7 @@ async def safety_of(
         for incident in incidents
     ]
     holds += holds_for(name, [*windows, *await api_windows(session)], now)
-    return Safety(frozenset(rejected), tuple(holds))
+    return tuple(holds)
 
 
 def incident_detail(incident: Incident) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, RootModel, ValidationError
+from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -37,6 +38,7 @@ from opsapi.http.params import INT32_MAX, id_param, int_param
 from opsapi.notifications import outbox as notifications
 from opsapi.notifications.rules import check_rules
 from opsapi.pagerduty import outbox as pagerduty_outbox
+from opsapi.pagerduty.models import OutboxKind, OutboxMessage
 from opsapi.routers.registry import check_router
 
 ServiceName = Field(pattern=SERVICE_NAME.pattern, description="the service's name")
@@ -92,11 +94,20 @@ async def _transition(call: Call, name: str, event: machine.Event, **kwargs: Any
 
 
 async def _outbound(session: AsyncSession, rollout_id: int | None) -> dict[str, Any]:
-    """The rollout's PagerDuty alerts and notifications, with their delivery state."""
-    return {
-        "alerts": await pagerduty_outbox.alerts_for(session, rollout_id),
-        "notifications": await notifications.deliveries_for(session, rollout_id),
-    }
+    """The rollout's PagerDuty alerts and notifications, with their delivery state (one
+    query: both live in the one outbox)."""
+    rows = await session.exec(
+        select(OutboxMessage)
+        .where(OutboxMessage.rollout_id == rollout_id)
+        .order_by(col(OutboxMessage.id))
+    )
+    outbound: dict[str, Any] = {"alerts": [], "notifications": []}
+    for row in rows:
+        if row.kind == OutboxKind.NOTIFICATION.value:
+            outbound["notifications"].append(notifications.delivery_view(row))
+        elif row.kind in pagerduty_outbox.PAGES:
+            outbound["alerts"].append(pagerduty_outbox.alert_view(row))
+    return outbound
 
 
 async def _answer(call: Call, applied: Applied, outbound: dict[str, Any]) -> Response:
@@ -245,10 +256,10 @@ async def get_rollout(call: Call) -> Response:
     call.rollout_id = record.id
     row = await call.session.get(ServiceRecord, name)
     outbound = await _outbound(call.session, record.id)
-    safety = await service.safety_of(
+    holds = await service.holds_of(
         name, now=call.now, windows=call.effects.freezes, session=call.session
     )
-    view = rollout_view(record, row, call.now, **outbound, holds=safety.holds)
+    view = rollout_view(record, row, call.now, **outbound, holds=holds)
     # Watching a rollout (`opsctl status --watch`, the console) reads it every few seconds:
     # each caller's first read of a service in a minute is audited on its own, the repeats in
     # that minute are counted into one event (DESIGN §11).

@@ -94,18 +94,20 @@ async def deliveries_for(session: AsyncSession, rollout_id: int | None) -> list[
             .order_by(col(OutboxMessage.id))
         )
     ).all()
-    return [
-        {
-            "channel": row.channel,
-            "event": (row.payload.get("message") or {}).get("event"),
-            "state": row.state,
-            "attempts": row.attempts,
-            "last_error": row.last_error,
-            "created_at": row.created_at.isoformat(),
-            "delivered_at": row.delivered_at.isoformat() if row.delivered_at else None,
-        }
-        for row in rows
-    ]
+    return [delivery_view(row) for row in rows]
+
+
+def delivery_view(row: OutboxMessage) -> dict[str, Any]:
+    """One notification as the rollout view shows it (the channel's name, never its URL)."""
+    return {
+        "channel": row.channel,
+        "event": (row.payload.get("message") or {}).get("event"),
+        "state": row.state,
+        "attempts": row.attempts,
+        "last_error": row.last_error,
+        "created_at": row.created_at.isoformat(),
+        "delivered_at": row.delivered_at.isoformat() if row.delivered_at else None,
+    }
 
 
 async def pending_count(session: AsyncSession) -> int:

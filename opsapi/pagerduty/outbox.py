@@ -284,17 +284,19 @@ async def alerts_for(session: AsyncSession, rollout_id: int | None) -> list[dict
             .order_by(col(OutboxMessage.id))
         )
     ).all()
-    return [
-        {
-            "kind": row.kind,
-            "state": row.state,
-            "attempts": row.attempts,
-            "last_error": row.last_error,
-            "dedup_key": row.dedup_key,
-            "delivered_at": row.delivered_at.isoformat() if row.delivered_at else None,
-        }
-        for row in rows
-    ]
+    return [alert_view(row) for row in rows]
+
+
+def alert_view(row: OutboxMessage) -> dict[str, Any]:
+    """One alert as the rollout view shows it (never its routing key)."""
+    return {
+        "kind": row.kind,
+        "state": row.state,
+        "attempts": row.attempts,
+        "last_error": row.last_error,
+        "dedup_key": row.dedup_key,
+        "delivered_at": row.delivered_at.isoformat() if row.delivered_at else None,
+    }
 
 
 async def pending_count(session: AsyncSession) -> int:
