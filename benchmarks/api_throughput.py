@@ -899,6 +899,22 @@ def instrumented_serve(port: int, counts_file: Path, checkout: Path) -> int:
         return await original_commit(self, rows)
 
     AuditWriter._commit = commit  # type: ignore[method-assign]
+    import gc
+
+    started: list[float] = []
+
+    def collected(phase: str, info: dict[str, Any]) -> None:
+        # Garbage collection stops the event loop: a full (generation 2) pass over a large
+        # heap shows up as a latency tail in every request in flight.
+        if phase == "start":
+            started[:] = [time.perf_counter()]
+            return
+        pause = (time.perf_counter() - started[0]) * 1000 if started else 0.0
+        counts[f"gc gen{info['generation']} collections"] += 1
+        counts["gc pause ms"] += pause  # type: ignore[assignment]
+        counts["gc longest pause ms"] = max(counts["gc longest pause ms"], pause)  # type: ignore[assignment]
+
+    gc.callbacks.append(collected)
 
     def dump(*_: Any) -> None:
         counts["dumps"] += 1
@@ -943,8 +959,11 @@ class Counted:
         keys = ["round trips", "transactions (BEGIN)", "COMMIT", "ROLLBACK", "statements",
                 "prepares (Parse)", "pool checkouts", "sessions opened",
                 "sessions that used the database", "audit writer groups", "audit writer rows",
-                "connections opened", "server errors"]  # fmt: skip
+                "connections opened", "server errors", "gc gen0 collections",
+                "gc gen1 collections", "gc gen2 collections", "gc pause ms"]  # fmt: skip
         figures = {key: (counts1[key] - counts0[key]) / per for key in keys}
+        # Not per request: the longest garbage-collection pause seen so far in the process.
+        figures["gc longest pause ms (so far, not per request)"] = counts1["gc longest pause ms"]
         statements = [((statements1[text] - statements0[text]) / per, text)
                       for text in statements1 if statements1[text] - statements0[text]]  # fmt: skip
         statements.sort(reverse=True)
