@@ -288,9 +288,18 @@ class Effects:
         if self.weights is not None and applied.changed:
             self.weights.invalidate(applied.record.service)
         record = applied.record
+        safe = record.time_to_safe
+        rolled = record.state in (State.ROLLED_BACK, State.REVERTED)
+        if safe and safe.get("seconds") is not None and applied.moved and rolled:
+            # A pull router's rollback is applied by its commit: its time to safe is known now.
+            self.metrics.time_to_safe.labels(safe["trigger"], safe["router"]).observe(
+                safe["seconds"]
+            )
         if self.traffic is None or record.id is None or not applied.moved or record.converged:
             return applied
-        apply = self.traffic.apply(record.id, record.service, reason=_reason(applied))
+        apply = self.traffic.apply(
+            record.id, record.service, reason=_reason(applied), committed_at=self.traffic.clock()
+        )
         try:
             if budget is None:
                 outcome = await apply
@@ -360,7 +369,7 @@ def _time_to_safe(record: RolloutRecord, cause: Cause, now: datetime) -> dict[st
         # The pull router's weight is what clients read: committed is applied (not confirmed).
         "applied_at": now.isoformat() if pull else None,
         "confirmed_at": None,
-        "seconds": None,
+        "seconds": (now - (cause.detected_at or now)).total_seconds() if pull else None,
     }
 
 

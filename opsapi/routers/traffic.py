@@ -98,7 +98,13 @@ class Traffic:
         return router
 
     async def apply(
-        self, rollout_id: int, service: str, *, reason: str, force: bool = False
+        self,
+        rollout_id: int,
+        service: str,
+        *,
+        reason: str,
+        force: bool = False,
+        committed_at: datetime | None = None,
     ) -> ApplyOutcome:
         """Apply the rollout's latest desired generation now; record and audit the result.
 
@@ -113,7 +119,9 @@ class Traffic:
                 return ApplyOutcome(record.applied_weight, None, record.applied_generation)
             weight, generation = record.desired_weight, record.generation
             error = await self._send(record, weight)
-            return await self._record(rollout_id, weight, generation, error, reason=reason)
+            return await self._record(
+                rollout_id, weight, generation, error, reason=reason, committed_at=committed_at
+            )
 
     async def sync(self, service: str, *, reason: str = "router-sync") -> ApplyOutcome | None:
         """Re-apply the service's latest desired weight now (None when it has no rollout)."""
@@ -246,6 +254,7 @@ class Traffic:
         error: str | None,
         *,
         reason: str,
+        committed_at: datetime | None = None,
     ) -> ApplyOutcome:
         now = self.clock()
         async with self.sessions() as session, session.begin():
@@ -260,7 +269,7 @@ class Traffic:
                 record.router_error = None
                 record.lease_until = self.lease_until(record, now)
                 if weight == 0 and record.time_to_safe and not record.time_to_safe["applied_at"]:
-                    await self._safe(session, record, now)
+                    await self._safe(session, record, now, committed_at)
                 record.router_attempts = 0
                 record.router_retry_at = None
                 record.router_checked_at = now
@@ -298,11 +307,19 @@ class Traffic:
             safe = record.time_to_safe
         return ApplyOutcome(applied, error, live, safe)
 
-    async def _safe(self, session: AsyncSession, record: RolloutRecord, now: datetime) -> None:
+    async def _safe(
+        self,
+        session: AsyncSession,
+        record: RolloutRecord,
+        now: datetime,
+        committed_at: datetime | None,
+    ) -> None:
         """A rollback's 0 % is live: record when, observe its time to safe, audit the instants."""
         assert record.time_to_safe is not None
         safe = dict(record.time_to_safe)
         router = self.router_for(record.router)
+        if committed_at is not None and not safe.get("committed_at"):
+            safe["committed_at"] = committed_at.isoformat()
         safe["applied_at"] = now.isoformat()
         # Routers that read the weight back before answering confirm it; a webhook cannot.
         if router is not None and getattr(router, "confirms", True):
@@ -336,6 +353,9 @@ class Traffic:
             safe = candidate.time_to_safe
             if not safe or safe.get("confirmed_at") or safe.get("unconfirmed_paged_at"):
                 continue
+            router = self.router_for(candidate.router)
+            if safe.get("applied_at") and (router is None or not getattr(router, "confirms", True)):
+                continue  # applied where nothing can confirm it (pull, webhook): not unconfirmed
             if now - datetime.fromisoformat(safe["decided_at"]) < self.confirm_within:
                 continue
             async with self.sessions() as session, session.begin():

@@ -78,7 +78,7 @@ def histogram_count(text: str, trigger: str) -> float:
 
 def instants(view: dict[str, Any]) -> list[datetime]:
     safe = view["time_to_safe"]
-    names = ("detected_at", "decided_at", "applied_at", "confirmed_at")
+    names = ("detected_at", "decided_at", "committed_at", "applied_at", "confirmed_at")
     return [datetime.fromisoformat(safe[name]) for name in names]
 
 
@@ -107,8 +107,8 @@ async def test_every_rollback_records_its_time_to_safe(
     for service, trigger in (("breached", "controller"), ("manual", "user")):
         view = (await api.get(f"/canary/{service}")).json()
         assert view["state"] == "rolled_back"
-        seen, decided, applied, confirmed = instants(view)
-        assert seen <= decided <= applied == confirmed
+        seen, decided, committed, applied, confirmed = instants(view)
+        assert seen <= decided <= committed <= applied == confirmed
         safe = view["time_to_safe"]
         assert (safe["trigger"], safe["router"]) == (trigger, "lb")
         assert safe["seconds"] == (confirmed - seen).total_seconds()
@@ -149,3 +149,27 @@ async def test_a_rollback_never_confirmed_pages_after_the_bound(
     [event] = await api.audit_events(action="rollout.unconfirmed")
     assert event.outcome == "error"
     assert "haproxy" in (event.details["router_error"] or "")
+
+
+async def test_a_pull_rollback_is_safe_when_committed_and_never_paged(api: Harness) -> None:
+    pull = {"steps": [{"weight": 25, "wait": "1m"}, {"weight": 100, "wait": "1m"}], "gates": [],
+            "pagerduty": {"service_ids": [], "routing_key": ROUTING_KEY}}  # fmt: skip
+    assert (await api.put("/services/pulled", pull)).is_success
+    assert (await api.post("/canary/promote", {"service": "pulled", "version": "v2"})).is_success
+
+    rolled = await api.post("/canary/rollback", {"service": "pulled", "reason": "errors"})
+
+    # the commit is the apply (clients read the committed weight): counted, nothing to confirm
+    safe = rolled.json()["time_to_safe"]
+    assert (safe["router"], safe["confirmed_at"]) == ("pull", None)
+    assert safe["applied_at"] == safe["decided_at"]
+    assert safe["seconds"] is not None
+    metrics = (await api.client.get("/metrics")).text
+    for family in text_string_to_metric_families(metrics):
+        if family.name == "opsapi_rollback_time_to_safe_seconds":
+            counts = [s.value for s in family.samples if s.name.endswith("_count")
+                      and s.labels == {"trigger": "user", "router": "pull"}]  # fmt: skip
+            assert counts == [1]
+    # and past the bound, nothing pages: there is nothing a pull router could confirm
+    api.clock.advance(seconds=30)
+    assert await api.runtime.traffic.page_unconfirmed() == 0
