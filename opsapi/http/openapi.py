@@ -293,9 +293,9 @@ _ANSWERS: dict[str, dict[str, Any]] = {
             "event": _object(
                 ["id", "event_type"],
                 {
-                    "id": {"type": "string"},
-                    "event_type": {"type": "string"},
-                    "data": {"type": "object"},
+                    "id": {"type": "string", "pattern": "^[\\u0021-\\u007e]{1,128}$"},
+                    "event_type": {"type": "string", "pattern": "^[A-Za-z0-9_.-]{1,64}$"},
+                    "data": {"description": "What the event is about (an incident)."},
                 },
             ),
         },

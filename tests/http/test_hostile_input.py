@@ -173,6 +173,9 @@ BAD_PARAMETERS = [
     ("/audit?rollout_id=" + BEYOND_INT, "auditor", "rollout_id"),
     ("/audit?rollout_id=%C2%B2", "auditor", "rollout_id"),
     ("/audit?actor=a%00b", "auditor", "actor"),
+    ("/audit?actor=a%0Ab", "auditor", "actor"),
+    ("/audit?service=%C3%97%C2%9B", "auditor", "service"),  # a C1 control character
+    ("/audit/export?format=csv&action=" + "a" * 65, "auditor", "action"),
     ("/audit/export?format=csv&rollout_id=" + DIGITS_4300, "auditor", "rollout_id"),
     ("/audit/export?format=ndjson&service=a%00b", "auditor", "service"),
     ("/audit/verify?since_id=%C2%B2", "auditor", "since_id"),
