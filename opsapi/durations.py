@@ -23,10 +23,10 @@ def parse_duration(text: str) -> timedelta:
         position = match.end()
     if position != len(text):
         raise ValueError(f"{text!r} is not a duration such as '30s', '15m' or '2h'")
-    duration = timedelta(seconds=seconds)
-    if duration > MAX_DURATION:
+    # Checked before a timedelta is built: "99999999999d" is beyond timedelta's range.
+    if seconds > MAX_DURATION.total_seconds():
         raise ValueError(f"{text!r} is longer than 30 days")
-    return duration
+    return timedelta(seconds=seconds)
 
 
 def format_duration(duration: timedelta) -> str:

@@ -7,6 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 from sqlmodel import col, select
+from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -159,9 +160,14 @@ async def lift_rejection(call: Call) -> Response:
     return JSONResponse(_rejection_view(row))
 
 
+async def freezes(request: Request) -> Response:
+    """List or add freeze windows (one route, so that a 405 lists both methods)."""
+    handler = create_freeze if request.method == "POST" else list_freezes
+    return await handler(request)
+
+
 routes = [
-    Route("/freezes", list_freezes, methods=["GET"]),
-    Route("/freezes", create_freeze, methods=["POST"]),
+    Route("/freezes", freezes, methods=["GET", "POST"]),
     Route("/freezes/{freeze_id}", delete_freeze, methods=["DELETE"]),
     Route("/services/{service}/rejections", list_rejections, methods=["GET"]),
     Route("/services/{service}/rejections/lift", lift_rejection, methods=["POST"]),

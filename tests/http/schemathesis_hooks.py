@@ -6,12 +6,6 @@ The PagerDuty webhook is authenticated by an HMAC of its raw body, which a gener
 produce: each generated webhook body is serialised here and signed with the server's secret
 (OPSAPI_TEST_WEBHOOK_SECRET), so that the fuzzer reaches the webhook's parsing and rollback
 path instead of stopping at 401.
-
-KNOWN DEFECT, outside the HTTP layer: `opsapi.durations.parse_duration` builds a timedelta
-before checking the 30-day bound, so a duration beyond timedelta's range ("99999999999d")
-raises OverflowError instead of ValueError and the request fails with 500 (PUT
-/services/{service}, POST /freezes, GET /canary/{service}/weight?wait=). `filter_case` keeps
-such cases out of the run until that is fixed; remove it then.
 """
 
 from __future__ import annotations
@@ -29,29 +23,6 @@ import schemathesis
 
 WEBHOOK = "/webhooks/pagerduty"
 _KEY = re.compile(r"[\x21-\x7e]{1,200}")
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-_TIMEDELTA_MAX_SECONDS = 86400 * 999_999_999
-
-
-def _overflows(value: Any) -> bool:
-    """Whether `value` holds a duration text beyond timedelta's range (the known defect)."""
-    if isinstance(value, str):
-        seconds = sum(
-            float(number) * _UNIT_SECONDS[unit] for number, unit in _DURATION_PART.findall(value)
-        )
-        return seconds >= _TIMEDELTA_MAX_SECONDS
-    if isinstance(value, dict):
-        return any(_overflows(item) for item in value.values())
-    if isinstance(value, list):
-        return any(_overflows(item) for item in value)
-    return False
-
-
-@schemathesis.hook
-def filter_case(context: schemathesis.HookContext, case: Any) -> bool:
-    """Leave out cases that only reproduce the known parse_duration overflow (see above)."""
-    return not (_overflows(case.body) or _overflows(case.query or {}))
 
 
 class _Finish(requests.auth.AuthBase):

@@ -170,11 +170,6 @@ async def test_a_405_on_services_lists_get_and_put(api: Harness) -> None:
     assert {"GET", "PUT"} <= allowed
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="/freezes is two Starlette routes (GET, POST) in opsapi/canary/safety_views.py: a "
-    "405 lists only the first one's methods; needs one Route with both",
-)
 async def test_a_405_on_freezes_lists_get_and_post(api: Harness) -> None:
     response = await api.client.put(API + "/freezes", headers=api.auth("admin"))
     assert response.status_code == 405

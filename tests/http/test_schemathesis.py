@@ -41,10 +41,6 @@ SEED = os.environ.get("SCHEMATHESIS_SEED", "20261130")
 # those 422 naming the problem, so 422 is an acceptable answer to schema-valid data (400, a
 # malformed request, is not).
 ACCEPTED_FOR_VALID_DATA = ["2xx", "3xx", "401", "403", "404", "409", "422", "429"]
-# A path whose methods are split over several Starlette routes answers a 405 whose Allow lists
-# only the first route's methods: /freezes (GET, POST) in opsapi/canary/safety_views.py
-# (tests/http/test_openapi_contract.py, xfail until it is one Route).
-SPLIT_ROUTES = ["^/internal/ops/freezes$"]
 
 
 @dataclass
@@ -99,13 +95,6 @@ def config(served: Served) -> str:
         'include-path-regex = "^/internal/ops/audit"',
         f'headers = {{ Authorization = "Bearer {served.auditor}" }}',
     ]
-    for pattern in SPLIT_ROUTES:
-        lines += [
-            "",
-            "[[operations]]",
-            f'include-path-regex = "{pattern}"',
-            "checks.allow_header_conformance.enabled = false",
-        ]
     return "\n".join(lines) + "\n"
 
 
