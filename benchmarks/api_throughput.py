@@ -440,9 +440,9 @@ async def reopen(target: Target, services: Sequence[str]) -> None:
 
 
 async def prepare(target: Target, kind: str, services: Sequence[str]) -> None:
-    """Before a run of writes: let the last run's requests finish, then open every rollout."""
+    """Before a run: let the last run's requests finish; for writes, open every rollout."""
+    await asyncio.sleep(1)
     if kind == "writes":
-        await asyncio.sleep(1)
         await reopen(target, services)
 
 
@@ -648,6 +648,7 @@ class Profile:
     groups_self: list[tuple[float, str]]
     groups_total: list[tuple[float, str]]
     roots: list[tuple[float, str]]
+    leaves: list[tuple[float, str, str]]
 
 
 def _root(frames: Sequence[str]) -> str:
@@ -670,6 +671,7 @@ def read_profile(raw: str, top: int = 25) -> Profile:
     self_groups = Counter[str]()
     total_groups = Counter[str]()
     roots = Counter[str]()
+    leaves = Counter[str]()
     samples = 0
     for line in raw.splitlines():
         stack, _, count_text = line.rpartition(" ")
@@ -684,10 +686,11 @@ def read_profile(raw: str, top: int = 25) -> Profile:
         for frame in set(frames):
             inclusive[frame] += count
         self_groups[group_of(frames[-1])] += count
+        leaves[frames[-1]] += count
         for name in {group_of(frame) for frame in frames}:
             total_groups[name] += count
     if not samples:
-        return Profile(0, [], [], [], [])
+        return Profile(0, [], [], [], [], [])
     ranked = [(frame, n) for frame, n in inclusive.most_common()
               if not any(needle in frame for needle in _SCAFFOLDING)]  # fmt: skip
     return Profile(
@@ -696,6 +699,10 @@ def read_profile(raw: str, top: int = 25) -> Profile:
         [(100 * n / samples, name) for name, n in self_groups.most_common()],
         [(100 * n / samples, name) for name, n in total_groups.most_common()],
         [(100 * n / samples, name) for name, n in roots.most_common()],
+        [
+            (100 * n / samples, group_of(frame), _short(frame))
+            for frame, n in leaves.most_common(12)
+        ],
     )
 
 
@@ -736,6 +743,9 @@ def print_profile(title: str, result: Profile) -> None:
         print(f"    {share:5.1f}%  {name}")
     print("  top frames by cumulative time (process, loop and routing layers left out):")
     for share, group, frame in result.top:
+        print(f"    {share:5.1f}%  {group:<36} {frame}")
+    print("  top frames by self time (the innermost Python frame of a sample):")
+    for share, group, frame in result.leaves:
         print(f"    {share:5.1f}%  {group:<36} {frame}")
     print("  by module group: self (innermost Python frame) / total (anywhere on the stack):")
     totals = {name: share for share, name in result.groups_total}
