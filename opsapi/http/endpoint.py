@@ -546,7 +546,10 @@ class _Request:
         writer = self.runtime.audit_writer
         try:
             if not remember:
-                await writer.write_refusal(caller, row)
+                if not await writer.write_refusal(caller, row):
+                    # Counted in memory: nothing above awaited anything, so yield once, or a
+                    # caller looping on refusals over one event loop would starve the others.
+                    await asyncio.sleep(0)
                 return response
             assert key is not None
             assert request_hash is not None
