@@ -38,8 +38,8 @@ SERIES = 'http_requests_total{service="bench",version="v2"%s}'
 GATES = [
     {
         "name": "error-rate",
-        "query": f"sum(rate({SERIES % ',code=~' + chr(34) + '5..' + chr(34)}[10s])) "
-        f"/ sum(rate({SERIES % ''}[10s]))",
+        "query": f"(sum(rate({SERIES % (',code=~' + chr(34) + '5..' + chr(34))}[10s])) "
+        f"or vector(0)) / sum(rate({SERIES % ''}[10s]))",
         "op": "<",
         "threshold": 0.05,
         "for": "2s",
@@ -70,8 +70,11 @@ async def tick_durations(url: str, key: Path, prometheus_url: str, n: int, repea
             "gates": GATES,
         }
         for i in range(n):
-            await api.put(f"/services/svc-{i}", policy)
-            await api.post("/canary/promote", {"service": f"svc-{i}", "version": "v2"}, "admin")
+            put = await api.put(f"/services/svc-{i}", policy)
+            assert put.status_code == 200, put.text
+            started = await api.post("/canary/promote", {"service": f"svc-{i}", "version": "v2"},
+                                     "admin")  # fmt: skip
+            assert started.status_code == 200, started.text
     engine = create_engine(url, pool_size=20)
     provider = PrometheusProvider(prometheus_url, max_workers=32)
     controller = Controller(

@@ -41,6 +41,8 @@ ACTOR = "controller"
 CAUSE = Cause(actor=ACTOR, source=Source.CONTROLLER)
 DEFAULT_IDEMPOTENCY_TTL = timedelta(hours=24)
 LEASE = timedelta(seconds=30)
+# Decisions one replica's controller makes at the same time (each holds a connection).
+DECISIONS_AT_ONCE = 8
 # A rollout whose decision failed (a database error) is due again this soon.
 RETRY_AFTER_FAILURE = timedelta(seconds=1)
 
@@ -91,6 +93,7 @@ class Controller:
         self.poll_seconds = poll_seconds
         self.idempotency_ttl = idempotency_ttl
         self._next_purge: datetime | None = None
+        self._deciding = asyncio.Semaphore(DECISIONS_AT_ONCE)
         # For liveness: when the loop started and last completed a pass (monotonic seconds).
         self._running_since: float | None = None
         self._last_pass: float | None = None
@@ -118,7 +121,10 @@ class Controller:
         rather than when the lease runs out."""
         measured = await self.measure(claim)
         try:
-            return await self._decide(measured)
+            # Measuring is waiting on Prometheus and runs wide; deciding holds a database
+            # connection and runs a few at a time, leaving the pool to the API.
+            async with self._deciding:
+                return await self._decide(measured)
         except Exception:
             log.exception(
                 "deciding about rollout %s failed; it is due again shortly", claim.rollout_id
