@@ -86,8 +86,13 @@ async def save_policy(
 
 async def lock_service(name: str, *, now: datetime, session: AsyncSession) -> ServiceRecord:
     """The service's row, created if missing (no policy of its own), locked for update."""
+    # Transitions lock the service before its rollout. The row almost always exists: lock it
+    # in one round trip; only a service's first writer creates it.
+    record = await session.get(ServiceRecord, name, with_for_update=True, populate_existing=True)
+    if record is not None:
+        return record
     # Concurrent first writers must not collide on the insert: create the row if missing,
-    # then everyone locks the same row. Transitions lock the service before its rollout.
+    # then everyone locks the same row.
     dialect = session.bind.dialect.name if session.bind else "postgresql"
     insert = postgresql_insert if dialect == "postgresql" else sqlite_insert
     await session.exec(

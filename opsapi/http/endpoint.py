@@ -615,19 +615,35 @@ def _internal_error() -> Problem:
     return Problem("an internal error occurred; nothing was changed")
 
 
-class _NotFinite(ValueError):
-    pass
+class _NotFinite:
+    """Stands in for a number that is not finite while reading, so that its place is named."""
+
+
+_NOT_FINITE = _NotFinite()
 
 
 def _refuse_constant(name: str) -> Any:
-    raise _NotFinite(name)
+    return _NOT_FINITE
 
 
-def _finite(text: str) -> float:
+def _finite(text: str) -> float | _NotFinite:
     value = float(text)
-    if not math.isfinite(value):  # 1e400 reads as infinity
-        raise _NotFinite(text[:32])
-    return value
+    return value if math.isfinite(value) else _NOT_FINITE  # 1e400 reads as infinity
+
+
+def _not_finite_at(value: Any, path: str = "") -> list[str]:
+    """Where `_NOT_FINITE` stands in `value`, as field paths (`gates.0.threshold`)."""
+    if value is _NOT_FINITE:
+        return [path or "body"]
+    items: Any = ()
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list):
+        items = enumerate(value)
+    found: list[str] = []
+    for key, item in items:
+        found += _not_finite_at(item, f"{path}.{key}" if path else str(key))
+    return found
 
 
 def read_json(raw: bytes, *, odd_text: Literal["refuse", "replace"] = "refuse") -> Any:
@@ -643,14 +659,18 @@ def read_json(raw: bytes, *, odd_text: Literal["refuse", "replace"] = "refuse") 
         document = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite)
     except RecursionError:
         raise BadRequest(_too_deep()) from None
-    except _NotFinite:
-        raise BadRequest("the request body holds a number that is not finite "
-                         "(NaN, Infinity or beyond the range of a double)") from None  # fmt: skip
     except ValueError:
         raise BadRequest("the request body is not valid JSON") from None
-    # Both walks are skipped when the text cannot hold what they look for (the usual case).
+    # The walks are skipped when the text cannot hold what they look for (the usual case).
     if text.count("[") + text.count("{") > MAX_JSON_DEPTH and _depth(document) > MAX_JSON_DEPTH:
         raise BadRequest(_too_deep())
+    places = _not_finite_at(document) if _may_hold_non_finite(text) else []
+    if places:
+        message = "must be a finite number (not NaN, Infinity or beyond the range of a double)"
+        raise Unprocessable(
+            "the request body holds a number that is not finite",
+            errors=[{"field": place, "message": message} for place in places[:20]],
+        )
     if "\\u" in text and _has_odd_text(document):
         if odd_text == "replace":
             return _replace_odd_text(document)
@@ -659,6 +679,11 @@ def read_json(raw: bytes, *, odd_text: Literal["refuse", "replace"] = "refuse") 
             "allowed in the request body"
         )
     return document
+
+
+def _may_hold_non_finite(text: str) -> bool:
+    # NaN, Infinity, or an exponent large enough to overflow a double.
+    return "NaN" in text or "Infinity" in text or "e" in text or "E" in text
 
 
 def _too_deep() -> str:
