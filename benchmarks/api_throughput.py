@@ -439,9 +439,9 @@ async def reopen(target: Target, services: Sequence[str]) -> None:
         await client.close()
 
 
-async def prepare(target: Target, kind: str, services: Sequence[str]) -> None:
+async def prepare(target: Target, kind: str, services: Sequence[str], settle: float = 1) -> None:
     """Before a run: let the last run's requests finish; for writes, open every rollout."""
-    await asyncio.sleep(1)
+    await asyncio.sleep(settle)
     if kind == "writes":
         await reopen(target, services)
 
@@ -928,7 +928,9 @@ def instrumented_serve(port: int, counts_file: Path, checkout: Path) -> int:
 
     def dump(*_: Any) -> None:
         counts["dumps"] += 1
+        counts["gc objects tracked"] = len(gc.get_objects())
         counts_file.write_text(json.dumps(counts))
+        counts["gc longest pause ms"] = 0  # the next dump says the longest since this one
 
     signal.signal(signal.SIGUSR1, dump)
     return cli.main(["serve", "--port", str(port)])
@@ -973,7 +975,13 @@ class Counted:
                 "gc gen1 collections", "gc gen2 collections", "gc pause ms"]  # fmt: skip
         figures = {key: (counts1[key] - counts0[key]) / per for key in keys}
         # Not per request: the longest garbage-collection pause seen so far in the process.
-        figures["gc longest pause ms (so far, not per request)"] = counts1["gc longest pause ms"]
+        figures["gc longest pause ms (in the window, not per request)"] = counts1[
+            "gc longest pause ms"
+        ]
+        figures["gc gen2 collections (in the window, not per request)"] = (
+            counts1["gc gen2 collections"] - counts0["gc gen2 collections"]
+        )
+        figures["gc objects tracked (not per request)"] = counts1["gc objects tracked"]
         statements = [((statements1[text] - statements0[text]) / per, text)
                       for text in statements1 if statements1[text] - statements0[text]]  # fmt: skip
         statements.sort(reverse=True)
@@ -1010,12 +1018,15 @@ async def count_round_trips(counted: Counted, services: Sequence[str], args: arg
         finally:
             await client.close()
 
+    answers: list[str] = []
+
     async def concurrent(kind: str, seconds: float = 5) -> None:
         etags = await etags_of(target, services) if kind == "weight304" else None
         script = lua_script(kind, token=target.token, services=services, threads=args.threads,
                             etags=etags)  # fmt: skip
-        await run_wrk(target.port, script, seconds=seconds, connections=args.clients,
-                      threads=args.threads, workdir=workdir)  # fmt: skip
+        run = await run_wrk(target.port, script, seconds=seconds, connections=args.clients,
+                            threads=args.threads, workdir=workdir)  # fmt: skip
+        answers[:] = [" ".join(f"{k[1:]}:{v}" for k, v in run.statuses.items() if v)]
 
     async def held_304() -> None:
         etag = (await etags_of(target, [LONG_POLL_SERVICE]))[0]
@@ -1033,7 +1044,8 @@ async def count_round_trips(counted: Counted, services: Sequence[str], args: arg
     plans: list[tuple[str, Callable[[], Awaitable[Any]], bool]] = []
     for kind, label in (("status", "status read"), ("weight", "weight read 200"),
                         ("weight304", "weight 304"), ("writes", "audited write")):  # fmt: skip
-        reopen_all = ("reopen", lambda kind=kind: prepare(target, kind, services), False)
+        # The counted server is slower (every statement crosses the proxy): settle longer.
+        reopen_all = ("reopen", lambda kind=kind: prepare(target, kind, services, 3), False)
         plans.append((f"{label}, 1 connection", lambda kind=kind: sequential(kind), True))
         plans.append(reopen_all)
         plans.append(("warm-up", lambda kind=kind: concurrent(kind, 2), False))
@@ -1046,8 +1058,10 @@ async def count_round_trips(counted: Counted, services: Sequence[str], args: arg
         if not measured:
             await work()
             continue
+        answers[:] = []
         figures, statements, requests = await counted.measure(work)
-        block = [f"\n  {label}: {requests} requests; per request:"]
+        mix = f" (wrk saw {answers[0]})" if answers else ""
+        block = [f"\n  {label}: {requests} requests{mix}; per request:"]
         block.append("    " + ", ".join(f"{key} {value:.2f}" for key, value in figures.items()
                                           if value))  # fmt: skip
         if figures["audit writer groups"]:
@@ -1312,6 +1326,8 @@ async def main() -> None:
         await admin.close()
         if args.json:
             args.json.write_text(json.dumps(record, indent=1, default=str))
+            for log in workdir.glob("*.log"):  # the servers' own lines, for any 5xx seen
+                shutil.copy(log, args.json.with_suffix(f".{log.name}"))
         shutil.rmtree(workdir, ignore_errors=True)
 
 
