@@ -174,7 +174,8 @@ def _serve(settings: Settings, host: str, port: int) -> int:
     # down is one clear line here, not a failed server start.
     asyncio.run(_prepare(settings))
     settings = settings.model_copy(update={"migrate_on_start": False})
-    code = 0 if _run_server(create_app(settings), settings, host, port) else 1
+    app = create_app(settings, freeze_startup_objects=True)
+    code = 0 if _run_server(app, settings, host, port) else 1
     _abandon_hung_threads(code)
     return code
 

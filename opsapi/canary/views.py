@@ -82,14 +82,22 @@ def _actor(call: Call) -> Actor:
     return Actor(Trigger.USER, call.identity.subject)
 
 
-async def _transition(call: Call, name: str, event: machine.Event, **kwargs: Any) -> Response:
+async def _transition(
+    call: Call,
+    name: str,
+    event: machine.Event,
+    *,
+    locked: tuple[ServiceRecord, RolloutRecord | None] | None = None,
+    policy: Policy | None = None,
+) -> Response:
     """Run `event` through the one interpreter; answer once the router has applied it."""
-    applied = await call.effects.run(
-        name, event, now=call.now, cause=call.cause(), session=call.session, **kwargs
-    )
+    row, record = locked or await call.effects.lock(name, now=call.now, session=call.session)
+    applied = await call.effects.apply(
+        row, record, event, now=call.now, cause=call.cause(), session=call.session,
+        policy=policy,
+    )  # fmt: skip
     call.rollout_id = applied.record.id
-    outbound = await _outbound(call.session, applied.record.id)
-    call.after_commit.append(lambda: _answer(call, applied, outbound))
+    call.after_commit.append(lambda: _answer(call, applied))
     return call.pending()
 
 
@@ -110,8 +118,11 @@ async def _outbound(session: AsyncSession, rollout_id: int | None) -> dict[str, 
     return outbound
 
 
-async def _answer(call: Call, applied: Applied, outbound: dict[str, Any]) -> Response:
+async def _answer(call: Call, applied: Applied) -> Response:
     await call.effects.finish(applied)
+    # Read after the commit: the transaction (and the audit chain's lock) ends sooner.
+    async with call.runtime.sessions() as session:
+        outbound = await _outbound(session, applied.record.id)
     view = rollout_view(applied.record, applied.service, call.now, **outbound)
     return JSONResponse(view.model_dump(mode="json"))
 
@@ -128,16 +139,16 @@ async def promote(call: Call) -> Response:
         call.require(Role.ADMIN, "target_percent")
     override = _override(call, body)
     call.details.update(body.model_dump(exclude_none=True, exclude={"service"}))
-    record = await service.open_rollout(body.service, session=call.session)
-    if record is None:
+    # Decide start or promote on the rows as locked (the service, then its latest rollout).
+    locked = await call.effects.lock(body.service, now=call.now, session=call.session)
+    row, record = locked
+    if record is None or record.state not in OPEN_STATES:
         if body.version is None:
             raise Conflict(
                 f"{body.service} has no open rollout; give a version to start one",
                 reason_code="no_open_rollout",
             )
-        policy = await service.load_policy(
-            body.service, default=call.runtime.default_policy, session=call.session
-        )
+        policy = service.policy_of(row, call.runtime.default_policy)
         start = machine.Start(
             service=body.service,
             canary_version=body.version,
@@ -151,7 +162,7 @@ async def promote(call: Call) -> Response:
             override=override,
             lease=policy.effective_lease(),
         )
-        return await _transition(call, body.service, start, policy=policy)
+        return await _transition(call, body.service, start, locked=locked, policy=policy)
     call.rollout_id = record.id
     if body.version is not None and body.version != record.canary_version:
         raise Conflict(
@@ -168,7 +179,7 @@ async def promote(call: Call) -> Response:
         reason=body.reason,
         override=override,
     )
-    return await _transition(call, body.service, event)
+    return await _transition(call, body.service, event, locked=locked)
 
 
 def _override(call: Call, body: PromoteBody) -> machine.Override | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 from collections.abc import AsyncIterator
 
@@ -48,8 +49,13 @@ def create_app(
     clock: Clock = system_clock,
     verifier: TokenVerifier | None = None,
     gate_provider: GateProvider | None = None,
+    freeze_startup_objects: bool = False,
 ) -> Starlette:
-    """Build the application; the database and controller start with its lifespan."""
+    """Build the application; the database and controller start with its lifespan.
+
+    `freeze_startup_objects` (a server process, not tests building many apps): once started,
+    move everything alive into the garbage collector's permanent generation, so that full
+    collections stop rescanning it (they paused the loop 100+ ms under load)."""
     settings = settings or Settings()
 
     @contextlib.asynccontextmanager
@@ -60,6 +66,9 @@ def create_app(
             app.state.runtime = runtime
             app.state.controller = runtime.controller
             app.state.pagerduty_worker = runtime.delivery
+            if freeze_startup_objects:
+                gc.collect()
+                gc.freeze()
             try:
                 yield
             finally:
