@@ -18,7 +18,7 @@ from opsapi.canary.models import FreezeRecord, Incident, RejectedVersion
 from opsapi.canary.policy import SERVICE_NAME, VERSION, is_service_name
 from opsapi.errors import NotFound, Unprocessable
 from opsapi.http.endpoint import Call, endpoint
-from opsapi.http.params import iso
+from opsapi.http.params import INT32_MAX, iso, path_id
 
 
 def _incident_view(incident: Incident) -> dict[str, Any]:
@@ -71,18 +71,10 @@ async def create_freeze(call: Call) -> Response:
     return JSONResponse(view, status_code=201)
 
 
-def _id_param(call: Call) -> int:
-    raw = str(call.request.path_params["freeze_id"])
-    if not (raw.isascii() and raw.isdigit() and len(raw) <= 9):
-        message = "freeze ids are whole numbers"
-        raise Unprocessable(message, errors=[{"field": "freeze_id", "message": message}])
-    return int(raw)
-
-
 @endpoint(action="freeze.delete", role=Role.ADMIN, mutating=True)
 async def delete_freeze(call: Call) -> Response:
     """End an API-set freeze window now (server-configured windows live in the freezes file)."""
-    freeze_id = _id_param(call)
+    freeze_id = path_id(call.request, "freeze_id", high=INT32_MAX)
     record = await call.session.get(FreezeRecord, freeze_id, with_for_update=True)
     if record is None or record.deleted_at is not None:
         raise NotFound(f"no freeze window {freeze_id}")

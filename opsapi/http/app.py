@@ -127,15 +127,23 @@ async def readyz(request: Request) -> Response:
 async def metrics(request: Request) -> Response:
     """The product's own metrics in the Prometheus exposition format."""
     runtime: Runtime = request.app.state.runtime
-    async with runtime.sessions() as session:
-        open_rollouts = await canary_service.list_open(session=session)
-        runtime.metrics.pagerduty_pending.set(await pagerduty_outbox.pending_count(session))
-        runtime.metrics.notifications_pending.set(await notifications_outbox.pending_count(session))
-    await publish_head(runtime.engine, runtime.metrics)
-    runtime.metrics.open_rollouts.set(len(open_rollouts))
-    runtime.metrics.rollout_weight.clear()
-    for record in open_rollouts:
-        runtime.metrics.rollout_weight.labels(record.service).set(record.desired_weight)
+    try:
+        async with runtime.sessions() as session:
+            open_rollouts = await canary_service.list_open(session=session)
+            pagerduty = await pagerduty_outbox.pending_count(session)
+            notifications = await notifications_outbox.pending_count(session)
+        await publish_head(runtime.engine, runtime.metrics)
+    except Exception as error:
+        # The process's own metrics still answer while the database does not: that is when
+        # they matter. The gauges read from the database keep their last values.
+        log.warning("metrics without the database (%s)", type(error).__name__)
+    else:
+        runtime.metrics.pagerduty_pending.set(pagerduty)
+        runtime.metrics.notifications_pending.set(notifications)
+        runtime.metrics.open_rollouts.set(len(open_rollouts))
+        runtime.metrics.rollout_weight.clear()
+        for record in open_rollouts:
+            runtime.metrics.rollout_weight.labels(record.service).set(record.desired_weight)
     return Response(generate_latest(runtime.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import httpx
 import pytest
 
 from opsapi.auth.tokens import LocalSigner
@@ -233,6 +234,10 @@ def test_a_stopped_database_gives_503_with_retry_after_on_a_kept_connection(
         assert outcomes == Counter({UNAVAILABLE: 3 * len(requests)})
         assert client.http.sock is not None
         assert client.http.sock.getsockname() == socket_name  # one connection all along
+        # and the process's own metrics still answer (that is when they matter)
+        metrics = httpx.get(f"http://127.0.0.1:{server.port}/metrics", timeout=10)
+        assert metrics.status_code == 200
+        assert "opsapi_http_requests_total" in metrics.text
     finally:
         server.cluster.start()
 
