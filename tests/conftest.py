@@ -47,7 +47,16 @@ async def pg_url(pg_database: tuple[str, str]) -> str:
     try:
         # The audit table refuses TRUNCATE by trigger; tests may empty it with triggers off.
         await connection.execute("SET session_replication_role = replica")
-        await connection.execute(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY")
+        # A module-scoped server (opsctl, console) keeps its controller running between tests;
+        # its row locks can meet TRUNCATE's table locks in a deadlock, which PostgreSQL breaks
+        # by failing one side: when it fails ours, empty the tables again.
+        for attempt in range(5):
+            try:
+                await connection.execute(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY")
+                break
+            except asyncpg.exceptions.DeadlockDetectedError:
+                if attempt == 4:
+                    raise
     finally:
         await connection.close()
     return url
