@@ -55,8 +55,12 @@ FULL_POLICY: dict[str, Any] = {
     ],
     "min_sample": {"query": "sum(rate(http_requests_total[5m]))", "min": 10.0},
     "router": {"name": "pull"},
-    "pagerduty": {"service_ids": ["PABC123"], "priorities": ["P1", "P2"], "urgencies": ["high"],
-                  "dependants": ["cart"]},
+    "pagerduty": {
+        "service_ids": ["PABC123"],
+        "priorities": ["P1", "P2"],
+        "urgencies": ["high"],
+        "dependants": ["cart"],
+    },
     "notify": [],
 }
 

@@ -140,8 +140,11 @@ async def test_a_version_rolled_back_by_a_breach_is_not_started_again(
               'code=~"5.."}[3s])) or vector(0)) / sum(rate(http_requests_total{'
               'service="{service}",version="{canary_version}"}[3s]))')  # fmt: skip
     async with running_app(pg_url, key_file, prometheus_url=prometheus.url) as api:
-        policy = {"steps": STEPS, "interval": "1s",
-                  "gates": [{"name": "errors", "query": errors, "op": "<", "threshold": 0.05}]}
+        policy = {
+            "steps": STEPS,
+            "interval": "1s",
+            "gates": [{"name": "errors", "query": errors, "op": "<", "threshold": 0.05}],
+        }
         assert (await api.put("/services/rejecting", policy)).is_success
         # given v2 whose errors breach its gate, rolled back by the controller
         metrics_app.set("rejecting", "v2", rps=40, error_ratio=0.5)

@@ -54,9 +54,7 @@ async def test_a_hung_prometheus_delays_no_other_rollout(
                 await api.post("/canary/promote", {"service": "plain", "version": "v2"})
 
                 # then it becomes ready when its wait is over, not when the hung query times out
-                took = await eventually(
-                    lambda: _in(api, "plain", "awaiting_promotion"), timeout=4
-                )
+                took = await eventually(lambda: _in(api, "plain", "awaiting_promotion"), timeout=4)
                 assert took < 3
                 # and the gated one is held, never promoted on missing evidence
                 assert await state(api, "gated") == "progressing"

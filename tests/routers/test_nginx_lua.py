@@ -635,7 +635,6 @@ def test_nginx_config_command(
     assert "router 'nope' is not an nginx-lua instance" in capsys.readouterr().err
 
 
-
 async def test_an_nginx_that_lost_its_weights_is_repaired_by_reconcile(
     routed: Harness, edge: Edge, servers: Backends
 ) -> None:
