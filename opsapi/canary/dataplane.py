@@ -59,6 +59,8 @@ class _Entry:
 
 
 Loader = Callable[[str], Awaitable[WeightDocument]]
+# Records that a client fetched (rollout id, generation); whether this call recorded it.
+FetchRecorder = Callable[[int, int], Awaitable[bool]]
 
 
 class WeightCache:
@@ -70,6 +72,9 @@ class WeightCache:
         self._loading: dict[str, asyncio.Future[WeightDocument]] = {}
         # False while no database listener keeps copies fresh (SQLite keeps them fresh itself).
         self.listening = False
+        # The (rollout, generation) of each service whose first fetch this replica recorded.
+        self._fetched: dict[str, tuple[int, int]] = {}
+        self._recording: set[asyncio.Task[None]] = set()
 
     async def get(self, service: str, load: Loader) -> WeightDocument:
         """The current document (loaded once even when many polls ask at the same moment)."""
@@ -94,6 +99,30 @@ class WeightCache:
         self._entries[service] = _Entry(document, time.monotonic())
         future.set_result(document)
         return document
+
+    def fetched(self, service: str, document: WeightDocument, record: FetchRecorder) -> None:
+        """A client now holds `document`: for the pull router, its generation is applied
+        (DESIGN §11). Recorded once per generation and replica, in the background (the poll
+        does not wait for a write); a failed recording is retried by the next fetch."""
+        if not document.pull or document.rollout_id is None or document.generation is None:
+            return
+        key = (document.rollout_id, document.generation)
+        if self._fetched.get(service) == key:
+            return
+        self._fetched[service] = key
+        task = asyncio.create_task(self._record_fetch(service, key, record))
+        self._recording.add(task)
+        task.add_done_callback(self._recording.discard)
+
+    async def _record_fetch(
+        self, service: str, key: tuple[int, int], record: FetchRecorder
+    ) -> None:
+        try:
+            await record(*key)
+        except Exception as error:
+            log.warning("recording a fetch of %s failed: %s", service, error.__class__.__name__)
+            if self._fetched.get(service) == key:
+                del self._fetched[service]
 
     def invalidate(self, service: str) -> None:
         """The service's document changed: drop the copy, wake its long polls."""

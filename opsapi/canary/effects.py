@@ -207,12 +207,9 @@ class Effects:
         if any(isinstance(e, SetWeight | SwapSlots) for e in transition.effects):
             # A new weight, or new roles for the slots (the same percentage may now mean that
             # another version is stable): the router owes a new generation.
+            # The pull router's generation is applied when a client fetches it (DESIGN §11):
+            # the weight endpoint records that, not the commit.
             record.generation += 1
-            if record.router.get("name", PULL) == PULL:
-                # The pull router's clients read the committed weight: committing is applying.
-                record.applied_weight = record.desired_weight
-                record.applied_generation = record.generation
-                record.router_error = None
         if transition.service is not None:
             service.store_service(row, transition.service, now)
             session.add(row)
@@ -288,15 +285,10 @@ class Effects:
         if self.weights is not None and applied.changed:
             self.weights.invalidate(applied.record.service)
         record = applied.record
-        safe = record.time_to_safe
-        rolled = record.state in (State.ROLLED_BACK, State.REVERTED)
-        if safe and safe.get("seconds") is not None and applied.moved and rolled:
-            # A pull router's rollback is applied by its commit: its time to safe is known now.
-            self.metrics.time_to_safe.labels(safe["trigger"], safe["router"]).observe(
-                safe["seconds"]
-            )
         if self.traffic is None or record.id is None or not applied.moved or record.converged:
             return applied
+        if record.router.get("name", PULL) == PULL:
+            return applied  # applied when a client fetches it (the weight endpoint records it)
         apply = self.traffic.apply(
             record.id, record.service, reason=_reason(applied), committed_at=self.traffic.clock()
         )
@@ -360,16 +352,15 @@ def _service_state(
 
 def _time_to_safe(record: RolloutRecord, cause: Cause, now: datetime) -> dict[str, Any]:
     """The instants of a rollback known at its decision; the router fills in the rest."""
-    pull = record.router.get("name", PULL) == PULL
     return {
         "trigger": record.triggered_by,
         "router": record.router.get("name", PULL),
         "detected_at": (cause.detected_at or now).isoformat(),
         "decided_at": now.isoformat(),
-        # The pull router's weight is what clients read: committed is applied (not confirmed).
-        "applied_at": now.isoformat() if pull else None,
+        # Filled in when the router applies 0 % (for pull: when a client first fetches it).
+        "applied_at": None,
         "confirmed_at": None,
-        "seconds": (now - (cause.detected_at or now)).total_seconds() if pull else None,
+        "seconds": None,
     }
 
 

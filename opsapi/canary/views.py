@@ -312,6 +312,13 @@ async def rollout_weight(call: Call) -> Response:
         await cache.wait_change(name, etag, wait, load)
         document = await cache.get(name, load)
     call.rollout_id = document.rollout_id
+    caller = call.identity.subject
+
+    async def record_fetch(rollout_id: int, generation: int) -> bool:
+        return await call.runtime.traffic.fetched(rollout_id, generation, caller=caller)
+
+    # A 200, or a 304 for the current tag: either way this client now holds the document.
+    cache.fetched(name, document, record_fetch)
     # Polls are audited as one event per caller, service and minute (DESIGN §11).
     call.audited = True
     call.runtime.polls.count(

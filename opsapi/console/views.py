@@ -968,11 +968,13 @@ def _done(action: str, service: str, rollout: Any) -> str:
     state, version = rollout.get("state"), rollout.get("canary_version")
     line = f"{_DONE[action]} {service}: {state}, {version} at {rollout.get('desired_weight')} %"
     if action in ("rollback", "revert"):
-        line += (
-            ", traffic at 0 % confirmed by the router"
-            if rollout.get("traffic_at_zero")
-            else ", the router has not confirmed 0 % yet (it keeps retrying)"
-        )
+        router = rollout.get("router") or {}
+        if rollout.get("traffic_at_zero"):
+            line += ", traffic at 0 % confirmed by the router"
+        elif router.get("name", "pull") == "pull":
+            line += ", 0 % published: applied when a client fetches it"
+        else:
+            line += ", the router has not confirmed 0 % yet (it keeps retrying)"
     return line + "."
 
 

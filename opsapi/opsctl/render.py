@@ -244,6 +244,16 @@ def gate_table(gates: Sequence[Mapping[str, Any]], now: datetime | None = None) 
     return Listing("Gates", columns, rows)
 
 
+def _percent(weight: object) -> str:
+    return DASH if weight is None else f"{weight}%"
+
+
+def _pull(rollout: Mapping[str, Any]) -> bool:
+    """Whether clients pull the rollout's weight (applied when one fetches it)."""
+    router = rollout.get("router")
+    return isinstance(router, Mapping) and router.get("name", "pull") == "pull"
+
+
 def weights(rollout: Mapping[str, Any]) -> Text:
     """Desired vs applied weight, with the router's error if it has one."""
     desired, applied = rollout.get("desired_weight"), rollout.get("applied_weight")
@@ -251,9 +261,14 @@ def weights(rollout: Mapping[str, Any]) -> Text:
     text.append("Weight ", style="bold")
     text.append(f"desired {desired}%")
     text.append(" · ")
-    text.append(f"applied {applied}%", style="green" if desired == applied else "bold yellow")
+    text.append(
+        f"applied {_percent(applied)}", style="green" if desired == applied else "bold yellow"
+    )
     if desired != applied:
-        text.append("  (router has not applied it yet)", style="yellow")
+        pending = (
+            "no client has fetched it yet" if _pull(rollout) else "router has not applied it yet"
+        )
+        text.append(f"  ({pending})", style="yellow")
     router = rollout.get("router")
     if isinstance(router, Mapping) and router.get("name"):
         text.append(f"  router {router.get('name')}", style="dim")
@@ -451,7 +466,9 @@ def traffic_text(rollout: Mapping[str, Any]) -> Text:
     else:
         text.append("\n        not there yet: ", style="bold yellow")
         canary = next((row for row in rows if row.slot == rollout.get("canary_slot")), None)
-        if applied is None or canary is None:
+        if _pull(rollout):
+            text.append("no pull client has fetched it yet", style="yellow")
+        elif applied is None or canary is None:
             text.append("the router has not confirmed a weight", style="yellow")
         else:
             text.append(
@@ -604,7 +621,9 @@ def summary(rollout: Mapping[str, Any]) -> Text:
     if state == "rolled_back":
         text.append(f" — canary weight {rollout.get('desired_weight')}%")
         at_zero = rollout.get("traffic_at_zero")
-        if at_zero is False or rollout.get("applied_weight") not in (0, None):
+        if _pull(rollout) and not at_zero:
+            text.append(" (published; no client has fetched it yet)", style="yellow")
+        elif at_zero is False or rollout.get("applied_weight") not in (0, None):
             text.append(
                 f" (router still applies {rollout.get('applied_weight')}%)", style="bold yellow"
             )
@@ -639,8 +658,9 @@ class Column:
 def _extent(column: Column, cells: Sequence[Text]) -> tuple[int, int]:
     """The narrowest width `column` reads well at (its longest unbreakable word) and the width
     it needs for every line unbroken."""
-    narrowest, widest = 1, 1
-    for text in (Text(column.header), *cells):
+    # A heading stays on one line: a heading broken over two reads as two columns' words.
+    narrowest = widest = max(1, cell_len(column.header))
+    for text in cells:
         for line in text.plain.splitlines() or [""]:
             widest = max(widest, cell_len(line))
             words = [line] if column.no_wrap else line.split()
@@ -799,7 +819,7 @@ def rollouts_table(rollouts: Iterable[Mapping[str, Any]], *, title: str) -> List
         desired, applied = rollout.get("desired_weight"), rollout.get("applied_weight")
         weight = Text(f"{desired}%")
         if desired != applied:
-            weight.append(f"\n(applied {applied}%)", style="yellow")
+            weight.append(f"\n(applied {_percent(applied)})", style="yellow")
         name = Text(str(rollout.get("service")), style="bold")
         name.append(f" #{rollout.get('id')}", style="dim")
         step = Text(f"{index + 1}/{len(steps)}" if steps else DASH)
@@ -841,7 +861,7 @@ def services_table(services: Iterable[Mapping[str, Any]], *, title: str) -> List
             desired, applied = latest.get("desired_weight"), latest.get("applied_weight")
             weight = Text(f"{desired}%")
             if desired != applied:
-                weight.append(f"\n(applied {applied}%)", style="yellow")
+                weight.append(f"\n(applied {_percent(applied)})", style="yellow")
         router = _lines(
             str(item.get("router") or DASH),
             None if item.get("configured") else _dim("default policy"),

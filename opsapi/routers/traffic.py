@@ -246,6 +246,19 @@ class Traffic:
             return "the router failed unexpectedly"
         return None
 
+    async def fetched(self, rollout_id: int, generation: int, *, caller: str) -> bool:
+        """A pull client fetched `generation` of the rollout's weight: record it as applied
+        (audited, and a rollback's time to safe), once; whether this call recorded it."""
+        async with self.sessions() as session:
+            record = await session.get(RolloutRecord, rollout_id)
+        if record is None or record.generation != generation or record.converged:
+            return False
+        outcome = await self._record(
+            rollout_id, record.desired_weight, generation, None,
+            reason=f"fetched by {caller}", only_generation=generation,
+        )  # fmt: skip
+        return outcome.generation == generation
+
     async def _record(
         self,
         rollout_id: int,
@@ -255,11 +268,17 @@ class Traffic:
         *,
         reason: str,
         committed_at: datetime | None = None,
+        only_generation: int | None = None,
     ) -> ApplyOutcome:
         now = self.clock()
         async with self.sessions() as session, session.begin():
             record = await session.get(RolloutRecord, rollout_id, with_for_update=True)
             assert record is not None
+            if only_generation is not None and (
+                record.generation != only_generation or record.converged
+            ):
+                # Another replica recorded the fetch first, or a newer generation is out.
+                return ApplyOutcome(record.applied_weight, None, None, record.time_to_safe)
             first_failure = error is not None and record.router_error is None
             recovered = error is None and record.router_error is not None
             if error is None:
@@ -354,8 +373,12 @@ class Traffic:
             if not safe or safe.get("confirmed_at") or safe.get("unconfirmed_paged_at"):
                 continue
             router = self.router_for(candidate.router)
-            if safe.get("applied_at") and (router is None or not getattr(router, "confirms", True)):
-                continue  # applied where nothing can confirm it (pull, webhook): not unconfirmed
+            if router is None:
+                # Pull: applied when a client fetches it; with no client polling there is no
+                # traffic to move, so no page (the view shows it unapplied).
+                continue
+            if safe.get("applied_at") and not getattr(router, "confirms", True):
+                continue  # applied where nothing can confirm it (webhook): not unconfirmed
             if now - datetime.fromisoformat(safe["decided_at"]) < self.confirm_within:
                 continue
             async with self.sessions() as session, session.begin():

@@ -9,14 +9,17 @@ async def test_promote_starts_at_the_first_step(api_any_db: Harness) -> None:
     # when an operator promotes a version of a service with no rollout
     response = await api_any_db.post("/canary/promote", {"service": "checkout", "version": "v2"})
 
-    # then a rollout starts at 10 %, applied by the pull router
+    # then a rollout starts at 10 %, published for the pull router's clients
     assert response.status_code == 200, response.text
     rollout = response.json()
     assert rollout["state"] == "progressing"
-    assert rollout["desired_weight"] == rollout["applied_weight"] == 10
+    assert (rollout["desired_weight"], rollout["applied_weight"]) == (10, None)
     assert rollout["triggered_by"] == "user"
     weight = await api_any_db.get("/canary/checkout/weight")
     assert weight.json()["weight"] == 10
+    # and applied once a client has fetched it
+    view = await api_any_db.fetch_weight("checkout")
+    assert view["desired_weight"] == view["applied_weight"] == 10
 
 
 async def start(api: Harness, service: str = "checkout", version: str = "v2") -> dict[str, object]:
@@ -54,7 +57,7 @@ async def test_promote_after_the_wait_advances_to_25(api: Harness) -> None:
 
     assert response.status_code == 200, response.text
     rollout = response.json()
-    assert rollout["desired_weight"] == rollout["applied_weight"] == 25
+    assert rollout["desired_weight"] == 25
     assert rollout["step_index"] == 1
     assert rollout["state"] == "progressing"
     assert rollout["time_left"] == "15m"
@@ -88,10 +91,13 @@ async def test_rollback_sets_weight_zero_and_rolled_back(api: Harness) -> None:
     assert response.status_code == 200, response.text
     rollout = response.json()
     assert rollout["state"] == "rolled_back"
-    assert rollout["desired_weight"] == rollout["applied_weight"] == 0
-    assert rollout["traffic_at_zero"] is True
+    assert (rollout["desired_weight"], rollout["applied_weight"]) == (0, None)
+    # no pull client has fetched the 0 % yet: traffic is not known to be at zero
+    assert rollout["traffic_at_zero"] is False
     assert rollout["reason"] == "p99 spike"
     assert (await api.get("/canary/checkout/weight")).json()["weight"] == 0
+    view = await api.fetch_weight("checkout")
+    assert (view["applied_weight"], view["traffic_at_zero"]) == (0, True)
     [event] = await api.audit_events(action="canary.rollback")
     assert event.outcome == "success"
     assert event.details["reason"] == "p99 spike"

@@ -107,6 +107,23 @@ def test_a_long_poll_on_one_replica_returns_when_another_changes_the_weight(
         assert (response.json()["weight"], response.json()["state"]) == (0, "rolled_back")
         assert result["latency"] < 0.1, result["latency"]
 
+        # and the rollback is applied by that fetch, recorded once though both replicas serve it
+        assert httpx.get(f"{b}/canary/{SERVICE}/weight", headers=client).json()["weight"] == 0
+        polls += 1
+        view: dict[str, Any] = {}
+        for _ in range(100):
+            view = httpx.get(f"{b}/canary/{SERVICE}", headers=operator).json()
+            if view["traffic_at_zero"]:
+                break
+            time.sleep(0.05)
+        assert (view["applied_weight"], view["traffic_at_zero"]) == (0, True), view
+        assert view["time_to_safe"]["applied_at"] is not None
+        time.sleep(0.3)  # B's own record of its fetch, if it wrongly made one, has landed
+        applies = asyncio.run(_applies(pg_url))
+        assert [(row["weight"], row["reason"]) for row in applies] == [
+            (10, "fetched by pod-7"), (0, "fetched by pod-7")
+        ]
+
         # and when the servers stop, the polls are audited as one event per caller and minute
         for server in servers:
             server.send_signal(signal.SIGTERM)
@@ -117,6 +134,18 @@ def test_a_long_poll_on_one_replica_returns_when_another_changes_the_weight(
     finally:
         for server in servers:
             stop(server)
+
+
+async def _applies(url: str) -> list[dict[str, Any]]:
+    connection = await asyncpg.connect(url.replace("+asyncpg", ""))
+    try:
+        rows = await connection.fetch(
+            "SELECT (details->>'weight')::int AS weight, details->>'reason' AS reason"
+            " FROM audit_event WHERE action = 'router.apply' ORDER BY id"
+        )
+    finally:
+        await connection.close()
+    return [dict(row) for row in rows]
 
 
 async def _poll_events(url: str) -> list[dict[str, Any]]:

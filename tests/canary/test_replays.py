@@ -86,6 +86,7 @@ async def assert_replayed(api: Harness, path: str, body: dict[str, Any], key: st
     first = await keyed(api, path, body, key)
     assert first.status_code == 200, first.text
     api.clock.advance(seconds=7)  # a replay later must not recompute anything
+    await api.fetch_weight(SERVICE)  # even once a pull client has applied the new weight
     again = await keyed(api, path, body, key)
     assert again.headers["idempotent-replayed"] == "true"
     assert again.status_code == first.status_code

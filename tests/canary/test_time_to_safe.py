@@ -151,25 +151,48 @@ async def test_a_rollback_never_confirmed_pages_after_the_bound(
     assert "haproxy" in (event.details["router_error"] or "")
 
 
-async def test_a_pull_rollback_is_safe_when_committed_and_never_paged(api: Harness) -> None:
+async def test_a_pull_rollback_is_safe_when_a_client_fetches_it_and_never_paged(
+    api: Harness,
+) -> None:
+    # given a pull rollout at 25 % that a client has fetched
     pull = {"steps": [{"weight": 25, "wait": "1m"}, {"weight": 100, "wait": "1m"}], "gates": [],
             "pagerduty": {"service_ids": [], "routing_key": ROUTING_KEY}}  # fmt: skip
     assert (await api.put("/services/pulled", pull)).is_success
     assert (await api.post("/canary/promote", {"service": "pulled", "version": "v2"})).is_success
+    assert (await api.fetch_weight("pulled"))["applied_weight"] == 25
 
+    # when it is rolled back
     rolled = await api.post("/canary/rollback", {"service": "pulled", "reason": "errors"})
 
-    # the commit is the apply (clients read the committed weight): counted, nothing to confirm
-    safe = rolled.json()["time_to_safe"]
-    assert (safe["router"], safe["confirmed_at"]) == ("pull", None)
-    assert safe["applied_at"] == safe["decided_at"]
-    assert safe["seconds"] is not None
-    metrics = (await api.client.get("/metrics")).text
-    for family in text_string_to_metric_families(metrics):
-        if family.name == "opsapi_rollback_time_to_safe_seconds":
-            counts = [s.value for s in family.samples if s.name.endswith("_count")
-                      and s.labels == {"trigger": "user", "router": "pull"}]  # fmt: skip
-            assert counts == [1]
-    # and past the bound, nothing pages: there is nothing a pull router could confirm
+    # then committing is not applying: until a client fetches the 0 %, traffic is not at zero
+    body = rolled.json()
+    safe = body["time_to_safe"]
+    assert (safe["router"], safe["applied_at"], safe["seconds"]) == ("pull", None, None)
+    assert (body["applied_weight"], body["traffic_at_zero"]) == (25, False)
+    # past the bound nothing pages: with no client polling there is no traffic to move
     api.clock.advance(seconds=30)
+    assert await api.runtime.traffic.page_unconfirmed() == 0
+
+    # when a client fetches the rollback 30 s after the decision
+    view = await api.fetch_weight("pulled")
+
+    # then it is applied at that fetch (time to safe 30 s, counted), still nothing to confirm
+    assert view["applied_weight"] == 0
+    safe = view["time_to_safe"]
+    assert view["traffic_at_zero"] is True
+    assert (safe["confirmed_at"], safe["seconds"]) == (None, 30.0)
+    assert safe["applied_at"] == "2026-11-22T12:00:30+00:00"
+    metrics = (await api.client.get("/metrics")).text
+    counts = [s.value for family in text_string_to_metric_families(metrics)
+              if family.name == "opsapi_rollback_time_to_safe_seconds"
+              for s in family.samples if s.name.endswith("_count")
+              and s.labels == {"trigger": "user", "router": "pull"}]  # fmt: skip
+    assert counts == [1]
+    # a second fetch of the same generation records nothing more
+    assert (await api.get("/canary/pulled/weight")).status_code == 200
+    audit = (await api.get("/audit?action=router.apply&service=pulled", role="auditor")).json()
+    applies = [event["details"] for event in audit["items"]]
+    assert [(a["weight"], a["reason"]) for a in applies] == [
+        (0, "fetched by viewer-user"), (25, "fetched by viewer-user")
+    ]
     assert await api.runtime.traffic.page_unconfirmed() == 0

@@ -270,7 +270,8 @@ async def test_a_console_action_is_the_api_call_with_the_user_as_actor(api: Harn
     # Then the rollout is rolled back, and the page said so
     assert await latest_state(api) == "rolled_back"
     assert "Rolled back checkout: rolled_back" in page
-    assert "traffic at 0 % confirmed by the router" in page
+    # (the pull router: applied when a client fetches the 0 %, none has yet)
+    assert "0 % published: applied when a client fetches it" in page
     # and the audit log holds the API's own events, with alice as the actor
     [event] = await api.audit_events(action="canary.rollback")
     assert event.actor == "alice"

@@ -132,15 +132,16 @@ async def test_set_weight_overrides_and_pauses_the_rollout(api: Harness) -> None
                                                  "reason": "hold at 40 for the sale"})  # fmt: skip
 
     assert response.status_code == 200
-    rollout = (await api.get("/canary/checkout")).json()
+    assert (await api.get("/canary/checkout/weight")).json()["weight"] == 40
+    rollout = await api.fetch_weight("checkout")
     assert rollout["desired_weight"] == rollout["applied_weight"] == 40
     assert rollout["state"] == "paused"
-    assert (await api.get("/canary/checkout/weight")).json()["weight"] == 40
     [event] = await api.audit_events(action="execute.set-weight")
     assert event.details["params"]["reason"] == "hold at 40 for the sale"
     # a rollback still works from the override
     rolled = await api.post("/canary/rollback", {"service": "checkout", "reason": "done"})
-    assert rolled.json()["applied_weight"] == 0
+    assert (rolled.json()["state"], rolled.json()["desired_weight"]) == ("rolled_back", 0)
+    assert (await api.fetch_weight("checkout"))["applied_weight"] == 0
 
 
 async def test_operations_on_a_service_without_rollout_are_404(api: Harness) -> None:

@@ -134,7 +134,7 @@ async def test_errors_at_25_roll_back_within_for_plus_two_intervals(
     # then the controller rolled it back within `for` (2 s) + 2 intervals (2 s), allowing 2 s
     # for the 1 s scrape and the rate window to show the errors
     assert took <= 2 + 2 + 2
-    view = await rollout(live, "errors")
+    view = await live.fetch_weight("errors")
     assert view["desired_weight"] == view["applied_weight"] == 0
     assert view["triggered_by"] == "controller"
     assert "error-rate" in view["reason"]

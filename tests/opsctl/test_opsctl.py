@@ -247,12 +247,16 @@ def test_promote_starts_a_rollout_and_status_shows_the_ladder(server: Server) ->
     assert "10% ▶ → 25% → 50% → 75% → 100%" in shown.out
     assert "of 30m wait" in shown.out
     assert "left" in shown.out
-    assert "desired 10%" in shown.out
-    assert "applied 10%" in shown.out
+    assert "desired 10% · applied — (no client has fetched it yet)" in flat(shown.out)
     assert listed.code == 0, listed.err
     assert "checkout" in listed.out
     assert "progressing" in listed.out
     assert "1/5" in listed.out
+    # once a pull client has fetched the weight, it is applied
+    assert server.api("GET", "/canary/checkout/weight", role="viewer").json()["weight"] == 10
+    server.wait_until("checkout", lambda r: r["applied_weight"] == 10)
+    fetched = server.opsctl("status", "checkout", role="viewer")
+    assert "desired 10% · applied 10% router pull" in flat(fetched.out), fetched.out
 
 
 def test_promote_too_early_is_a_conflict_with_the_time_left(server: Server) -> None:

@@ -134,10 +134,12 @@ async def test_breach_pages_and_an_incident_rolls_back_another_service(
     assert response.status_code == 200, response.text
     assert took < 5
     [answer] = response.json()["services"]
-    assert (answer["rollout_id"], answer["traffic_at_zero"]) == (healthy_id, True)
-    healthy = await view(live, "pd-healthy")
+    # (pull router: the 0 % is published; it is applied when a client fetches it)
+    assert (answer["rollout_id"], answer["traffic_at_zero"]) == (healthy_id, False)
+    healthy = await live.fetch_weight("pd-healthy")
     assert (healthy["state"], healthy["triggered_by"]) == ("rolled_back", "pagerduty")
     assert healthy["desired_weight"] == healthy["applied_weight"] == 0
+    assert healthy["traffic_at_zero"] is True
     assert "#2" in healthy["reason"]
     # and no page for a rollback PagerDuty itself asked for
     await asyncio.sleep(0.5)

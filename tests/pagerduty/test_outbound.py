@@ -395,7 +395,7 @@ async def test_the_worker_never_blocks_the_event_loop(
 
         # then both finish at once, the breach's page only enqueued
         assert rolled.status_code == 200
-        assert rolled.json()["traffic_at_zero"] is True
+        assert rolled.json()["state"] == "rolled_back"
         assert took < 1.0, took
         causes = [row.cause for row in await outbox_rows(api)]
         assert f"breach:{rollout_id}" in causes

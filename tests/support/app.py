@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -60,6 +61,19 @@ class Harness:
 
     async def put(self, path: str, body: Any, role: Role | str = Role.ADMIN) -> httpx.Response:
         return await self.client.put(API + path, json=body, headers=self.auth(role))
+
+    async def fetch_weight(self, service: str) -> dict[str, Any]:
+        """Fetch the service's weight as a pull client does; the rollout once that fetch is
+        recorded as applied (the weight endpoint records it in the background)."""
+        weight = await self.get(f"/canary/{service}/weight")
+        assert weight.status_code == 200, weight.text
+        view: dict[str, Any] = {}
+        for _ in range(300):
+            view = (await self.get(f"/canary/{service}")).json()
+            if view["applied_generation"] == view["generation"]:
+                return view
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"{service}: the fetch was not recorded as applied: {view}")
 
     async def tick(self) -> int:
         """One controller pass at the clock's current time."""
