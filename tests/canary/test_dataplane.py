@@ -121,7 +121,8 @@ def test_a_long_poll_on_one_replica_returns_when_another_changes_the_weight(
         time.sleep(0.3)  # B's own record of its fetch, if it wrongly made one, has landed
         applies = asyncio.run(_applies(pg_url))
         assert [(row["weight"], row["reason"]) for row in applies] == [
-            (10, "fetched by pod-7"), (0, "fetched by pod-7")
+            (10, "fetched by pod-7"),
+            (0, "fetched by pod-7"),
         ]
 
         # and when the servers stop, the polls are audited as one event per caller and minute

@@ -193,6 +193,7 @@ async def test_a_pull_rollback_is_safe_when_a_client_fetches_it_and_never_paged(
     audit = (await api.get("/audit?action=router.apply&service=pulled", role="auditor")).json()
     applies = [event["details"] for event in audit["items"]]
     assert [(a["weight"], a["reason"]) for a in applies] == [
-        (0, "fetched by viewer-user"), (25, "fetched by viewer-user")
+        (0, "fetched by viewer-user"),
+        (25, "fetched by viewer-user"),
     ]
     assert await api.runtime.traffic.page_unconfirmed() == 0
