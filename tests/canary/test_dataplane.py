@@ -119,7 +119,7 @@ def test_a_long_poll_on_one_replica_returns_when_another_changes_the_weight(
         assert (view["applied_weight"], view["traffic_at_zero"]) == (0, True), view
         assert view["time_to_safe"]["applied_at"] is not None
         time.sleep(0.3)  # B's own record of its fetch, if it wrongly made one, has landed
-        applies = asyncio.run(_applies(pg_url))
+        applies = asyncio.run(_rows(pg_url, APPLIES))
         assert [(row["weight"], row["reason"]) for row in applies] == [
             (10, "fetched by pod-7"),
             (0, "fetched by pod-7"),
@@ -129,7 +129,7 @@ def test_a_long_poll_on_one_replica_returns_when_another_changes_the_weight(
         for server in servers:
             server.send_signal(signal.SIGTERM)
             server.wait(timeout=20)
-        rows = asyncio.run(_poll_events(pg_url))
+        rows = asyncio.run(_rows(pg_url, POLL_EVENTS))
         assert sum(row["polls"] for row in rows if row["actor"] == "pod-7") == polls
         assert {row["service"] for row in rows} == {SERVICE}
     finally:
@@ -137,28 +137,22 @@ def test_a_long_poll_on_one_replica_returns_when_another_changes_the_weight(
             stop(server)
 
 
-async def _applies(url: str) -> list[dict[str, Any]]:
-    connection = await asyncpg.connect(url.replace("+asyncpg", ""))
-    try:
-        rows = await connection.fetch(
-            "SELECT (details->>'weight')::int AS weight, details->>'reason' AS reason"
-            " FROM audit_event WHERE action = 'router.apply' ORDER BY id"
-        )
-    finally:
-        await connection.close()
-    return [dict(row) for row in rows]
+APPLIES = (
+    "SELECT (details->>'weight')::int AS weight, details->>'reason' AS reason"
+    " FROM audit_event WHERE action = 'router.apply' ORDER BY id"
+)
+POLL_EVENTS = (
+    "SELECT actor, service, (details->>'polls')::int AS polls FROM audit_event"
+    " WHERE action = 'canary.weight.polls'"
+)
 
 
-async def _poll_events(url: str) -> list[dict[str, Any]]:
+async def _rows(url: str, query: str) -> list[dict[str, Any]]:
     connection = await asyncpg.connect(url.replace("+asyncpg", ""))
     try:
-        rows = await connection.fetch(
-            "SELECT actor, service, (details->>'polls')::int AS polls FROM audit_event"
-            " WHERE action = 'canary.weight.polls'"
-        )
+        return [dict(row) for row in await connection.fetch(query)]
     finally:
         await connection.close()
-    return [dict(row) for row in rows]
 
 
 async def test_watching_a_rollout_is_audited_once_a_minute_plus_a_count(api: Harness) -> None:
