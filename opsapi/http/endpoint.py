@@ -306,9 +306,9 @@ class _Request:
         for hook in call.after_commit:
             try:
                 response = await hook() or response
-            except Exception:
+            except Exception as error:
                 # The change is committed; the reconcile pass finishes what failed here.
-                log.exception("after-commit work failed in %s", self.action)
+                _log_failure(error, f"after-commit work failed in {self.action}")
         if key is not None and call.after_commit:
             await self._complete(key, response)
         return response

@@ -125,9 +125,23 @@ def _forget(probe: asyncio.Task[None]) -> None:
         probe.exception()
 
 
+def is_broken_connection(error: BaseException | None) -> bool:
+    """Whether `error` (or its cause) says the connection is stuck mid-operation: asyncpg's
+    "another operation is in progress", left behind by an operation cut off while the database
+    went away. Such a connection can never be used again."""
+    while error is not None:
+        kind = type(error).__name__
+        if kind in ("InternalClientError", "InterfaceError") and "another operation" in str(error):
+            return True
+        error = error.__cause__
+    return False
+
+
 def is_unavailable(error: BaseException) -> bool:
     """Whether `error` means the database could not do the work (timeout, lost, overloaded)."""
     if isinstance(error, PoolTimeout | TimeoutError | ConnectionError | OSError):
+        return True
+    if is_broken_connection(error):
         return True
     if isinstance(error, DBAPIError):
         if error.connection_invalidated:
@@ -174,9 +188,20 @@ def create_engine(
             pool_recycle=300,
             connect_args=limits.connect_args(),
         )
+    if not url.startswith("sqlite"):
+        _discard_broken(engine)
     if health is not None:
         _track(engine, health)
     return engine
+
+
+def _discard_broken(engine: AsyncEngine) -> None:
+    # Counted as a disconnect, a stuck connection is closed instead of going back to the pool,
+    # where every later checkout of it would fail the same way.
+    @event.listens_for(engine.sync_engine, "handle_error")
+    def _broken(context: ExceptionContext) -> None:
+        if is_broken_connection(context.original_exception):
+            context.is_disconnect = True
 
 
 def _track(engine: AsyncEngine, health: DatabaseHealth) -> None:
