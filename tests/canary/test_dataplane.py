@@ -16,7 +16,7 @@ from sqlalchemy import event
 from opsapi.auth.tokens import LocalSigner
 from opsapi.runtime import flush_polls
 from tests.support.app import API, Harness
-from tests.support.processes import free_port, start_server, stop
+from tests.support.processes import free_ports, start_server, stop
 
 SERVICE = "polled"
 
@@ -71,7 +71,7 @@ def test_a_long_poll_on_one_replica_returns_when_another_changes_the_weight(
     signer = LocalSigner.load_or_create(key_file)
     operator = {"Authorization": f"Bearer {signer.mint(subject='ops', roles=['operator'])}"}
     client = {"Authorization": f"Bearer {signer.mint(subject='pod-7', roles=['viewer'])}"}
-    ports = [free_port(), free_port()]
+    ports = free_ports(2)
     servers = [start_server(port, env, tmp_path / f"server-{port}.log") for port in ports]
     try:
         a, b = (f"http://127.0.0.1:{port}{API}" for port in ports)

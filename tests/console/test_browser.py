@@ -119,9 +119,14 @@ def shot(driver: Any, name: str) -> None:
 
 
 def wait_for(driver: Any, condition: Any, what: str) -> Any:
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    return WebDriverWait(driver, WAIT_SECONDS, poll_frequency=0.2).until(condition, what)
+    # The page refreshes its live parts by itself: an element found just before a refresh
+    # goes stale, and the condition is simply looked at again.
+    wait = WebDriverWait(driver, WAIT_SECONDS, poll_frequency=0.2,
+                         ignored_exceptions=(StaleElementReferenceException,))  # fmt: skip
+    return wait.until(condition, what)
 
 
 def css(driver: Any, selector: str) -> Any:

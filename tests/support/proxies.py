@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from tests.support.processes import free_port
+from tests.support.processes import free_ports
 
 START_TIMEOUT = 10.0
 
@@ -189,7 +189,7 @@ def running_nginx(binary: str, directory: Path, upstream: str = "checkout") -> I
     upstreams_dir = directory / "upstreams"
     upstreams_dir.mkdir(parents=True)
     (directory / "temp").mkdir()
-    port, probe_port = free_port(), free_port()
+    port, probe_port = free_ports(2)
     conf = directory / "nginx.conf"
     conf.write_text(nginx_main_conf(directory, upstreams_dir, port, probe_port, upstream))
     nginx = Nginx(binary, directory, upstreams_dir, conf, port, f"127.0.0.1:{probe_port}")
@@ -204,6 +204,8 @@ def haproxy_cfg(unix_socket: Path, admin_port: int, port: int, stable: str, cana
     """HAProxy configuration: runtime API on a unix socket and a TCP port, backend `checkout`
     (roundrobin, servers `stable` weight 100 and `canary` weight 0), and `fixed` (static-rr)."""
     return f"""global
+    # A port another listener holds fails the start instead of being shared with it.
+    noreuseport
     stats socket {unix_socket} level admin mode 600
     stats socket ipv4@127.0.0.1:{admin_port} level admin
     stats timeout 10s
@@ -264,7 +266,7 @@ def running_haproxy(binary: str, stable: str, canary: str) -> Iterator[Haproxy]:
     """HAProxy in a short temp dir (unix socket paths are limited to ~100 bytes)."""
     directory = Path(tempfile.mkdtemp(prefix="opsapi-hap-"))
     unix_socket = directory / "admin.sock"
-    port, admin_port = free_port(), free_port()
+    port, admin_port = free_ports(2)
     cfg = directory / "haproxy.cfg"
     cfg.write_text(haproxy_cfg(unix_socket, admin_port, port, stable, canary))
     haproxy = Haproxy(binary, directory, cfg, port, str(unix_socket), f"127.0.0.1:{admin_port}")

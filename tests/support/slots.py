@@ -92,6 +92,8 @@ def slot_haproxy_cfg(unix_socket: Path, port: int, servers: dict[str, str]) -> s
         for index, (slot, address) in enumerate(servers.items())
     ]
     return f"""global
+    # A port another listener holds fails the start instead of being shared with it.
+    noreuseport
     stats socket {unix_socket} level admin mode 600
     stats timeout 10s
 
