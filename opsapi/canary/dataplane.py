@@ -202,6 +202,23 @@ def _setter(event: asyncio.Event) -> Callable[[Any], None]:
     return lambda _connection: event.set()
 
 
+@dataclass(frozen=True)
+class Poll:
+    """One read to count: who made it, of which service and rollout, from where, when."""
+
+    caller: str
+    roles: list[str]
+    service: str
+    rollout_id: int | None
+    address: str | None
+    at: datetime
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        """The (caller, service, minute) it is counted under."""
+        return (self.caller, self.service, self.at.strftime("%Y-%m-%dT%H:%M"))
+
+
 @dataclass
 class _Polls:
     count: int
@@ -218,46 +235,27 @@ class PollAudit:
     def __init__(self) -> None:
         self._polls: dict[tuple[str, str, str], _Polls] = {}
 
-    def count(
-        self,
-        *,
-        caller: str,
-        roles: list[str],
-        service: str,
-        rollout_id: int | None,
-        address: str | None,
-        at: datetime,
-    ) -> None:
+    def count(self, poll: Poll) -> None:
         """Count one poll."""
-        key = (caller, service, at.strftime("%Y-%m-%dT%H:%M"))
-        polls = self._polls.get(key)
+        polls = self._polls.get(poll.key)
         if polls is None:
-            self._polls[key] = _Polls(1, at, at, address, sorted(roles), rollout_id)
+            self._polls[poll.key] = _Polls(1, poll.at, poll.at, poll.address,
+                                           sorted(poll.roles), poll.rollout_id)  # fmt: skip
             return
         if polls.count == 0:
-            polls.first = at
+            polls.first = poll.at
         polls.count += 1
-        polls.last = max(polls.last, at)
-        polls.rollout_id = rollout_id
+        polls.last = max(polls.last, poll.at)
+        polls.rollout_id = poll.rollout_id
 
-    def repeat(
-        self,
-        *,
-        caller: str,
-        roles: list[str],
-        service: str,
-        rollout_id: int | None,
-        address: str | None,
-        at: datetime,
-    ) -> bool:
+    def repeat(self, poll: Poll) -> bool:
         """Whether this read repeats one the caller made of the service this minute (then it is
         counted); the first of each minute is not (it is audited on its own)."""
-        key = (caller, service, at.strftime("%Y-%m-%dT%H:%M"))
-        if key not in self._polls:
-            self._polls[key] = _Polls(0, at, at, address, sorted(roles), rollout_id)
+        if poll.key not in self._polls:
+            self._polls[poll.key] = _Polls(0, poll.at, poll.at, poll.address,
+                                           sorted(poll.roles), poll.rollout_id)  # fmt: skip
             return False
-        self.count(caller=caller, roles=roles, service=service, rollout_id=rollout_id,
-                   address=address, at=at)  # fmt: skip
+        self.count(poll)
         return True
 
     def drain(self, now: datetime | None = None) -> list[dict[str, Any]]:

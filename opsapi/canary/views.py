@@ -13,7 +13,7 @@ from starlette.routing import Route
 
 from opsapi.auth.identity import Role
 from opsapi.canary import machine, service
-from opsapi.canary.dataplane import WeightDocument
+from opsapi.canary.dataplane import Poll, WeightDocument
 from opsapi.canary.document import (
     RolloutView,
     VersionInSlot,
@@ -274,10 +274,7 @@ async def get_rollout(call: Call) -> Response:
     # Watching a rollout (`opsctl status --watch`, the console) reads it every few seconds:
     # each caller's first read of a service in a minute is audited on its own, the repeats in
     # that minute are counted into one event (DESIGN §11).
-    call.audited = call.runtime.repeats.repeat(
-        caller=call.identity.subject, roles=sorted(call.identity.roles), service=name,
-        rollout_id=record.id, address=call.client_address, at=call.now,
-    )  # fmt: skip
+    call.audited = call.runtime.repeats.repeat(_poll(call, name, record.id))
     return JSONResponse(view.model_dump(mode="json"))
 
 
@@ -321,14 +318,16 @@ async def rollout_weight(call: Call) -> Response:
     cache.fetched(name, document, record_fetch)
     # Polls are audited as one event per caller, service and minute (DESIGN §11).
     call.audited = True
-    call.runtime.polls.count(
-        caller=call.identity.subject, roles=sorted(call.identity.roles), service=name,
-        rollout_id=document.rollout_id, address=call.client_address, at=call.now,
-    )  # fmt: skip
+    call.runtime.polls.count(_poll(call, name, document.rollout_id))
     headers = {"ETag": document.etag, "Cache-Control": "no-cache"}
     if etag == document.etag:
         return Response(status_code=304, headers=headers)
     return Response(document.body, media_type="application/json", headers=headers)
+
+
+def _poll(call: Call, service_name: str, rollout_id: int | None) -> Poll:
+    return Poll(call.identity.subject, sorted(call.identity.roles), service_name, rollout_id,
+                call.client_address, call.now)  # fmt: skip
 
 
 def _wait_param(call: Call) -> float:
