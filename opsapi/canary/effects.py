@@ -123,7 +123,7 @@ class Effects:
     ) -> tuple[machine.Decision, RolloutRecord | None]:
         """What the machine would do (a dry run): nothing is locked or written."""
         record = await service.latest_rollout(name, session=session)
-        row = await session.get(ServiceRecord, name)
+        row = await service.service_row(name, session=session)
         safety = await service.safety_of(name, now=now, windows=self.freezes, session=session)
         state = _service_state(name, row, record, policy or self.default_policy, event, safety)
         rollout = service.to_machine(record) if record is not None else None
@@ -135,7 +135,7 @@ class Effects:
         """The service's row and its latest rollout, locked in that order (every transition
         locks them so), for `apply`."""
         row = await service.lock_service(name, now=now, session=session)
-        record = await service.latest_rollout(name, session=session, lock=True)
+        record = await service.lock_latest_rollout(name, session=session)
         return row, record
 
     async def run(

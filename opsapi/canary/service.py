@@ -29,6 +29,7 @@ from opsapi.canary.models import (
 )
 from opsapi.canary.policy import Policy
 from opsapi.routers.base import slot_names
+from opsapi.storage import rows
 
 OPEN_STATE_VALUES = [state.value for state in machine.OPEN_STATES]
 
@@ -154,10 +155,11 @@ async def holds_of(
     name: str, *, now: datetime, windows: Sequence[FreezeWindow], session: AsyncSession
 ) -> tuple[machine.Hold, ...]:
     """What holds starts and promotions of the service at `now`: open incidents, freezes."""
-    incidents = await session.exec(
-        select(Incident)
-        .where(Incident.service == name, col(Incident.resolved_at).is_(None))
-        .order_by(col(Incident.opened_at))
+    incidents = await rows.fetch_records(
+        session,
+        Incident,
+        "SELECT * FROM incident WHERE service = $1 AND resolved_at IS NULL ORDER BY opened_at",
+        name,
     )
     holds = [
         machine.Hold(machine.HoldKind.INCIDENT_OPEN, incident_detail(incident))
@@ -176,8 +178,10 @@ def incident_detail(incident: Incident) -> str:
 
 async def api_windows(session: AsyncSession) -> list[FreezeWindow]:
     """The freeze windows admins set through the API (not deleted)."""
-    rows = await session.exec(select(FreezeRecord).where(col(FreezeRecord.deleted_at).is_(None)))
-    return [window_of(row) for row in rows]
+    records = await rows.fetch_records(
+        session, FreezeRecord, "SELECT * FROM freeze_window WHERE deleted_at IS NULL ORDER BY id"
+    )
+    return [window_of(record) for record in records]
 
 
 def window_of(row: FreezeRecord) -> FreezeWindow:
@@ -238,21 +242,37 @@ async def open_rollout(
     return (await session.exec(query)).first()
 
 
-async def latest_rollout(
-    service: str, *, session: AsyncSession, lock: bool = False
-) -> RolloutRecord | None:
-    """The service's most recent rollout, open or finished (locked when `lock` is set)."""
+async def latest_rollout(service: str, *, session: AsyncSession) -> RolloutRecord | None:
+    """The service's most recent rollout, open or finished, as read (not tracked: to change
+    it, `lock_latest_rollout`)."""
+    found = await rows.fetch_records(session, RolloutRecord, _LATEST_ROLLOUT, service)
+    return found[0] if found else None
+
+
+async def lock_latest_rollout(service: str, *, session: AsyncSession) -> RolloutRecord | None:
+    """The service's most recent rollout, locked for update and tracked by the session."""
     query = (
         select(RolloutRecord)
         .where(RolloutRecord.service == service)
         .order_by(col(RolloutRecord.id).desc())
         .limit(1)
-    )
-    if lock:
+        .with_for_update()
         # Refresh what the session may already hold: decide on the row as locked, never on an
         # earlier, unlocked read of it.
-        query = query.with_for_update().execution_options(populate_existing=True)
+        .execution_options(populate_existing=True)
+    )
     return (await session.exec(query)).first()
+
+
+_LATEST_ROLLOUT = "SELECT * FROM rollout WHERE service = $1 ORDER BY id DESC LIMIT 1"
+
+
+async def service_row(name: str, *, session: AsyncSession) -> ServiceRecord | None:
+    """The service's row as read (not tracked), None for a service never seen."""
+    found = await rows.fetch_records(
+        session, ServiceRecord, "SELECT * FROM service WHERE name = $1", name
+    )
+    return found[0] if found else None
 
 
 async def list_open(*, session: AsyncSession) -> Sequence[RolloutRecord]:

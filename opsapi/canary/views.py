@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, RootModel, ValidationError
-from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -40,6 +39,7 @@ from opsapi.notifications.rules import check_rules
 from opsapi.pagerduty import outbox as pagerduty_outbox
 from opsapi.pagerduty.models import OutboxKind, OutboxMessage
 from opsapi.routers.registry import check_router
+from opsapi.storage import rows
 
 ServiceName = Field(pattern=SERVICE_NAME.pattern, description="the service's name")
 
@@ -104,13 +104,11 @@ async def _transition(
 async def _outbound(session: AsyncSession, rollout_id: int | None) -> dict[str, Any]:
     """The rollout's PagerDuty alerts and notifications, with their delivery state (one
     query: both live in the one outbox)."""
-    rows = await session.exec(
-        select(OutboxMessage)
-        .where(OutboxMessage.rollout_id == rollout_id)
-        .order_by(col(OutboxMessage.id))
+    messages = await rows.fetch_records(
+        session, OutboxMessage, "SELECT * FROM outbox WHERE rollout_id = $1 ORDER BY id", rollout_id
     )
     outbound: dict[str, Any] = {"alerts": [], "notifications": []}
-    for row in rows:
+    for row in messages:
         if row.kind == OutboxKind.NOTIFICATION.value:
             outbound["notifications"].append(notifications.delivery_view(row))
         elif row.kind in pagerduty_outbox.PAGES:
@@ -231,12 +229,12 @@ async def resume(call: Call) -> Response:
 async def _views(
     session: AsyncSession, records: list[RolloutRecord], call: Call
 ) -> list[dict[str, Any]]:
-    rows: dict[str, ServiceRecord | None] = {}
+    services: dict[str, ServiceRecord | None] = {}
     for record in records:
-        if record.service not in rows:
-            rows[record.service] = await session.get(ServiceRecord, record.service)
+        if record.service not in services:
+            services[record.service] = await service.service_row(record.service, session=session)
     return [
-        rollout_view(record, rows[record.service], call.now).model_dump(mode="json")
+        rollout_view(record, services[record.service], call.now).model_dump(mode="json")
         for record in records
     ]
 
@@ -265,7 +263,7 @@ async def get_rollout(call: Call) -> Response:
     if record is None:
         raise NotFound(f"{name} has no rollout")
     call.rollout_id = record.id
-    row = await call.session.get(ServiceRecord, name)
+    row = await service.service_row(name, session=call.session)
     outbound = await _outbound(call.session, record.id)
     holds = await service.holds_of(
         name, now=call.now, windows=call.effects.freezes, session=call.session
@@ -351,7 +349,7 @@ async def weight_document(name: str, session: AsyncSession) -> WeightDocument:
     """What the data plane answers for `name` now (read from the database)."""
     record = await service.latest_rollout(name, session=session)
     if record is None:
-        row = await session.get(ServiceRecord, name)
+        row = await service.service_row(name, session=session)
         stable = row.stable_version if row else None
         body: dict[str, Any] = {"service": name, "weight": 0, "rollout_id": None,
                                 "stable_version": stable}  # fmt: skip
@@ -386,7 +384,7 @@ class ServiceStatus(BaseModel):
 
 
 async def _status(call: Call, name: str, policy: Policy) -> ServiceStatus:
-    row = await call.session.get(ServiceRecord, name)
+    row = await service.service_row(name, session=call.session)
     latest = await service.latest_rollout(name, session=call.session)
     router = policy.router.model_dump(mode="json")
     targets = targets_of(router)

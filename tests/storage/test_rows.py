@@ -1,0 +1,160 @@
+"""Plain SQL reads (`opsapi.storage.rows`): the same records as an ORM load, in the session's
+own transaction, and a lost connection fails as the database being unavailable."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
+from sqlmodel import SQLModel, select
+
+from opsapi.canary.machine import State
+from opsapi.canary.models import FreezeRecord, Incident, RolloutRecord, ServiceRecord
+from opsapi.storage import rows
+from opsapi.storage.db import create_engine, is_unavailable, session_factory
+from opsapi.storage.migrate import upgrade
+
+NOW = datetime(2026, 11, 30, 6, 0, 0, 123456, tzinfo=UTC)
+
+
+def _records() -> list[SQLModel]:
+    rollout = RolloutRecord(
+        service="checkout", state=State.PAUSED, canary_version="v2", stable_version=None,
+        steps=[{"weight": 10, "wait_seconds": 1.5}], step_index=0, desired_weight=10,
+        step_started_at=NOW, paused_at=NOW + timedelta(seconds=1), auto_promote=True,
+        router={"name": "pull", "nested": {"a": [1, None, "ü"]}}, triggered_by="user",
+        created_by="alice", created_at=NOW, updated_at=NOW, lease_seconds=None,
+        time_to_safe={"detected_at": NOW.isoformat()},
+    )  # fmt: skip
+    return [
+        ServiceRecord(name="checkout", policy={"bake": "1h"}, updated_at=NOW, updated_by="a"),
+        rollout,
+        Incident(
+            id="P1",
+            service="checkout",
+            number=7,
+            title="down",
+            status="triggered",
+            opened_at=NOW,
+            updated_at=NOW,
+        ),
+        FreezeRecord(
+            name="xmas",
+            services=["checkout"],
+            reason="code freeze",
+            starts_at=NOW,
+            ends_at=NOW + timedelta(days=1),
+            created_by="admin",
+            created_at=NOW,
+        ),
+    ]
+
+
+QUERIES: list[tuple[type[SQLModel], str, tuple[Any, ...]]] = [
+    (ServiceRecord, "SELECT * FROM service WHERE name = $1", ("checkout",)),
+    (RolloutRecord, "SELECT * FROM rollout WHERE service = $1 ORDER BY id DESC", ("checkout",)),
+    (Incident, "SELECT * FROM incident WHERE service = $1 AND resolved_at IS NULL", ("checkout",)),
+    (FreezeRecord, "SELECT * FROM freeze_window WHERE deleted_at IS NULL", ()),
+]
+
+
+async def test_plain_reads_give_what_the_orm_loads(db_url: str) -> None:
+    # given rows of every kind the hot paths read, written through the ORM
+    engine = create_engine(db_url)
+    await upgrade(engine)
+    sessions = session_factory(engine)
+    try:
+        async with sessions() as session, session.begin():
+            session.add_all(_records())
+        for model, sql, args in QUERIES:
+            # when each is read through the ORM and as plain SQL
+            async with sessions() as session:
+                loaded = (await session.exec(select(model))).all()
+            async with sessions() as session:
+                read = await rows.fetch_records(session, model, sql, *args)
+            # then the records are equal, column by column and type by type
+            assert [r.model_dump() for r in read] == [r.model_dump() for r in loaded], model
+            for ours, theirs in zip(read, loaded, strict=True):
+                assert {k: type(v) for k, v in ours.model_dump().items()} == {
+                    k: type(v) for k, v in theirs.model_dump().items()
+                }
+        async with sessions() as session:
+            (rollout,) = await rows.fetch_records(
+                session, RolloutRecord, "SELECT * FROM rollout WHERE service = $1", "checkout"
+            )
+        assert rollout.state is State.PAUSED
+        assert rollout.step_started_at == NOW
+        assert rollout.step_started_at.tzinfo is not None
+        assert rollout.auto_promote is True
+    finally:
+        await engine.dispose()
+
+
+async def test_a_plain_read_belongs_to_the_sessions_transaction(db_url: str) -> None:
+    engine = create_engine(db_url)
+    await upgrade(engine)
+    sessions = session_factory(engine)
+    try:
+        async with sessions() as session, session.begin():
+            # given a row written but not committed by this session
+            session.add(_records()[0])
+            await session.flush()
+            # when the same session reads it as plain SQL (FOR UPDATE is SQLite-safe)
+            found = await rows.fetch_records(
+                session, ServiceRecord, "SELECT * FROM service WHERE name = $1 FOR UPDATE",
+                "checkout",
+            )  # fmt: skip
+            # then it sees its own write
+            assert [record.name for record in found] == ["checkout"]
+            await session.rollback()
+        async with sessions() as session:
+            assert await rows.fetch_records(session, ServiceRecord, "SELECT * FROM service") == []
+    finally:
+        await engine.dispose()
+
+
+async def test_a_first_plain_read_begins_the_transaction(pg_url: str) -> None:
+    # (without it a read first in a session would run outside the transaction that follows)
+    engine = create_engine(pg_url, pool_size=2)
+    try:
+        async with session_factory(engine)() as session:
+            found, _ = await rows.fetch(session, "SELECT pg_backend_pid() AS pid")
+            pid = found[0]["pid"]
+            async with engine.connect() as other:
+                state = await other.scalar(
+                    text("SELECT state FROM pg_stat_activity WHERE pid = :pid"), {"pid": pid}
+                )
+            assert state == "idle in transaction"
+    finally:
+        await engine.dispose()
+
+
+async def test_a_lost_connection_is_unavailable_and_never_reused(pg_url: str) -> None:
+    engine = create_engine(pg_url, pool_size=1)
+    sessions = session_factory(engine)
+    try:
+        async with sessions() as session:
+            (row,), _ = await rows.fetch(session, "SELECT pg_backend_pid() AS pid")
+        before = row["pid"]
+        # given the pooled connection's backend killed behind its back
+        async with engine.connect() as other:
+            await other.execute(text("SELECT 1"))  # the same pooled connection: pool_size=1
+        killer = create_engine(pg_url, pool_size=1)
+        async with killer.connect() as connection:
+            await connection.execute(text(f"SELECT pg_terminate_backend({before})"))
+        await killer.dispose()
+        # when a plain read runs on it
+        with pytest.raises(DBAPIError) as raised:
+            async with sessions() as session:
+                await rows.fetch(session, "SELECT 1 AS one")
+        # then the failure says the database is unavailable (503, not 500) …
+        assert is_unavailable(raised.value)
+        # … and the next read gets a new connection
+        async with sessions() as session:
+            (row,), _ = await rows.fetch(session, "SELECT pg_backend_pid() AS pid")
+        assert row["pid"] != before
+    finally:
+        await engine.dispose()
