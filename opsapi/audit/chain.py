@@ -14,11 +14,11 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import insert, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from opsapi.audit.models import AuditEvent
+from opsapi.storage import rows
 
 GENESIS = "0" * 64
 _APPEND_LOCK = 724_113_002
@@ -123,19 +123,19 @@ def _note(container: Any, key: Any, item: Any, spots: list[_Spot]) -> None:
             spots.append((container, key, item, int(as_float)))
 
 
-async def append(target: AsyncConnection | AsyncSession, rows: Sequence[dict[str, Any]]) -> None:
-    """Insert `rows` (event_row dicts) at the end of the chain, in the caller's transaction."""
-    if not rows:
+async def append(target: AsyncConnection | AsyncSession, events: Sequence[dict[str, Any]]) -> None:
+    """Insert `events` (event_row dicts) at the end of the chain, in the caller's transaction."""
+    if not events:
         return
     connection = await target.connection() if isinstance(target, AsyncSession) else target
     if connection.dialect.name == "postgresql":
         # Held until the transaction ends: the next appender reads our last hash.
-        await connection.execute(text(f"SELECT pg_advisory_xact_lock({_APPEND_LOCK})"))
-    result = await connection.execute(text("SELECT hash FROM audit_event ORDER BY id DESC LIMIT 1"))
-    previous = result.scalar() or GENESIS
+        await rows.execute(connection, f"SELECT pg_advisory_xact_lock({_APPEND_LOCK})")
+    found, _ = await rows.fetch(connection, "SELECT hash FROM audit_event ORDER BY id DESC LIMIT 1")
+    previous = found[0]["hash"] if found else GENESIS
     chained = []
-    for row in rows:
-        digest = link(previous, row)
-        chained.append({**row, "prev_hash": previous, "hash": digest})
+    for event in events:
+        digest = link(previous, event)
+        chained.append({**event, "prev_hash": previous, "hash": digest})
         previous = digest
-    await connection.execute(insert(AuditEvent), chained)
+    await rows.insert(connection, AuditEvent, chained)

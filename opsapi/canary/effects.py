@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-import sqlalchemy as sa
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from opsapi.audit import service as audit
@@ -47,6 +46,7 @@ from opsapi.notifications.messages import Message
 from opsapi.pagerduty import outbox as pagerduty_outbox
 from opsapi.routers.registry import PULL
 from opsapi.routers.traffic import ApplyOutcome, Traffic
+from opsapi.storage import rows
 
 log = logging.getLogger("opsapi.canary")
 
@@ -247,10 +247,7 @@ class Effects:
         ):
             # Every replica's data plane drops its copy of this service's weight answer when
             # (and only if) this transaction commits.
-            await session.exec(
-                sa.text("SELECT pg_notify(:channel, :service)"),  # type: ignore[call-overload]
-                params={"channel": CHANNEL, "service": record.service},
-            )
+            await rows.execute(session, "SELECT pg_notify($1, $2)", CHANNEL, record.service)
         if applied.changed:
             await audit.record(
                 session=session,

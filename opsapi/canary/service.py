@@ -89,9 +89,9 @@ async def lock_service(name: str, *, now: datetime, session: AsyncSession) -> Se
     """The service's row, created if missing (no policy of its own), locked for update."""
     # Transitions lock the service before its rollout. The row almost always exists: lock it
     # in one round trip; only a service's first writer creates it.
-    record = await session.get(ServiceRecord, name, with_for_update=True, populate_existing=True)
-    if record is not None:
-        return record
+    found = await rows.lock_records(session, ServiceRecord, _LOCK_SERVICE, name)
+    if found:
+        return found[0]
     # Concurrent first writers must not collide on the insert: create the row if missing,
     # then everyone locks the same row.
     dialect = session.bind.dialect.name if session.bind else "postgresql"
@@ -101,9 +101,11 @@ async def lock_service(name: str, *, now: datetime, session: AsyncSession) -> Se
         .values(name=name, policy={}, updated_at=now, updated_by="system")
         .on_conflict_do_nothing(index_elements=["name"])
     )
-    record = await session.get(ServiceRecord, name, with_for_update=True, populate_existing=True)
-    assert record is not None
+    (record,) = await rows.lock_records(session, ServiceRecord, _LOCK_SERVICE, name)
     return record
+
+
+_LOCK_SERVICE = "SELECT * FROM service WHERE name = $1 FOR UPDATE"
 
 
 def service_state(
@@ -142,13 +144,13 @@ async def safety_of(
     name: str, *, now: datetime, windows: Sequence[FreezeWindow], session: AsyncSession
 ) -> Safety:
     """The service's standing rejections, open incidents and freeze windows at `now`."""
-    rejected = await session.exec(
-        select(RejectedVersion.version).where(
-            RejectedVersion.service == name, col(RejectedVersion.lifted_at).is_(None)
-        )
+    rejected, _ = await rows.fetch(
+        session,
+        "SELECT version FROM rejected_version WHERE service = $1 AND lifted_at IS NULL",
+        name,
     )
     holds = await holds_of(name, now=now, windows=windows, session=session)
-    return Safety(frozenset(rejected), holds)
+    return Safety(frozenset(row["version"] for row in rejected), holds)
 
 
 async def holds_of(
@@ -251,17 +253,9 @@ async def latest_rollout(service: str, *, session: AsyncSession) -> RolloutRecor
 
 async def lock_latest_rollout(service: str, *, session: AsyncSession) -> RolloutRecord | None:
     """The service's most recent rollout, locked for update and tracked by the session."""
-    query = (
-        select(RolloutRecord)
-        .where(RolloutRecord.service == service)
-        .order_by(col(RolloutRecord.id).desc())
-        .limit(1)
-        .with_for_update()
-        # Refresh what the session may already hold: decide on the row as locked, never on an
-        # earlier, unlocked read of it.
-        .execution_options(populate_existing=True)
-    )
-    return (await session.exec(query)).first()
+    sql = f"{_LATEST_ROLLOUT} FOR UPDATE"
+    found = await rows.lock_records(session, RolloutRecord, sql, service)
+    return found[0] if found else None
 
 
 _LATEST_ROLLOUT = "SELECT * FROM rollout WHERE service = $1 ORDER BY id DESC LIMIT 1"

@@ -13,13 +13,15 @@ Statements are written once for both databases: `$1`-style parameters (SQLite ge
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar, cast
 
 from sqlalchemy import Table, TypeDecorator
 from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import DBAPIError, StatementError
 from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.orm import configure_mappers, make_transient_to_detached
+from sqlalchemy.orm.attributes import manager_of_class, set_committed_value
 from sqlalchemy.types import TypeEngine
 from sqlmodel import SQLModel
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -33,25 +35,73 @@ _PARAMETER = re.compile(r"\$(\d+)")
 _FOR_UPDATE = re.compile(r"\s+FOR UPDATE\b")
 
 
-async def fetch(session: AsyncSession, sql: str, *args: Any) -> tuple[list[Row], Dialect]:
-    """The rows `sql` returns, read in the session's transaction (begun if need be)."""
-    connection = await session.connection()
+Target = AsyncSession | AsyncConnection
+
+
+async def fetch(target: Target, sql: str, *args: Any) -> tuple[list[Row], Dialect]:
+    """The rows `sql` returns, read in the session's (or connection's) transaction."""
+    connection = await target.connection() if isinstance(target, AsyncSession) else target
     dialect = connection.dialect
     if dialect.name != "postgresql":
         result = await connection.exec_driver_sql(_for_sqlite(sql), args)
         return [dict(row) for row in result.mappings()], dialect
+    records = await _on_driver(connection, sql, args, lambda driver: driver.fetch(sql, *args))
+    return [dict(record) for record in records], dialect
+
+
+async def execute(target: Target, sql: str, *args: Any) -> None:
+    """Run `sql` (no rows wanted) in the session's (or connection's) transaction."""
+    connection = await target.connection() if isinstance(target, AsyncSession) else target
+    if connection.dialect.name != "postgresql":
+        await connection.exec_driver_sql(_for_sqlite(sql), args)
+        return
+    await _on_driver(connection, sql, args, lambda driver: driver.execute(sql, *args))
+
+
+async def insert(target: Target, model: type[SQLModel], values: Sequence[Row]) -> None:
+    """Insert `values` (column → Python value, as the ORM takes them) into `model`'s table."""
+    connection = await target.connection() if isinstance(target, AsyncSession) else target
+    dialect = connection.dialect
+    binders = _binders(model, dialect)
+    names = [name for name, _ in binders]
+    parameters = [
+        tuple(
+            bind(row.get(name)) if bind is not None and row.get(name) is not None
+            else row.get(name)
+            for name, bind in binders
+        )
+        for row in values
+    ]  # fmt: skip
+    table: Table = model.__table__  # type: ignore[attr-defined]
+    marks = ", ".join(f"${index}" for index in range(1, len(names) + 1))
+    # Names from the model's table, never from input.
+    sql = f"INSERT INTO {table.name} ({', '.join(names)}) VALUES ({marks})"  # noqa: S608
+    if dialect.name != "postgresql":
+        await connection.exec_driver_sql(_for_sqlite(sql), parameters)
+        return
+    await _on_driver(
+        connection, sql, parameters, lambda driver: driver.executemany(sql, parameters)
+    )
+
+
+async def _on_driver(
+    connection: AsyncConnection,
+    sql: str,
+    args: Sequence[Any],
+    work: Callable[[Any], Awaitable[Any]],
+) -> Any:
+    """`work(asyncpg connection)` in the connection's transaction (begun if need be)."""
     fairy = await connection.get_raw_connection()
     adapted: Any = fairy.dbapi_connection
     try:
         # The adapter begins its transaction on its first statement: begin it here too, so
-        # that what is read belongs to the session's transaction.
+        # that what runs here belongs to the session's transaction.
         async with adapted._execute_mutex:
             if adapted._transaction is None:
                 await adapted._start_transaction()
-            records = await adapted._connection.fetch(sql, *args)
+            return await work(adapted._connection)
     except Exception as error:
         raise await _failure(connection, adapted, error, sql, args) from None
-    return [dict(record) for record in records], dialect
 
 
 async def _failure(
@@ -82,13 +132,42 @@ async def fetch_records(
     return [record_of(model, row, dialect) for row in rows]
 
 
+async def lock_records(
+    session: AsyncSession, model: type[ModelT], sql: str, *args: Any
+) -> list[ModelT]:
+    """The rows `sql` returns (`... FOR UPDATE`), as records the session tracks: a change to
+    one is written by the next flush, as if the ORM had loaded it."""
+    return [track(session, record) for record in await fetch_records(session, model, sql, *args)]
+
+
+def track(session: AsyncSession, record: ModelT) -> ModelT:
+    """`record` (as read) made the session's own: the instance the session already holds for
+    that row, refreshed with what was read (a locked read wins over an earlier one), or
+    `record` itself, attached with no pending change."""
+    sync = session.sync_session
+    key = sync.identity_key(instance=record)
+    held = sync.identity_map.get(key)
+    if held is None:
+        make_transient_to_detached(record)
+        sync.add(record)
+        return record
+    table: Table = type(record).__table__  # type: ignore[attr-defined]
+    for column in table.columns:
+        set_committed_value(held, column.name, getattr(record, column.name))
+    return cast(ModelT, held)
+
+
 def record_of(model: type[ModelT], row: Row, dialect: Dialect) -> ModelT:
     """`row` as a (detached) record of `model`, each column converted as the ORM would."""
-    values = {
-        name: convert(row[name]) if convert is not None and row[name] is not None else row[name]
-        for name, convert in _converters(model, dialect)
-    }
-    return cast(ModelT, model.model_construct(**values))
+    # Built as an ORM load builds it (no validation: the values come from the database), which
+    # costs a tenth of a pydantic construction.
+    record: ModelT = manager_of_class(model).new_instance()
+    for name, convert in _converters(model, dialect):
+        value = row[name]
+        set_committed_value(
+            record, name, convert(value) if convert is not None and value is not None else value
+        )
+    return record
 
 
 _Converters = Sequence[tuple[str, Callable[[Any], Any] | None]]
@@ -100,11 +179,32 @@ def _converters(model: type[SQLModel], dialect: Dialect) -> _Converters:
     key = (model, type(dialect))
     found = _CONVERTERS.get(key)
     if found is None:
+        # Instances are built as the ORM builds them: its mappers must be set up (the ORM does
+        # so on its first query, which may come after our first read).
+        configure_mappers()
         table: Table = model.__table__  # type: ignore[attr-defined]
         found = _CONVERTERS[key] = tuple(
             (column.name, _converter(column.type, dialect)) for column in table.columns
         )
     return found
+
+
+def _binders(model: type[SQLModel], dialect: Dialect) -> _Converters:
+    # Every column but a generated primary key, each with the conversion the ORM applies
+    # when it writes (JSON serialised, timestamps in UTC, enums as their value).
+    key = (model, type(dialect), "bind")
+    found = _BINDERS.get(key)
+    if found is None:
+        table: Table = model.__table__  # type: ignore[attr-defined]
+        found = _BINDERS[key] = tuple(
+            (column.name, column.type.dialect_impl(dialect).bind_processor(dialect))
+            for column in table.columns
+            if column is not table.autoincrement_column
+        )
+    return found
+
+
+_BINDERS: dict[tuple[type[SQLModel], type[Dialect], str], _Converters] = {}
 
 
 def _converter(column_type: TypeEngine[Any], dialect: Dialect) -> Callable[[Any], Any] | None:

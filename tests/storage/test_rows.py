@@ -3,7 +3,10 @@ own transaction, and a lost connection fails as the database being unavailable."
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -158,3 +161,64 @@ async def test_a_lost_connection_is_unavailable_and_never_reused(pg_url: str) ->
         assert row["pid"] != before
     finally:
         await engine.dispose()
+
+
+async def test_a_locked_read_is_tracked_and_its_change_written(db_url: str) -> None:
+    engine = create_engine(db_url)
+    await upgrade(engine)
+    sessions = session_factory(engine)
+    sql = "SELECT * FROM service WHERE name = $1 FOR UPDATE"
+    try:
+        async with sessions() as session, session.begin():
+            session.add(_records()[0])
+        # given a row read with its lock after the session had loaded it without one
+        async with sessions() as session, session.begin():
+            held = await session.get(ServiceRecord, "checkout")
+            assert held is not None
+            # (the row changed since: the session's instance still shows what it read)
+            await session.exec(text("UPDATE service SET stable_version = 'v1'"))  # type: ignore[call-overload]
+            assert held.stable_version is None
+            (locked,) = await rows.lock_records(session, ServiceRecord, sql, "checkout")
+            # then the session's own instance carries what the locked read saw
+            assert locked is held
+            assert locked.stable_version == "v1"
+            # and a change to it is written by the flush, nothing else
+            locked.previous_version = "v0"
+        async with sessions() as session, session.begin():
+            (fresh,) = await rows.lock_records(session, ServiceRecord, sql, "checkout")
+            assert (fresh.stable_version, fresh.previous_version) == ("v1", "v0")
+            fresh.updated_by = "bob"
+        async with sessions() as session:
+            stored = await session.get(ServiceRecord, "checkout")
+            assert stored is not None
+            assert (stored.updated_by, stored.policy) == ("bob", {"bake": "1h"})
+    finally:
+        await engine.dispose()
+
+
+def test_a_fresh_process_can_read_before_any_orm_query(tmp_path: Path) -> None:
+    # (the ORM sets its mappers up on its first query; a server's first request may read here
+    # first, and building a record then must not fail)
+    script = tmp_path / "first.py"
+    script.write_text(
+        "import asyncio\n"
+        "from opsapi.canary.models import ServiceRecord\n"
+        "from opsapi.storage import rows\n"
+        "from opsapi.storage.db import create_engine, session_factory\n"
+        "from opsapi.storage.migrate import upgrade\n"
+        "async def main():\n"
+        f"    engine = create_engine({f'sqlite+aiosqlite:///{tmp_path}/db.sqlite'!r})\n"
+        "    await upgrade(engine)\n"
+        "    async with engine.begin() as c:\n"
+        '        await c.exec_driver_sql("INSERT INTO service (name, policy, updated_at, '
+        "updated_by) VALUES ('a', '{}', '2026-01-01 00:00:00.000000', 'x')\")\n"
+        "    async with session_factory(engine)() as session:\n"
+        "        (record,) = await rows.fetch_records(session, ServiceRecord, "
+        "'SELECT * FROM service')\n"
+        "    print(record.name, record.updated_at.isoformat())\n"
+        "asyncio.run(main())\n"
+    )
+    command = [sys.executable, str(script)]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["a", "2026-01-01T00:00:00+00:00"]
