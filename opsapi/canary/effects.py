@@ -186,8 +186,7 @@ class Effects:
             raise service.Refused(decision, record)
         if isinstance(event, Start):
             record = service.new_record(decision.rollout, current, created_by=cause.actor, now=now)
-            session.add(record)
-            await session.flush()  # the id, for the audit event and the outbox
+            await rows.save(session, record)  # the id, for the audit event and the outbox
         assert record is not None
         return await self._carry_out(record, row, decision, current, now=now, cause=cause,
                                      session=session)  # fmt: skip
@@ -212,13 +211,12 @@ class Effects:
             record.generation += 1
         if transition.service is not None:
             service.store_service(row, transition.service, now)
-            session.add(row)
+            await rows.save(session, row)
         if record.state in (State.ROLLED_BACK, State.REVERTED) and any(
             isinstance(e, SetWeight) and e.weight == 0 for e in transition.effects
         ):
             record.time_to_safe = _time_to_safe(record, cause, now)
-        session.add(record)
-        await session.flush()
+        await rows.save(session, record)
         details = summary(transition)
         for effect in transition.effects:
             if isinstance(effect, Page):

@@ -404,6 +404,9 @@ def new_record(
         auto_promote=policy.auto_promote,
         interval_seconds=policy.interval.total_seconds(),
         router=policy.router.model_dump(mode="json"),
+        # Given, not left to the column's default: pydantic inspects a default factory's
+        # signature on every construction (about a millisecond for a builtin such as list).
+        gates=[],
         gate_policy=policy.model_dump(
             mode="json", by_alias=True, include={"gates", "min_sample"}, exclude_none=True
         ),

@@ -16,7 +16,7 @@ import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar, cast
 
-from sqlalchemy import Table, TypeDecorator
+from sqlalchemy import Table, TypeDecorator, inspect
 from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import DBAPIError, StatementError
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -64,14 +64,7 @@ async def insert(target: Target, model: type[SQLModel], values: Sequence[Row]) -
     dialect = connection.dialect
     binders = _binders(model, dialect)
     names = [name for name, _ in binders]
-    parameters = [
-        tuple(
-            bind(row.get(name)) if bind is not None and row.get(name) is not None
-            else row.get(name)
-            for name, bind in binders
-        )
-        for row in values
-    ]  # fmt: skip
+    parameters = [tuple(_bound(bind, row.get(name)) for name, bind in binders) for row in values]
     table: Table = model.__table__  # type: ignore[attr-defined]
     marks = ", ".join(f"${index}" for index in range(1, len(names) + 1))
     # Names from the model's table, never from input.
@@ -82,6 +75,55 @@ async def insert(target: Target, model: type[SQLModel], values: Sequence[Row]) -
     await _on_driver(
         connection, sql, parameters, lambda driver: driver.executemany(sql, parameters)
     )
+
+
+async def save(session: AsyncSession, record: SQLModel) -> None:
+    """Write `record` as the ORM's flush would, with plain SQL: a record the session tracks
+    gets one UPDATE of the columns changed since it was read or saved (none: no statement); a
+    new record is inserted, gets its generated id and is tracked from then on."""
+    state = inspect(record)
+    table: Table = type(record).__table__  # type: ignore[attr-defined]
+    connection = await session.connection()
+    dialect = connection.dialect
+    binders = dict(_binders(type(record), dialect))
+    if state.key is None:
+        await _insert_record(session, record, table, binders)
+        return
+    # What the ORM's flush would write: the attributes assigned since the last load or save.
+    changed = [name for name in state.committed_state if name in binders]
+    if not changed:
+        return
+    values = [_bound(binders[name], getattr(record, name)) for name in changed]
+    (key,) = table.primary_key.columns  # our tracked tables have a one-column key
+    assignments = ", ".join(f"{name} = ${index}" for index, name in enumerate(changed, 1))
+    # Names from the model's table, never from input.
+    sql = f"UPDATE {table.name} SET {assignments} WHERE {key.name} = ${len(changed) + 1}"  # noqa: S608
+    await execute(connection, sql, *values, getattr(record, key.name))
+    for name in changed:
+        set_committed_value(record, name, getattr(record, name))
+
+
+async def _insert_record(
+    session: AsyncSession,
+    record: SQLModel,
+    table: Table,
+    binders: Mapping[str, Callable[[Any], Any] | None],
+) -> None:
+    generated = table.autoincrement_column
+    names = list(binders)
+    values = [_bound(binders[name], getattr(record, name)) for name in names]
+    marks = ", ".join(f"${index}" for index in range(1, len(names) + 1))
+    returning = f" RETURNING {generated.name}" if generated is not None else ""
+    # Names from the model's table, never from input.
+    sql = f"INSERT INTO {table.name} ({', '.join(names)}) VALUES ({marks}){returning}"  # noqa: S608
+    found, _ = await fetch(session, sql, *values)
+    if generated is not None:
+        setattr(record, generated.name, found[0][generated.name])
+    track(session, record)
+
+
+def _bound(bind: Callable[[Any], Any] | None, value: Any) -> Any:
+    return bind(value) if bind is not None and value is not None else value
 
 
 async def _on_driver(

@@ -222,3 +222,44 @@ def test_a_fresh_process_can_read_before_any_orm_query(tmp_path: Path) -> None:
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["a", "2026-01-01T00:00:00+00:00"]
+
+
+async def test_save_writes_what_a_flush_would(db_url: str) -> None:
+    engine = create_engine(db_url)
+    await upgrade(engine)
+    sessions = session_factory(engine)
+    sql = "SELECT * FROM rollout WHERE service = $1 FOR UPDATE"
+    try:
+        # given a new rollout saved (inserted) with plain SQL
+        async with sessions() as session, session.begin():
+            rollout = _records()[1]
+            assert isinstance(rollout, RolloutRecord)
+            await rows.save(session, rollout)
+            # then it has its generated id and the session tracks it
+            assert rollout.id == 1
+            assert rollout in session
+            rollout.generation += 1
+            await rows.save(session, rollout)
+        # when a locked read of it changes some columns and saves
+        async with sessions() as session, session.begin():
+            (locked,) = await rows.lock_records(session, RolloutRecord, sql, "checkout")
+            await rows.save(session, locked)  # nothing changed: no statement, no failure
+            locked.state = State.ROLLED_BACK
+            locked.desired_weight = 0
+            locked.finished_at = NOW + timedelta(minutes=5)
+            locked.time_to_safe = {"decided_at": "now"}
+            await rows.save(session, locked)
+            # (saved: the commit's own flush has nothing left to write)
+            assert not session.is_modified(locked)
+        # then the ORM reads back exactly that, and the other columns as they were
+        async with sessions() as session:
+            stored = await session.get(RolloutRecord, 1)
+        assert stored is not None
+        assert stored.state is State.ROLLED_BACK
+        assert (stored.desired_weight, stored.generation) == (0, 1)
+        assert stored.finished_at == NOW + timedelta(minutes=5)
+        assert stored.time_to_safe == {"decided_at": "now"}
+        assert stored.router == {"name": "pull", "nested": {"a": [1, None, "ü"]}}
+        assert stored.paused_at == NOW + timedelta(seconds=1)
+    finally:
+        await engine.dispose()
