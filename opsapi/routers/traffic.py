@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlmodel import col, func, select
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -35,6 +34,7 @@ from opsapi.notifications.messages import Message
 from opsapi.pagerduty import outbox as pagerduty_outbox
 from opsapi.routers.base import Router, RouterError, RouteTarget
 from opsapi.routers.registry import PULL
+from opsapi.storage import rows
 from opsapi.storage.db import SessionFactory
 
 log = logging.getLogger("opsapi.routers")
@@ -112,7 +112,8 @@ class Traffic:
         that made it live), unless `force` (a person's sync, a drift repair)."""
         async with self._exclusive(service):
             async with self.sessions() as session:
-                record = await session.get(RolloutRecord, rollout_id)
+                found = await rows.fetch_records(session, RolloutRecord, _ROLLOUT, rollout_id)
+            record = found[0] if found else None
             if record is None:
                 return ApplyOutcome(None, "no such rollout")
             if record.converged and not force:
@@ -272,8 +273,9 @@ class Traffic:
     ) -> ApplyOutcome:
         now = self.clock()
         async with self.sessions() as session, session.begin():
-            record = await session.get(RolloutRecord, rollout_id, with_for_update=True)
-            assert record is not None
+            (record,) = await rows.lock_records(
+                session, RolloutRecord, f"{_ROLLOUT} FOR UPDATE", rollout_id
+            )
             if only_generation is not None and (
                 record.generation != only_generation or record.converged
             ):
@@ -302,7 +304,7 @@ class Traffic:
                         session, record, error=error, weight=weight or 0, now=now
                     )
                     await _notify_router_failed(session, record, error, now)
-            session.add(record)
+            await rows.save(session, record)
             self.metrics.router_applies.labels("ok" if error is None else "error").inc()
             self.metrics.router_errors.labels(record.service).set(1 if error else 0)
             # Every apply that changes traffic is audited; repeated identical failures are not,
@@ -420,17 +422,17 @@ class Traffic:
                 yield
                 return
             async with self.engine.connect() as connection:
-                key = {"group": _APPLY_LOCK, "service": service}
-                await connection.execute(
-                    text("SELECT pg_advisory_lock(:group, hashtext(:service))"), key
-                )
+                take = "SELECT pg_advisory_lock($1, hashtext($2))"
+                await rows.execute(connection, take, _APPLY_LOCK, service)
                 try:
                     yield
                 finally:
-                    await connection.execute(
-                        text("SELECT pg_advisory_unlock(:group, hashtext(:service))"), key
-                    )
+                    unlock = "SELECT pg_advisory_unlock($1, hashtext($2))"
+                    await rows.execute(connection, unlock, _APPLY_LOCK, service)
                     await connection.commit()
+
+
+_ROLLOUT = "SELECT * FROM rollout WHERE id = $1"
 
 
 def _drift_every(record: RolloutRecord) -> timedelta:
