@@ -44,6 +44,7 @@ from opsapi.metrics import Metrics
 from opsapi.notifications import outbox as notifications
 from opsapi.notifications.messages import Message
 from opsapi.pagerduty import outbox as pagerduty_outbox
+from opsapi.pagerduty.models import OutboxMessage
 from opsapi.routers.registry import PULL
 from opsapi.routers.traffic import ApplyOutcome, Traffic
 from opsapi.storage import rows
@@ -80,6 +81,8 @@ class Applied:
     details: dict[str, Any]
     # What the router reported after the commit (None until `finish` converged).
     converged: ApplyOutcome | None = None
+    # The rollout's outbox rows as the transition left them (read when the caller asked).
+    messages: list[OutboxMessage] | None = None
 
     @property
     def moved(self) -> bool:
@@ -166,8 +169,11 @@ class Effects:
         cause: Cause,
         session: AsyncSession,
         policy: Policy | None = None,
+        read_outbox: bool = False,
     ) -> Applied:
-        """Apply `event` to `record` (locked with `row` by `lock`); raise `service.Refused`."""
+        """Apply `event` to `record` (locked with `row` by `lock`); raise `service.Refused`.
+
+        `read_outbox`: also read the rollout's alerts and notifications (for an answer)."""
         name = row.name
         current = policy or service.policy_of(row, self.default_policy)
         rollout = service.to_machine(record) if record is not None else None
@@ -189,7 +195,7 @@ class Effects:
             await rows.save(session, record)  # the id, for the audit event and the outbox
         assert record is not None
         return await self._carry_out(record, row, decision, current, now=now, cause=cause,
-                                     session=session)  # fmt: skip
+                                     session=session, read_outbox=read_outbox)  # fmt: skip
 
     async def _carry_out(
         self,
@@ -201,6 +207,7 @@ class Effects:
         now: datetime,
         cause: Cause,
         session: AsyncSession,
+        read_outbox: bool = False,
     ) -> Applied:
         service.store(record, transition.rollout, now)
         if any(isinstance(e, SetWeight | SwapSlots) for e in transition.effects):
@@ -246,6 +253,10 @@ class Effects:
             # Every replica's data plane drops its copy of this service's weight answer when
             # (and only if) this transaction commits.
             await rows.execute(session, "SELECT pg_notify($1, $2)", CHANNEL, record.service)
+        if read_outbox:
+            # Read here, before the audit chain's lock is taken, not after the commit: one
+            # round trip instead of another transaction.
+            applied.messages = await pagerduty_outbox.of_rollout(session, record.id)
         if applied.changed:
             await audit.record(
                 session=session,

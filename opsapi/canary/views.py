@@ -39,7 +39,6 @@ from opsapi.notifications.rules import check_rules
 from opsapi.pagerduty import outbox as pagerduty_outbox
 from opsapi.pagerduty.models import OutboxKind, OutboxMessage
 from opsapi.routers.registry import check_router
-from opsapi.storage import rows
 
 ServiceName = Field(pattern=SERVICE_NAME.pattern, description="the service's name")
 
@@ -94,19 +93,15 @@ async def _transition(
     row, record = locked or await call.effects.lock(name, now=call.now, session=call.session)
     applied = await call.effects.apply(
         row, record, event, now=call.now, cause=call.cause(), session=call.session,
-        policy=policy,
+        policy=policy, read_outbox=True,
     )  # fmt: skip
     call.rollout_id = applied.record.id
     call.after_commit.append(lambda: _answer(call, applied))
     return call.pending()
 
 
-async def _outbound(session: AsyncSession, rollout_id: int | None) -> dict[str, Any]:
-    """The rollout's PagerDuty alerts and notifications, with their delivery state (one
-    query: both live in the one outbox)."""
-    messages = await rows.fetch_records(
-        session, OutboxMessage, "SELECT * FROM outbox WHERE rollout_id = $1 ORDER BY id", rollout_id
-    )
+def _outbound(messages: list[OutboxMessage]) -> dict[str, Any]:
+    """The rollout's PagerDuty alerts and notifications, with their delivery state."""
     outbound: dict[str, Any] = {"alerts": [], "notifications": []}
     for row in messages:
         if row.kind == OutboxKind.NOTIFICATION.value:
@@ -118,10 +113,9 @@ async def _outbound(session: AsyncSession, rollout_id: int | None) -> dict[str, 
 
 async def _answer(call: Call, applied: Applied) -> Response:
     await call.effects.finish(applied)
-    # Read after the commit: the transaction (and the audit chain's lock) ends sooner.
-    async with call.runtime.sessions() as session:
-        outbound = await _outbound(session, applied.record.id)
-    view = rollout_view(applied.record, applied.service, call.now, **outbound)
+    view = rollout_view(
+        applied.record, applied.service, call.now, **_outbound(applied.messages or [])
+    )
     return JSONResponse(view.model_dump(mode="json"))
 
 
@@ -264,7 +258,7 @@ async def get_rollout(call: Call) -> Response:
         raise NotFound(f"{name} has no rollout")
     call.rollout_id = record.id
     row = await service.service_row(name, session=call.session)
-    outbound = await _outbound(call.session, record.id)
+    outbound = _outbound(await pagerduty_outbox.of_rollout(call.session, record.id))
     holds = await service.holds_of(
         name, now=call.now, windows=call.effects.freezes, session=call.session
     )

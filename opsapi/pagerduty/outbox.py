@@ -24,6 +24,7 @@ from opsapi.canary.models import RolloutRecord, ServiceRecord
 from opsapi.canary.policy import PagerDutyPolicy, Policy
 from opsapi.errors import Unprocessable
 from opsapi.pagerduty.models import OutboxKind, OutboxMessage, OutboxState
+from opsapi.storage import rows
 
 SOURCE = "opsapi"
 SEVERITY = "critical"
@@ -96,6 +97,12 @@ async def enqueue(
 
 
 # What causes alerts ----------------------------------------------------------------------------
+
+
+async def of_rollout(session: AsyncSession, rollout_id: int | None) -> list[OutboxMessage]:
+    """The rollout's alerts and notifications (both live in the one outbox), oldest first."""
+    sql = "SELECT * FROM outbox WHERE rollout_id = $1 ORDER BY id"
+    return await rows.fetch_records(session, OutboxMessage, sql, rollout_id)
 
 
 async def page_breach(
