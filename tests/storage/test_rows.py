@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -17,10 +18,19 @@ from sqlmodel import SQLModel, select
 from opsapi.canary.machine import State
 from opsapi.canary.models import FreezeRecord, Incident, RolloutRecord, ServiceRecord
 from opsapi.storage import rows
-from opsapi.storage.db import create_engine, is_unavailable, session_factory
+from opsapi.storage.db import SessionFactory, create_engine, is_unavailable, session_factory
 from opsapi.storage.migrate import upgrade
 
 NOW = datetime(2026, 11, 30, 6, 0, 0, 123456, tzinfo=UTC)
+
+
+@pytest.fixture
+async def sessions(db_url: str) -> AsyncIterator[SessionFactory]:
+    """Sessions on a migrated database (both kinds)."""
+    engine = create_engine(db_url)
+    await upgrade(engine)
+    yield session_factory(engine)
+    await engine.dispose()
 
 
 def _records() -> list[SQLModel]:
@@ -64,59 +74,47 @@ QUERIES: list[tuple[type[SQLModel], str, tuple[Any, ...]]] = [
 ]
 
 
-async def test_plain_reads_give_what_the_orm_loads(db_url: str) -> None:
+async def test_plain_reads_give_what_the_orm_loads(sessions: SessionFactory) -> None:
     # given rows of every kind the hot paths read, written through the ORM
-    engine = create_engine(db_url)
-    await upgrade(engine)
-    sessions = session_factory(engine)
-    try:
-        async with sessions() as session, session.begin():
-            session.add_all(_records())
-        for model, sql, args in QUERIES:
-            # when each is read through the ORM and as plain SQL
-            async with sessions() as session:
-                loaded = (await session.exec(select(model))).all()
-            async with sessions() as session:
-                read = await rows.fetch_records(session, model, sql, *args)
-            # then the records are equal, column by column and type by type
-            assert [r.model_dump() for r in read] == [r.model_dump() for r in loaded], model
-            for ours, theirs in zip(read, loaded, strict=True):
-                assert {k: type(v) for k, v in ours.model_dump().items()} == {
-                    k: type(v) for k, v in theirs.model_dump().items()
-                }
+    async with sessions() as session, session.begin():
+        session.add_all(_records())
+    for model, sql, args in QUERIES:
+        # when each is read through the ORM and as plain SQL
         async with sessions() as session:
-            (rollout,) = await rows.fetch_records(
-                session, RolloutRecord, "SELECT * FROM rollout WHERE service = $1", "checkout"
-            )
-        assert rollout.state is State.PAUSED
-        assert rollout.step_started_at == NOW
-        assert rollout.step_started_at.tzinfo is not None
-        assert rollout.auto_promote is True
-    finally:
-        await engine.dispose()
+            loaded = (await session.exec(select(model))).all()
+        async with sessions() as session:
+            read = await rows.fetch_records(session, model, sql, *args)
+        # then the records are equal, column by column and type by type
+        assert [r.model_dump() for r in read] == [r.model_dump() for r in loaded], model
+        for ours, theirs in zip(read, loaded, strict=True):
+            assert {k: type(v) for k, v in ours.model_dump().items()} == {
+                k: type(v) for k, v in theirs.model_dump().items()
+            }
+    async with sessions() as session:
+        (rollout,) = await rows.fetch_records(
+            session, RolloutRecord, "SELECT * FROM rollout WHERE service = $1", "checkout"
+        )
+    assert rollout.state is State.PAUSED
+    assert rollout.step_started_at == NOW
+    assert rollout.step_started_at.tzinfo is not None
+    assert rollout.auto_promote is True
 
 
-async def test_a_plain_read_belongs_to_the_sessions_transaction(db_url: str) -> None:
-    engine = create_engine(db_url)
-    await upgrade(engine)
-    sessions = session_factory(engine)
-    try:
-        async with sessions() as session, session.begin():
-            # given a row written but not committed by this session
-            session.add(_records()[0])
-            await session.flush()
-            # when the same session reads it as plain SQL (FOR UPDATE is SQLite-safe)
-            found = await rows.fetch_records(
-                session, ServiceRecord, "SELECT * FROM service WHERE name = $1 FOR UPDATE",
-                "checkout",
-            )  # fmt: skip
-            # then it sees its own write
-            assert [record.name for record in found] == ["checkout"]
-            await session.rollback()
-        async with sessions() as session:
-            assert await rows.fetch_records(session, ServiceRecord, "SELECT * FROM service") == []
-    finally:
-        await engine.dispose()
+async def test_a_plain_read_belongs_to_the_sessions_transaction(sessions: SessionFactory) -> None:
+    async with sessions() as session, session.begin():
+        # given a row written but not committed by this session
+        session.add(_records()[0])
+        await session.flush()
+        # when the same session reads it as plain SQL (FOR UPDATE is SQLite-safe)
+        found = await rows.fetch_records(
+            session, ServiceRecord, "SELECT * FROM service WHERE name = $1 FOR UPDATE",
+            "checkout",
+        )  # fmt: skip
+        # then it sees its own write
+        assert [record.name for record in found] == ["checkout"]
+        await session.rollback()
+    async with sessions() as session:
+        assert await rows.fetch_records(session, ServiceRecord, "SELECT * FROM service") == []
 
 
 async def test_a_first_plain_read_begins_the_transaction(pg_url: str) -> None:
@@ -163,37 +161,31 @@ async def test_a_lost_connection_is_unavailable_and_never_reused(pg_url: str) ->
         await engine.dispose()
 
 
-async def test_a_locked_read_is_tracked_and_its_change_written(db_url: str) -> None:
-    engine = create_engine(db_url)
-    await upgrade(engine)
-    sessions = session_factory(engine)
+async def test_a_locked_read_is_tracked_and_its_change_written(sessions: SessionFactory) -> None:
     sql = "SELECT * FROM service WHERE name = $1 FOR UPDATE"
-    try:
-        async with sessions() as session, session.begin():
-            session.add(_records()[0])
-        # given a row read with its lock after the session had loaded it without one
-        async with sessions() as session, session.begin():
-            held = await session.get(ServiceRecord, "checkout")
-            assert held is not None
-            # (the row changed since: the session's instance still shows what it read)
-            await session.exec(text("UPDATE service SET stable_version = 'v1'"))  # type: ignore[call-overload]
-            assert held.stable_version is None
-            (locked,) = await rows.lock_records(session, ServiceRecord, sql, "checkout")
-            # then the session's own instance carries what the locked read saw
-            assert locked is held
-            assert locked.stable_version == "v1"
-            # and a change to it is written by the flush, nothing else
-            locked.previous_version = "v0"
-        async with sessions() as session, session.begin():
-            (fresh,) = await rows.lock_records(session, ServiceRecord, sql, "checkout")
-            assert (fresh.stable_version, fresh.previous_version) == ("v1", "v0")
-            fresh.updated_by = "bob"
-        async with sessions() as session:
-            stored = await session.get(ServiceRecord, "checkout")
-            assert stored is not None
-            assert (stored.updated_by, stored.policy) == ("bob", {"bake": "1h"})
-    finally:
-        await engine.dispose()
+    async with sessions() as session, session.begin():
+        session.add(_records()[0])
+    # given a row read with its lock after the session had loaded it without one
+    async with sessions() as session, session.begin():
+        held = await session.get(ServiceRecord, "checkout")
+        assert held is not None
+        # (the row changed since: the session's instance still shows what it read)
+        await session.exec(text("UPDATE service SET stable_version = 'v1'"))  # type: ignore[call-overload]
+        assert held.stable_version is None
+        (locked,) = await rows.lock_records(session, ServiceRecord, sql, "checkout")
+        # then the session's own instance carries what the locked read saw
+        assert locked is held
+        assert locked.stable_version == "v1"
+        # and a change to it is written by the flush, nothing else
+        locked.previous_version = "v0"
+    async with sessions() as session, session.begin():
+        (fresh,) = await rows.lock_records(session, ServiceRecord, sql, "checkout")
+        assert (fresh.stable_version, fresh.previous_version) == ("v1", "v0")
+        fresh.updated_by = "bob"
+    async with sessions() as session:
+        stored = await session.get(ServiceRecord, "checkout")
+        assert stored is not None
+        assert (stored.updated_by, stored.policy) == ("bob", {"bake": "1h"})
 
 
 def test_a_fresh_process_can_read_before_any_orm_query(tmp_path: Path) -> None:
@@ -224,42 +216,36 @@ def test_a_fresh_process_can_read_before_any_orm_query(tmp_path: Path) -> None:
     assert done.stdout.split() == ["a", "2026-01-01T00:00:00+00:00"]
 
 
-async def test_save_writes_what_a_flush_would(db_url: str) -> None:
-    engine = create_engine(db_url)
-    await upgrade(engine)
-    sessions = session_factory(engine)
+async def test_save_writes_what_a_flush_would(sessions: SessionFactory) -> None:
     sql = "SELECT * FROM rollout WHERE service = $1 FOR UPDATE"
-    try:
-        # given a new rollout saved (inserted) with plain SQL
-        async with sessions() as session, session.begin():
-            rollout = _records()[1]
-            assert isinstance(rollout, RolloutRecord)
-            await rows.save(session, rollout)
-            # then it has its generated id and the session tracks it
-            assert rollout.id == 1
-            assert rollout in session
-            rollout.generation += 1
-            await rows.save(session, rollout)
-        # when a locked read of it changes some columns and saves
-        async with sessions() as session, session.begin():
-            (locked,) = await rows.lock_records(session, RolloutRecord, sql, "checkout")
-            await rows.save(session, locked)  # nothing changed: no statement, no failure
-            locked.state = State.ROLLED_BACK
-            locked.desired_weight = 0
-            locked.finished_at = NOW + timedelta(minutes=5)
-            locked.time_to_safe = {"decided_at": "now"}
-            await rows.save(session, locked)
-            # (saved: the commit's own flush has nothing left to write)
-            assert not session.is_modified(locked)
-        # then the ORM reads back exactly that, and the other columns as they were
-        async with sessions() as session:
-            stored = await session.get(RolloutRecord, 1)
-        assert stored is not None
-        assert stored.state is State.ROLLED_BACK
-        assert (stored.desired_weight, stored.generation) == (0, 1)
-        assert stored.finished_at == NOW + timedelta(minutes=5)
-        assert stored.time_to_safe == {"decided_at": "now"}
-        assert stored.router == {"name": "pull", "nested": {"a": [1, None, "ü"]}}
-        assert stored.paused_at == NOW + timedelta(seconds=1)
-    finally:
-        await engine.dispose()
+    # given a new rollout saved (inserted) with plain SQL
+    async with sessions() as session, session.begin():
+        rollout = _records()[1]
+        assert isinstance(rollout, RolloutRecord)
+        await rows.save(session, rollout)
+        # then it has its generated id and the session tracks it
+        assert rollout.id == 1
+        assert rollout in session
+        rollout.generation += 1
+        await rows.save(session, rollout)
+    # when a locked read of it changes some columns and saves
+    async with sessions() as session, session.begin():
+        (locked,) = await rows.lock_records(session, RolloutRecord, sql, "checkout")
+        await rows.save(session, locked)  # nothing changed: no statement, no failure
+        locked.state = State.ROLLED_BACK
+        locked.desired_weight = 0
+        locked.finished_at = NOW + timedelta(minutes=5)
+        locked.time_to_safe = {"decided_at": "now"}
+        await rows.save(session, locked)
+        # (saved: the commit's own flush has nothing left to write)
+        assert not session.is_modified(locked)
+    # then the ORM reads back exactly that, and the other columns as they were
+    async with sessions() as session:
+        stored = await session.get(RolloutRecord, 1)
+    assert stored is not None
+    assert stored.state is State.ROLLED_BACK
+    assert (stored.desired_weight, stored.generation) == (0, 1)
+    assert stored.finished_at == NOW + timedelta(minutes=5)
+    assert stored.time_to_safe == {"decided_at": "now"}
+    assert stored.router == {"name": "pull", "nested": {"a": [1, None, "ü"]}}
+    assert stored.paused_at == NOW + timedelta(seconds=1)
