@@ -66,9 +66,7 @@ async def insert(target: Target, model: type[SQLModel], values: Sequence[Row]) -
     names = [name for name, _ in binders]
     parameters = [tuple(_bound(bind, row.get(name)) for name, bind in binders) for row in values]
     table: Table = model.__table__  # type: ignore[attr-defined]
-    marks = ", ".join(f"${index}" for index in range(1, len(names) + 1))
-    # Names from the model's table, never from input.
-    sql = f"INSERT INTO {table.name} ({', '.join(names)}) VALUES ({marks})"  # noqa: S608
+    sql = _insert_sql(table, names)
     if dialect.name != "postgresql":
         await connection.exec_driver_sql(_for_sqlite(sql), parameters)
         return
@@ -112,14 +110,17 @@ async def _insert_record(
     generated = table.autoincrement_column
     names = list(binders)
     values = [_bound(binders[name], getattr(record, name)) for name in names]
-    marks = ", ".join(f"${index}" for index in range(1, len(names) + 1))
     returning = f" RETURNING {generated.name}" if generated is not None else ""
-    # Names from the model's table, never from input.
-    sql = f"INSERT INTO {table.name} ({', '.join(names)}) VALUES ({marks}){returning}"  # noqa: S608
-    found, _ = await fetch(session, sql, *values)
+    found, _ = await fetch(session, _insert_sql(table, names) + returning, *values)
     if generated is not None:
         setattr(record, generated.name, found[0][generated.name])
     track(session, record)
+
+
+def _insert_sql(table: Table, names: Sequence[str]) -> str:
+    marks = ", ".join(f"${index}" for index in range(1, len(names) + 1))
+    # Names from the model's table, never from input.
+    return f"INSERT INTO {table.name} ({', '.join(names)}) VALUES ({marks})"  # noqa: S608
 
 
 def _bound(bind: Callable[[Any], Any] | None, value: Any) -> Any:
@@ -234,7 +235,7 @@ def _converters(model: type[SQLModel], dialect: Dialect) -> _Converters:
 def _binders(model: type[SQLModel], dialect: Dialect) -> _Converters:
     # Every column but a generated primary key, each with the conversion the ORM applies
     # when it writes (JSON serialised, timestamps in UTC, enums as their value).
-    key = (model, type(dialect), "bind")
+    key = (model, type(dialect))
     found = _BINDERS.get(key)
     if found is None:
         table: Table = model.__table__  # type: ignore[attr-defined]
@@ -246,7 +247,7 @@ def _binders(model: type[SQLModel], dialect: Dialect) -> _Converters:
     return found
 
 
-_BINDERS: dict[tuple[type[SQLModel], type[Dialect], str], _Converters] = {}
+_BINDERS: dict[tuple[type[SQLModel], type[Dialect]], _Converters] = {}
 
 
 def _converter(column_type: TypeEngine[Any], dialect: Dialect) -> Callable[[Any], Any] | None:
