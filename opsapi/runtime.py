@@ -109,6 +109,7 @@ async def build_runtime(
     stop = asyncio.Event()
     worker: DeliveryWorker | None = None
     audit_writer: AuditWriter | None = None
+    weights: WeightCache | None = None
     try:
         sessions = session_factory(engine)
         metrics = Metrics()
@@ -183,6 +184,10 @@ async def build_runtime(
     finally:
         stop.set()
         await _finish(tasks, settings.shutdown_timeout_seconds)
+        if weights is not None:
+            # A client's fetch recorded as the pull router's applied weight lands before exit.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(weights.settle(), settings.shutdown_timeout_seconds)
         for listener in listeners:
             await listener.stop()
         if worker is not None:

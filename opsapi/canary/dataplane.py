@@ -114,6 +114,11 @@ class WeightCache:
         self._recording.add(task)
         task.add_done_callback(self._recording.discard)
 
+    async def settle(self) -> None:
+        """Wait for the fetches being recorded now (shutdown, tests)."""
+        while self._recording:
+            await asyncio.gather(*self._recording, return_exceptions=True)
+
     async def _record_fetch(
         self, service: str, key: tuple[int, int], record: FetchRecorder
     ) -> None:

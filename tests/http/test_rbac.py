@@ -197,7 +197,15 @@ async def test_rbac_matrix(
     if path.endswith("/weight") and response.status_code == 200:
         # the data plane's polls are audited per caller, service and minute
         assert await flush_polls(api.runtime, final=True) == 1
+        # and the pull router records the first fetch of the weight as applied (by the system)
+        await api.runtime.weights.settle()
     new_events = (await api.audit_events())[events_before:]
+    if path.endswith("/weight") and response.status_code == 200:
+        applied = [e for e in new_events if e.action == "router.apply"]
+        assert [(e.actor, e.details["reason"]) for e in applied] == [
+            ("router", f"fetched by {caller}-user")
+        ]
+        new_events = [e for e in new_events if e.action != "router.apply"]
     if (method, path) in PUBLIC:
         assert "paths" in response.json()
         return
