@@ -225,7 +225,7 @@ def build_app(floor: Floor) -> Starlette:
 
     @asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
-        # opsapi's pool holds up to 20 + 10 overflow connections; idle ones are let go soon
+        # opsapi's pool holds 30 connections (+ 10 overflow); idle ones are let go soon
         # so that the floor holds few while opsapi takes its turn on the shared server.
         floor.pool = await asyncpg.create_pool(
             floor.dsn, min_size=0, max_size=30, max_inactive_connection_lifetime=20

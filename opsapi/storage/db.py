@@ -29,7 +29,7 @@ _UNAVAILABLE_CLASSES = ("08", "53", "58")
 class DatabaseLimits:
     """How long database work may wait; every bound is in seconds (0: unbounded)."""
 
-    pool_size: int = 20
+    pool_size: int = 30
     max_overflow: int = 10
     pool_timeout: float = 10.0
     connect_timeout: float = 5.0
