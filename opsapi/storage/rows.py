@@ -97,6 +97,11 @@ async def save(session: AsyncSession, record: SQLModel) -> None:
     # Names from the model's table, never from input.
     sql = f"UPDATE {table.name} SET {assignments} WHERE {key.name} = ${len(changed) + 1}"  # noqa: S608
     await execute(connection, sql, *values, getattr(record, key.name))
+    if len(changed) == len(state.committed_state):
+        # Nothing left for the ORM's flush: off its list of modified instances too, or the
+        # commit's flush walks this record again for nothing.
+        state._commit_all(state.dict, session.sync_session.identity_map)
+        return
     for name in changed:
         set_committed_value(record, name, getattr(record, name))
 
@@ -194,9 +199,12 @@ def track(session: AsyncSession, record: ModelT) -> ModelT:
         make_transient_to_detached(record)
         sync.add(record)
         return record
+    # Every column overwritten: the held instance has no pending change left.
+    held_state, read = inspect(held), inspect(record).dict
     table: Table = type(record).__table__  # type: ignore[attr-defined]
     for column in table.columns:
-        set_committed_value(held, column.name, getattr(record, column.name))
+        held_state.dict[column.name] = read[column.name]
+    held_state._commit_all(held_state.dict, sync.identity_map)
     return cast(ModelT, held)
 
 
@@ -205,11 +213,11 @@ def record_of(model: type[ModelT], row: Row, dialect: Dialect) -> ModelT:
     # Built as an ORM load builds it (no validation: the values come from the database), which
     # costs a tenth of a pydantic construction.
     record: ModelT = manager_of_class(model).new_instance()
+    # A new instance has no history: its loaded values are simply its state's values.
+    values = inspect(record).dict
     for name, convert in _converters(model, dialect):
         value = row[name]
-        set_committed_value(
-            record, name, convert(value) if convert is not None and value is not None else value
-        )
+        values[name] = convert(value) if convert is not None and value is not None else value
     return record
 
 
