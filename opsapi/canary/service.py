@@ -220,11 +220,14 @@ async def reject(
 
 def store_service(record: ServiceRecord, state: machine.ServiceState, now: datetime) -> None:
     """Write the machine's new lifecycle state into the service row."""
-    record.stable_version = state.stable_version
-    record.stable_slot = state.stable_slot
-    record.previous_version = state.previous_version
-    record.previous_slot = state.previous_slot
-    record.updated_at = now
+    rows.assign(
+        record,
+        stable_version=state.stable_version,
+        stable_slot=state.stable_slot,
+        previous_version=state.previous_version,
+        previous_slot=state.previous_slot,
+        updated_at=now,
+    )
 
 
 # Rollouts: loading ------------------------------------------------------------------------------
@@ -365,23 +368,26 @@ def _gate_to_json(gate: GateStatus) -> dict[str, Any]:
 
 def store(record: RolloutRecord, rollout: machine.Rollout, now: datetime) -> None:
     """Write the machine's rollout into its row (desired weight included; applied untouched)."""
-    record.state = rollout.state
-    record.stable_version = rollout.stable_version
-    record.stable_slot = rollout.stable_slot
-    record.canary_slot = rollout.canary_slot
-    record.step_index = rollout.step_index
-    record.desired_weight = rollout.desired_weight
-    record.step_started_at = rollout.step_started_at
-    record.paused_at = rollout.paused_at
-    record.paused_seconds = rollout.paused_for.total_seconds()
-    record.triggered_by = rollout.triggered_by.value
-    record.reason = rollout.reason
-    record.gates = [_gate_to_json(gate) for gate in rollout.gates]
-    record.finished_at = rollout.finished_at
-    record.lease_seconds = rollout.lease.total_seconds() if rollout.lease else None
-    record.updated_at = now
-    record.next_evaluation_at = machine.next_due(
-        rollout, now, timedelta(seconds=record.interval_seconds)
+    rows.assign(
+        record,
+        state=rollout.state,
+        stable_version=rollout.stable_version,
+        stable_slot=rollout.stable_slot,
+        canary_slot=rollout.canary_slot,
+        step_index=rollout.step_index,
+        desired_weight=rollout.desired_weight,
+        step_started_at=rollout.step_started_at,
+        paused_at=rollout.paused_at,
+        paused_seconds=rollout.paused_for.total_seconds(),
+        triggered_by=rollout.triggered_by.value,
+        reason=rollout.reason,
+        gates=[_gate_to_json(gate) for gate in rollout.gates],
+        finished_at=rollout.finished_at,
+        lease_seconds=rollout.lease.total_seconds() if rollout.lease else None,
+        updated_at=now,
+        next_evaluation_at=machine.next_due(
+            rollout, now, timedelta(seconds=record.interval_seconds)
+        ),
     )
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
 from sqlalchemy import Table, TypeDecorator, inspect
@@ -38,29 +39,54 @@ _FOR_UPDATE = re.compile(r"\s+FOR UPDATE\b")
 Target = AsyncSession | AsyncConnection
 
 
+@dataclass
+class _Link:
+    """The connection a session's current transaction runs on, and its driver connection
+    once looked up (each lookup is a trip through SQLAlchemy's greenlet bridge)."""
+
+    transaction: object
+    connection: AsyncConnection
+    adapted: Any = None
+
+
+_LINK = "opsapi.rows.link"
+
+
+async def _link(target: Target) -> _Link:
+    if not isinstance(target, AsyncSession):
+        return _Link(None, target)
+    link: _Link | None = target.info.get(_LINK)
+    if link is not None and link.transaction is target.sync_session.get_transaction():
+        return link
+    connection = await target.connection()  # begins the session's transaction if need be
+    link = target.info[_LINK] = _Link(target.sync_session.get_transaction(), connection)
+    return link
+
+
 async def fetch(target: Target, sql: str, *args: Any) -> tuple[list[Row], Dialect]:
     """The rows `sql` returns, read in the session's (or connection's) transaction."""
-    connection = await target.connection() if isinstance(target, AsyncSession) else target
-    dialect = connection.dialect
+    link = await _link(target)
+    dialect = link.connection.dialect
     if dialect.name != "postgresql":
-        result = await connection.exec_driver_sql(_for_sqlite(sql), args)
+        result = await link.connection.exec_driver_sql(_for_sqlite(sql), args)
         return [dict(row) for row in result.mappings()], dialect
-    records = await _on_driver(connection, sql, args, lambda driver: driver.fetch(sql, *args))
+    records = await _on_driver(link, sql, args, lambda driver: driver.fetch(sql, *args))
     return [dict(record) for record in records], dialect
 
 
 async def execute(target: Target, sql: str, *args: Any) -> None:
     """Run `sql` (no rows wanted) in the session's (or connection's) transaction."""
-    connection = await target.connection() if isinstance(target, AsyncSession) else target
-    if connection.dialect.name != "postgresql":
-        await connection.exec_driver_sql(_for_sqlite(sql), args)
+    link = await _link(target)
+    if link.connection.dialect.name != "postgresql":
+        await link.connection.exec_driver_sql(_for_sqlite(sql), args)
         return
-    await _on_driver(connection, sql, args, lambda driver: driver.execute(sql, *args))
+    await _on_driver(link, sql, args, lambda driver: driver.execute(sql, *args))
 
 
 async def insert(target: Target, model: type[SQLModel], values: Sequence[Row]) -> None:
     """Insert `values` (column → Python value, as the ORM takes them) into `model`'s table."""
-    connection = await target.connection() if isinstance(target, AsyncSession) else target
+    link = await _link(target)
+    connection = link.connection
     dialect = connection.dialect
     binders = _binders(model, dialect)
     names = [name for name, _ in binders]
@@ -70,9 +96,7 @@ async def insert(target: Target, model: type[SQLModel], values: Sequence[Row]) -
     if dialect.name != "postgresql":
         await connection.exec_driver_sql(_for_sqlite(sql), parameters)
         return
-    await _on_driver(
-        connection, sql, parameters, lambda driver: driver.executemany(sql, parameters)
-    )
+    await _on_driver(link, sql, parameters, lambda driver: driver.executemany(sql, parameters))
 
 
 async def save(session: AsyncSession, record: SQLModel) -> None:
@@ -81,8 +105,7 @@ async def save(session: AsyncSession, record: SQLModel) -> None:
     new record is inserted, gets its generated id and is tracked from then on."""
     state = inspect(record)
     table: Table = type(record).__table__  # type: ignore[attr-defined]
-    connection = await session.connection()
-    dialect = connection.dialect
+    dialect = (await _link(session)).connection.dialect
     binders = dict(_binders(type(record), dialect))
     if state.key is None:
         await _insert_record(session, record, table, binders)
@@ -96,7 +119,7 @@ async def save(session: AsyncSession, record: SQLModel) -> None:
     assignments = ", ".join(f"{name} = ${index}" for index, name in enumerate(changed, 1))
     # Names from the model's table, never from input.
     sql = f"UPDATE {table.name} SET {assignments} WHERE {key.name} = ${len(changed) + 1}"  # noqa: S608
-    await execute(connection, sql, *values, getattr(record, key.name))
+    await execute(session, sql, *values, getattr(record, key.name))
     if len(changed) == len(state.committed_state):
         # Nothing left for the ORM's flush: off its list of modified instances too, or the
         # commit's flush walks this record again for nothing.
@@ -104,6 +127,14 @@ async def save(session: AsyncSession, record: SQLModel) -> None:
         return
     for name in changed:
         set_committed_value(record, name, getattr(record, name))
+
+
+def assign(record: SQLModel, **values: Any) -> None:
+    """Set the attributes whose value differs: `save` then writes those columns only."""
+    current = inspect(record).dict
+    for name, value in values.items():
+        if name not in current or current[name] != value:
+            setattr(record, name, value)
 
 
 async def _insert_record(
@@ -133,14 +164,16 @@ def _bound(bind: Callable[[Any], Any] | None, value: Any) -> Any:
 
 
 async def _on_driver(
-    connection: AsyncConnection,
+    link: _Link,
     sql: str,
     args: Sequence[Any],
     work: Callable[[Any], Awaitable[Any]],
 ) -> Any:
     """`work(asyncpg connection)` in the connection's transaction (begun if need be)."""
-    fairy = await connection.get_raw_connection()
-    adapted: Any = fairy.dbapi_connection
+    adapted = link.adapted
+    if adapted is None:
+        fairy = await link.connection.get_raw_connection()
+        adapted = link.adapted = fairy.dbapi_connection
     try:
         # The adapter begins its transaction on its first statement: begin it here too, so
         # that what runs here belongs to the session's transaction.
@@ -149,7 +182,7 @@ async def _on_driver(
                 await adapted._start_transaction()
             return await work(adapted._connection)
     except Exception as error:
-        raise await _failure(connection, adapted, error, sql, args) from None
+        raise await _failure(link.connection, adapted, error, sql, args) from None
 
 
 async def _failure(
