@@ -1,10 +1,11 @@
 """The data plane: `GET /canary/{service}/weight`, which application instances poll (DESIGN §11).
 
 Answers come from an in-process copy of each service's weight document, fetched from the database
-once per change: every transition that changes what routers must apply sends a PostgreSQL
-`NOTIFY opsapi_weights, '<service>'` in its own transaction, and each replica's listener drops
-its copy and wakes the long polls of that service (SQLite, one process: the interpreter
-invalidates directly). While the listener is down (reconnecting), copies live one second.
+once per change: a change to what the answer shows makes the database itself (triggers on
+`rollout` and `service`, migration 0014) send `NOTIFY opsapi_weights, '<service>'`, delivered
+when the changing transaction commits, and each replica's listener drops its copy and wakes the
+long polls of that service (SQLite, one process: the interpreter invalidates directly). While
+the listener is down (reconnecting), copies live one second.
 
 An answer carries an `ETag` (a digest of the document); `If-None-Match` with the current tag is
 answered 304 without touching the database, and `?wait=30s` keeps a 304-bound poll open until the

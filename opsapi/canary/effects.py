@@ -23,7 +23,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from opsapi.audit import service as audit
 from opsapi.audit.models import Outcome, Source
 from opsapi.canary import machine, service
-from opsapi.canary.dataplane import CHANNEL, WeightCache
+from opsapi.canary.dataplane import WeightCache
 from opsapi.canary.freezes import FreezeWindow
 from opsapi.canary.machine import (
     Audit,
@@ -245,14 +245,6 @@ class Effects:
                 if channels:
                     details.setdefault("notified", []).extend(channels)
         applied = Applied(record, row, transition, details)
-        if (
-            applied.changed
-            and session.bind is not None
-            and session.bind.dialect.name == "postgresql"
-        ):
-            # Every replica's data plane drops its copy of this service's weight answer when
-            # (and only if) this transaction commits.
-            await rows.execute(session, "SELECT pg_notify($1, $2)", CHANNEL, record.service)
         if read_outbox:
             # Read here, before the audit chain's lock is taken, not after the commit: one
             # round trip instead of another transaction.

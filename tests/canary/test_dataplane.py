@@ -173,3 +173,31 @@ async def test_watching_a_rollout_is_audited_once_a_minute_plus_a_count(api: Har
     assert reads == [("viewer-user", True), ("bob", True), ("viewer-user", True)]
     [repeats] = await api.audit_events(action="canary.get.repeats")
     assert (repeats.actor, repeats.service, repeats.details["polls"]) == ("viewer-user", SERVICE, 4)
+
+
+async def test_the_database_announces_changes_to_what_the_weight_answer_shows(
+    api: Harness,
+) -> None:
+    # given a listener on the data plane's channel and a started rollout
+    heard: asyncio.Queue[str] = asyncio.Queue()
+    listener = await asyncpg.connect(str(api.runtime.engine.url).replace("+asyncpg", ""))
+    await listener.add_listener("opsapi_weights", lambda *args: heard.put_nowait(args[3]))
+    try:
+        assert (await api.post("/canary/promote", {"service": SERVICE, "version": "v2"})).is_success
+        assert await asyncio.wait_for(heard.get(), 5) == SERVICE
+        while not heard.empty():
+            heard.get_nowait()
+        # when only bookkeeping the answer does not show changes (the controller's next due
+        # time, the applied weight), nothing is announced
+        await listener.execute(
+            "UPDATE rollout SET next_evaluation_at = now(), applied_weight = 10,"
+            " router_checked_at = now() WHERE service = $1",
+            SERVICE,
+        )
+        await asyncio.sleep(0.3)
+        assert heard.empty()
+        # and a rollback (weight, state, generation) is announced once it commits
+        assert (await api.post("/canary/rollback", {"service": SERVICE, "reason": "x"})).is_success
+        assert await asyncio.wait_for(heard.get(), 5) == SERVICE
+    finally:
+        await listener.close()
