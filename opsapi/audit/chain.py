@@ -21,7 +21,7 @@ from opsapi.audit.models import AuditEvent
 from opsapi.storage import rows
 
 GENESIS = "0" * 64
-_APPEND_LOCK = 724_113_002
+_APPEND_LOCK = 724_113_002  # taken by audit_chain_head() (migration 0015), named here for readers
 CHAINED_FIELDS = (
     "at", "actor", "roles", "source", "action", "service", "rollout_id", "outcome",
     "request_id", "client_address", "details",
@@ -127,15 +127,16 @@ async def append(target: AsyncConnection | AsyncSession, events: Sequence[dict[s
     """Insert `events` (event_row dicts) at the end of the chain, in the caller's transaction."""
     if not events:
         return
-    connection = await target.connection() if isinstance(target, AsyncSession) else target
-    if connection.dialect.name == "postgresql":
-        # Held until the transaction ends: the next appender reads our last hash.
-        await rows.execute(connection, f"SELECT pg_advisory_xact_lock({_APPEND_LOCK})")
-    found, _ = await rows.fetch(connection, "SELECT hash FROM audit_event ORDER BY id DESC LIMIT 1")
-    previous = found[0]["hash"] if found else GENESIS
+    if await rows.dialect_name(target) == "postgresql":
+        # The append lock, held until the transaction ends (the next appender reads our last
+        # hash), then the head read after it, in one round trip (migration 0015).
+        found, _ = await rows.fetch(target, "SELECT audit_chain_head() AS hash")
+    else:
+        found, _ = await rows.fetch(target, "SELECT hash FROM audit_event ORDER BY id DESC LIMIT 1")
+    previous = (found[0]["hash"] if found else None) or GENESIS
     chained = []
     for event in events:
         digest = link(previous, event)
         chained.append({**event, "prev_hash": previous, "hash": digest})
         previous = digest
-    await rows.insert(connection, AuditEvent, chained)
+    await rows.insert(target, AuditEvent, chained)

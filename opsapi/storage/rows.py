@@ -63,6 +63,11 @@ async def _link(target: Target) -> _Link:
     return link
 
 
+async def dialect_name(target: Target) -> str:
+    """The name of the database `target` runs on (`postgresql`, `sqlite`)."""
+    return (await _link(target)).connection.dialect.name
+
+
 async def fetch(target: Target, sql: str, *args: Any) -> tuple[list[Row], Dialect]:
     """The rows `sql` returns, read in the session's (or connection's) transaction."""
     link = await _link(target)

@@ -6,8 +6,12 @@ import asyncio
 
 import pytest
 import sqlalchemy as sa
+from sqlmodel.ext.asyncio.session import AsyncSession
 
+from opsapi.audit import chain
 from opsapi.audit.chain import GENESIS, link
+from opsapi.audit.models import Outcome, Source
+from opsapi.audit.service import event_row
 from tests.support.app import Harness
 
 
@@ -46,3 +50,36 @@ async def test_the_database_refuses_update_and_delete(api_any_db: Harness, state
             await connection.execute(sa.text(statement))
 
     assert await api_any_db.audit_events() == before
+
+
+async def test_an_appender_that_waited_for_the_lock_chains_to_the_event_committed_meanwhile(
+    api: Harness,
+) -> None:
+    """Two transactions append at once: the second waits for the first's lock, then must read
+    the head the first committed (not the head as it was when its own query started)."""
+
+    def row(actor: str) -> dict[str, object]:
+        return event_row(at=api.clock(), actor=actor, source=Source.SYSTEM, action="test.append",
+                         outcome=Outcome.SUCCESS)  # fmt: skip
+
+    async with api.runtime.sessions() as first, api.runtime.sessions() as second:
+        # given a first appender holding the chain's lock in an open transaction
+        await first.begin()
+        await chain.append(first, [row("first")])
+        # when a second appender starts and waits for it
+        waiting = asyncio.create_task(_append_and_commit(second, [row("second")]))
+        await asyncio.sleep(0.3)
+        assert not waiting.done()
+        await first.commit()
+        await asyncio.wait_for(waiting, 5)
+
+    # then the second event is chained to the first
+    events = await api.audit_events(action="test.append")
+    assert [e.actor for e in events] == ["first", "second"]
+    assert events[1].prev_hash == events[0].hash
+    assert events[1].hash == link(events[0].hash, events[1].model_dump())
+
+
+async def _append_and_commit(session: AsyncSession, events: list[dict[str, object]]) -> None:
+    async with session.begin():
+        await chain.append(session, events)
