@@ -191,11 +191,13 @@ class Effects:
         if isinstance(decision, Refusal):
             raise service.Refused(decision, record)
         if isinstance(event, Start):
+            # Inserted by `_carry_out`'s save, with the transition's values, before anything
+            # needs its id (the outbox, the audit event).
             record = service.new_record(decision.rollout, current, created_by=cause.actor, now=now)
-            await rows.save(session, record)  # the id, for the audit event and the outbox
         assert record is not None
         return await self._carry_out(record, row, decision, current, now=now, cause=cause,
-                                     session=session, read_outbox=read_outbox)  # fmt: skip
+                                     session=session, read_outbox=read_outbox,
+                                     started=isinstance(event, Start))  # fmt: skip
 
     async def _carry_out(
         self,
@@ -208,8 +210,11 @@ class Effects:
         cause: Cause,
         session: AsyncSession,
         read_outbox: bool = False,
+        started: bool = False,
     ) -> Applied:
         service.store(record, transition.rollout, now)
+        # Whether this transition wrote to the rollout's outbox (a page, a notification).
+        enqueued = False
         if any(isinstance(e, SetWeight | SwapSlots) for e in transition.effects):
             # A new weight, or new roles for the slots (the same percentage may now mean that
             # another version is stable): the router owes a new generation.
@@ -228,6 +233,7 @@ class Effects:
         for effect in transition.effects:
             if isinstance(effect, Page):
                 details.update(await self._page(session, record, effect, now))
+                enqueued = True
             elif isinstance(effect, Reject):
                 await service.reject(record, effect.version, effect.reason, now=now,
                                      session=session)  # fmt: skip
@@ -244,11 +250,14 @@ class Effects:
                 )
                 if channels:
                     details.setdefault("notified", []).extend(channels)
+                    enqueued = True
         applied = Applied(record, row, transition, details)
-        if read_outbox:
+        if read_outbox and (enqueued or not started):
             # Read here, before the audit chain's lock is taken, not after the commit: one
             # round trip instead of another transaction.
             applied.messages = await pagerduty_outbox.of_rollout(session, record.id)
+        elif read_outbox:
+            applied.messages = []  # a rollout started now has nothing in the outbox yet
         if applied.changed:
             await audit.record(
                 session=session,
