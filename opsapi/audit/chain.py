@@ -1,8 +1,9 @@
 """The audit hash chain: each event's hash covers its canonical content and the previous hash.
 
-Appends are serialised (a transaction-scoped PostgreSQL advisory lock; SQLite serialises every
-write transaction anyway), so the chain never forks and follows the id order. An edit made
-behind the application's back breaks the chain at that event, which `verify` reports.
+Appends are serialised (a transaction-scoped PostgreSQL advisory lock, 724113002, taken with the
+head read by `audit_chain_head()`, migration 0015; SQLite serialises every write transaction),
+so the chain never forks and follows the id order. An edit made behind the application's back
+breaks the chain at that event, which `verify` reports.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from opsapi.audit.models import AuditEvent
 from opsapi.storage import rows
 
 GENESIS = "0" * 64
-_APPEND_LOCK = 724_113_002  # taken by audit_chain_head() (migration 0015), named here for readers
 CHAINED_FIELDS = (
     "at", "actor", "roles", "source", "action", "service", "rollout_id", "outcome",
     "request_id", "client_address", "details",

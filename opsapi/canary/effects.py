@@ -252,12 +252,12 @@ class Effects:
                     details.setdefault("notified", []).extend(channels)
                     enqueued = True
         applied = Applied(record, row, transition, details)
-        if read_outbox and (enqueued or not started):
+        if read_outbox:
             # Read here, before the audit chain's lock is taken, not after the commit: one
-            # round trip instead of another transaction.
-            applied.messages = await pagerduty_outbox.of_rollout(session, record.id)
-        elif read_outbox:
-            applied.messages = []  # a rollout started now has nothing in the outbox yet
+            # round trip instead of another transaction. A rollout started now has nothing in
+            # the outbox but what this transition enqueued.
+            read = enqueued or not started
+            applied.messages = await pagerduty_outbox.of_rollout(session, record.id) if read else []
         if applied.changed:
             await audit.record(
                 session=session,

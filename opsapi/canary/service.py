@@ -221,14 +221,14 @@ async def reject(
 def store_service(record: ServiceRecord, state: machine.ServiceState, now: datetime) -> None:
     """Write the machine's new lifecycle state into the service row (untouched, `updated_at`
     included, when the state is the same)."""
-    lifecycle = {
-        "stable_version": state.stable_version,
-        "stable_slot": state.stable_slot,
-        "previous_version": state.previous_version,
-        "previous_slot": state.previous_slot,
-    }
-    if any(getattr(record, name) != value for name, value in lifecycle.items()):
-        rows.assign(record, **lifecycle, updated_at=now)
+    if rows.assign(
+        record,
+        stable_version=state.stable_version,
+        stable_slot=state.stable_slot,
+        previous_version=state.previous_version,
+        previous_slot=state.previous_slot,
+    ):
+        record.updated_at = now
 
 
 # Rollouts: loading ------------------------------------------------------------------------------

@@ -134,12 +134,16 @@ async def save(session: AsyncSession, record: SQLModel) -> None:
         set_committed_value(record, name, getattr(record, name))
 
 
-def assign(record: SQLModel, **values: Any) -> None:
-    """Set the attributes whose value differs: `save` then writes those columns only."""
+def assign(record: SQLModel, **values: Any) -> bool:
+    """Set the attributes whose value differs (`save` then writes those columns only);
+    whether any did."""
     current = inspect(record).dict
+    changed = False
     for name, value in values.items():
         if name not in current or current[name] != value:
             setattr(record, name, value)
+            changed = True
+    return changed
 
 
 async def _insert_record(
