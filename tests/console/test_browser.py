@@ -119,14 +119,24 @@ def shot(driver: Any, name: str) -> None:
 
 
 def wait_for(driver: Any, condition: Any, what: str) -> Any:
-    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
     from selenium.webdriver.support.ui import WebDriverWait
 
     # The page refreshes its live parts by itself: an element found just before a refresh
-    # goes stale, and the condition is simply looked at again.
+    # goes stale, and the condition is simply looked at again. Chromedriver reports the same
+    # race, when the refresh lands while it reads the element, as an "unknown error" whose
+    # node "does not belong to the document".
+    def looked_at(d: Any) -> Any:
+        try:
+            return condition(d)
+        except WebDriverException as error:
+            if "does not belong to the document" in (error.msg or ""):
+                return False
+            raise
+
     wait = WebDriverWait(driver, WAIT_SECONDS, poll_frequency=0.2,
                          ignored_exceptions=(StaleElementReferenceException,))  # fmt: skip
-    return wait.until(condition, what)
+    return wait.until(looked_at, what)
 
 
 def css(driver: Any, selector: str) -> Any:
