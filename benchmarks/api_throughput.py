@@ -1179,6 +1179,8 @@ async def main() -> None:
                         help="synchronous_commit=off on both databases: no WAL flush wait "
                              "(NOT durable; shows the cost without the disk)")  # fmt: skip
     parser.add_argument("--skip-profile", action="store_true")
+    parser.add_argument("--profile-out", type=Path,
+                        help="keep py-spy's raw samples in this folder")  # fmt: skip
     parser.add_argument("--skip-count", action="store_true")
     parser.add_argument("--skip-long-poll", action="store_true")
     parser.add_argument("--json", type=Path, help="also write every figure here")
@@ -1284,11 +1286,14 @@ async def main() -> None:
 
         if not args.skip_profile:
             record["profiles"] = {}
-            for kind in ("status", "writes", "weight304"):
+            for kind in [k for k in ("status", "writes", "weight304") if k in kinds]:
                 print(f"\nprofiling opsapi under {kind} (py-spy, 100 Hz, {args.seconds:.0f} s):")
                 result = await profile(ops, kind, services, seconds=args.seconds, args=args,
                                        workdir=workdir)  # fmt: skip
                 if result is not None:
+                    if args.profile_out:
+                        args.profile_out.mkdir(parents=True, exist_ok=True)
+                        shutil.copy(workdir / f"profile-{kind}.txt", args.profile_out)
                     print_profile(f"opsapi profile, {kind}", result)
                     record["profiles"][kind] = vars(result)
 

@@ -1,7 +1,8 @@
 """The audit hash chain: each event's hash covers its canonical content and the previous hash.
 
 Appends are serialised (a transaction-scoped PostgreSQL advisory lock, 724113002, taken with the
-head read by `audit_chain_head()`, migration 0015; SQLite serialises every write transaction),
+head read by `audit_append()` for one event, migration 0016, or `audit_chain_head()` for a batch,
+migration 0015; SQLite serialises every write transaction),
 so the chain never forks and follows the id order. An edit made behind the application's back
 breaks the chain at that event, which `verify` reports.
 """
@@ -127,7 +128,15 @@ async def append(target: AsyncConnection | AsyncSession, events: Sequence[dict[s
     """Insert `events` (event_row dicts) at the end of the chain, in the caller's transaction."""
     if not events:
         return
-    if await rows.dialect_name(target) == "postgresql":
+    postgresql = await rows.dialect_name(target) == "postgresql"
+    if postgresql and len(events) == 1:
+        # Lock, head read, hash and insert in one round trip (migration 0016); the hash is
+        # `link`'s, over the canonical bytes computed here as verify computes them.
+        (event,) = events
+        values = await rows.bound(target, AuditEvent, event, CHAINED_FIELDS)
+        await rows.execute(target, _APPEND, *values, canonical(event))
+        return
+    if postgresql:
         # The append lock, held until the transaction ends (the next appender reads our last
         # hash), then the head read after it, in one round trip (migration 0015).
         found, _ = await rows.fetch(target, "SELECT audit_chain_head() AS hash")
@@ -140,3 +149,6 @@ async def append(target: AsyncConnection | AsyncSession, events: Sequence[dict[s
         chained.append({**event, "prev_hash": previous, "hash": digest})
         previous = digest
     await rows.insert(target, AuditEvent, chained)
+
+
+_APPEND = "SELECT audit_append($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"

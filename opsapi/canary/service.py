@@ -396,7 +396,9 @@ def new_record(
     rollout: machine.Rollout, policy: Policy, *, created_by: str, now: datetime
 ) -> RolloutRecord:
     """The row of a rollout the machine just started under `policy` (not yet stored)."""
-    return RolloutRecord(
+    # Trusted values (the machine's, the validated policy's): built without validation.
+    return rows.new(
+        RolloutRecord,
         service=rollout.service,
         state=rollout.state,
         canary_version=rollout.canary_version,
@@ -411,8 +413,6 @@ def new_record(
         auto_promote=policy.auto_promote,
         interval_seconds=policy.interval.total_seconds(),
         router=policy.router.model_dump(mode="json"),
-        # Given, not left to the column's default: pydantic inspects a default factory's
-        # signature on every construction (about a millisecond for a builtin such as list).
         gates=[],
         gate_policy=policy.model_dump(
             mode="json", by_alias=True, include={"gates", "min_sample"}, exclude_none=True

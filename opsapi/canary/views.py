@@ -32,7 +32,7 @@ from opsapi.canary.policy import (
 )
 from opsapi.durations import parse_duration
 from opsapi.errors import Conflict, NotFound, Unprocessable
-from opsapi.http.endpoint import Call, endpoint, validation_errors
+from opsapi.http.endpoint import Call, endpoint, model_response, validation_errors
 from opsapi.http.params import INT32_MAX, id_param, int_param
 from opsapi.notifications import outbox as notifications
 from opsapi.notifications.rules import check_rules
@@ -116,7 +116,7 @@ async def _answer(call: Call, applied: Applied) -> Response:
     view = rollout_view(
         applied.record, applied.service, call.now, **_outbound(applied.messages or [])
     )
-    return JSONResponse(view.model_dump(mode="json"))
+    return model_response(view)
 
 
 @endpoint(action="canary.promote", role=Role.OPERATOR, body=PromoteBody, mutating=True)
@@ -267,7 +267,7 @@ async def get_rollout(call: Call) -> Response:
     # each caller's first read of a service in a minute is audited on its own, the repeats in
     # that minute are counted into one event (DESIGN §11).
     call.audited = call.runtime.repeats.repeat(_poll(call, name, record.id))
-    return JSONResponse(view.model_dump(mode="json"))
+    return model_response(view)
 
 
 @endpoint(action="canary.history", role=Role.VIEWER)

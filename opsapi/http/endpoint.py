@@ -130,6 +130,11 @@ class Call:
 Handler = Callable[[Call], Awaitable[Response]]
 
 
+def model_response(model: BaseModel) -> Response:
+    """A JSON answer serialised by pydantic in one pass (no intermediate dict)."""
+    return Response(model.model_dump_json(), media_type="application/json")
+
+
 def problem_response(problem: Problem, headers: dict[str, str] | None = None) -> JSONResponse:
     """An RFC 9457 problem+json response (with `Retry-After` when the problem has one)."""
     if problem.retry_after_seconds is not None:

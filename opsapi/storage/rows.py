@@ -101,7 +101,19 @@ async def insert(target: Target, model: type[SQLModel], values: Sequence[Row]) -
     if dialect.name != "postgresql":
         await connection.exec_driver_sql(_for_sqlite(sql), parameters)
         return
+    if len(parameters) == 1:
+        # asyncpg's executemany pipelines a batch: for one row, a plain execute costs less.
+        (single,) = parameters
+        await _on_driver(link, sql, single, lambda driver: driver.execute(sql, *single))
+        return
     await _on_driver(link, sql, parameters, lambda driver: driver.executemany(sql, parameters))
+
+
+async def bound(target: Target, model: type[SQLModel], row: Row, names: Sequence[str]) -> list[Any]:
+    """`row`'s values for the columns `names` of `model`'s table, converted as the ORM binds
+    them (JSON serialised, timestamps checked and in UTC), for a statement's parameters."""
+    binders = dict(_binders(model, (await _link(target)).connection.dialect))
+    return [_bound(binders[name], row.get(name)) for name in names]
 
 
 async def save(session: AsyncSession, record: SQLModel) -> None:
@@ -261,6 +273,48 @@ def record_of(model: type[ModelT], row: Row, dialect: Dialect) -> ModelT:
         value = row[name]
         values[name] = convert(value) if convert is not None and value is not None else value
     return record
+
+
+def new(model: type[ModelT], **values: Any) -> ModelT:
+    """A new record of `model` from trusted values (not yet stored: `save` inserts it), built
+    as `record_of` builds one: no validation; a field not given takes its default."""
+    record: ModelT = manager_of_class(model).new_instance()
+    state = inspect(record).dict
+    for name, default in _defaults(model):
+        state[name] = values.pop(name) if name in values else default()
+    if values:
+        raise TypeError(f"{model.__name__} has no field {', '.join(values)}")
+    return record
+
+
+_DEFAULTS: dict[type[SQLModel], Sequence[tuple[str, Callable[[], Any]]]] = {}
+
+
+def _defaults(model: type[SQLModel]) -> Sequence[tuple[str, Callable[[], Any]]]:
+    found = _DEFAULTS.get(model)
+    if found is None:
+        configure_mappers()
+        entries: list[tuple[str, Callable[[], Any]]] = []
+        for name, info in model.model_fields.items():
+            if info.default_factory is not None:
+                entries.append((name, cast(Callable[[], Any], info.default_factory)))
+            elif info.is_required():
+                entries.append((name, _required(model, name)))
+            else:
+                entries.append((name, _constant(info.default)))
+        found = _DEFAULTS[model] = tuple(entries)
+    return found
+
+
+def _constant(value: Any) -> Callable[[], Any]:
+    return lambda: value
+
+
+def _required(model: type[SQLModel], name: str) -> Callable[[], Any]:
+    def missing() -> Any:
+        raise TypeError(f"{model.__name__}.{name} is required")
+
+    return missing
 
 
 _Converters = Sequence[tuple[str, Callable[[Any], Any] | None]]

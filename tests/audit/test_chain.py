@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 
 import pytest
 import sqlalchemy as sa
@@ -52,11 +53,13 @@ async def test_the_database_refuses_update_and_delete(api_any_db: Harness, state
     assert await api_any_db.audit_events() == before
 
 
+@pytest.mark.parametrize("batch", [1, 2], ids=["one-event", "batch"])
 async def test_an_appender_that_waited_for_the_lock_chains_to_the_event_committed_meanwhile(
-    api: Harness,
+    api: Harness, batch: int
 ) -> None:
     """Two transactions append at once: the second waits for the first's lock, then must read
-    the head the first committed (not the head as it was when its own query started)."""
+    the head the first committed (not the head as it was when its own query started). One
+    event is appended in one statement (`audit_append`), a batch after `audit_chain_head`."""
 
     def row(actor: str) -> dict[str, object]:
         return event_row(at=api.clock(), actor=actor, source=Source.SYSTEM, action="test.append",
@@ -65,9 +68,9 @@ async def test_an_appender_that_waited_for_the_lock_chains_to_the_event_committe
     async with api.runtime.sessions() as first, api.runtime.sessions() as second:
         # given a first appender holding the chain's lock in an open transaction
         await first.begin()
-        await chain.append(first, [row("first")])
+        await chain.append(first, [row("first")] * batch)
         # when a second appender starts and waits for it
-        waiting = asyncio.create_task(_append_and_commit(second, [row("second")]))
+        waiting = asyncio.create_task(_append_and_commit(second, [row("second")] * batch))
         await asyncio.sleep(0.3)
         assert not waiting.done()
         await first.commit()
@@ -75,9 +78,10 @@ async def test_an_appender_that_waited_for_the_lock_chains_to_the_event_committe
 
     # then the second event is chained to the first
     events = await api.audit_events(action="test.append")
-    assert [e.actor for e in events] == ["first", "second"]
-    assert events[1].prev_hash == events[0].hash
-    assert events[1].hash == link(events[0].hash, events[1].model_dump())
+    assert [e.actor for e in events] == ["first"] * batch + ["second"] * batch
+    for earlier, later in itertools.pairwise(events):
+        assert later.prev_hash == earlier.hash
+        assert later.hash == link(earlier.hash, later.model_dump())
 
 
 async def _append_and_commit(session: AsyncSession, events: list[dict[str, object]]) -> None:

@@ -249,3 +249,46 @@ async def test_save_writes_what_a_flush_would(sessions: SessionFactory) -> None:
     assert stored.time_to_safe == {"decided_at": "now"}
     assert stored.router == {"name": "pull", "nested": {"a": [1, None, "ü"]}}
     assert stored.paused_at == NOW + timedelta(seconds=1)
+
+
+def _rollout_values() -> dict[str, Any]:
+    return dict(
+        service="checkout", state=State.PROGRESSING, canary_version="v2", steps=[{"weight": 10}],
+        step_index=0, desired_weight=10, step_started_at=NOW, router={"name": "pull"},
+        triggered_by="user", created_by="alice", created_at=NOW, updated_at=NOW,
+    )  # fmt: skip
+
+
+async def test_a_new_record_built_without_validation_is_what_the_model_builds(
+    sessions: SessionFactory,
+) -> None:
+    # given the same values built by the model (validated) and by rows.new (trusted)
+    built = RolloutRecord(**_rollout_values())
+    fast = rows.new(RolloutRecord, **_rollout_values())
+    # then every field is the same, defaults included (fresh ones from a default factory)
+    assert fast.model_dump() == built.model_dump()
+    assert fast.gates == []
+    assert fast.gates is not rows.new(RolloutRecord, **_rollout_values()).gates
+    # and saving it inserts it as a flush would
+    async with sessions() as session, session.begin():
+        await rows.save(session, fast)
+        assert fast.id is not None
+        assert fast in session
+    async with sessions() as session:
+        stored = await session.get(RolloutRecord, fast.id)
+    assert stored is not None
+    assert stored.model_dump() == fast.model_dump()
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [({"service": None}, "is required"), ({"colour": "red"}, "has no field colour")],
+    ids=["missing", "unknown"],
+)
+def test_a_new_record_refuses_a_missing_or_unknown_field(
+    change: dict[str, Any], message: str
+) -> None:
+    values = {**_rollout_values(), **change}
+    values = {name: value for name, value in values.items() if value is not None}
+    with pytest.raises(TypeError, match=message):
+        rows.new(RolloutRecord, **values)
