@@ -133,13 +133,21 @@ class Effects:
         return machine.decide(rollout, event, now, state), record
 
     async def lock(
-        self, name: str, *, now: datetime, session: AsyncSession
-    ) -> tuple[ServiceRecord, RolloutRecord | None]:
+        self,
+        name: str,
+        *,
+        now: datetime,
+        session: AsyncSession,
+        outbox: bool = False,
+        safety: bool = False,
+    ) -> service.Locked:
         """The service's row and its latest rollout, locked in that order (every transition
-        locks them so), for `apply`."""
-        row = await service.lock_service(name, now=now, session=session)
-        record = await service.lock_latest_rollout(name, session=session)
-        return row, record
+        locks them so), for `apply`; with the rollout's outbox (`outbox`: for an answer) and
+        the service's rejections and holds (`safety`: for a start or a promotion)."""
+        windows = self.freezes if safety else None
+        return await service.lock_for_transition(
+            name, now=now, session=session, outbox=outbox, windows=windows
+        )
 
     async def run(
         self,
@@ -154,15 +162,13 @@ class Effects:
         """Apply `event` to the service's latest rollout; raise `service.Refused` if refused.
 
         `policy` is the service's current policy (a Start uses it)."""
-        row, record = await self.lock(name, now=now, session=session)
-        return await self.apply(
-            row, record, event, now=now, cause=cause, session=session, policy=policy
-        )
+        safety = isinstance(event, Start | machine.Promote)
+        locked = await self.lock(name, now=now, session=session, safety=safety)
+        return await self.apply(locked, event, now=now, cause=cause, session=session, policy=policy)
 
     async def apply(
         self,
-        row: ServiceRecord,
-        record: RolloutRecord | None,
+        locked: service.Locked,
         event: Event,
         *,
         now: datetime,
@@ -171,16 +177,17 @@ class Effects:
         policy: Policy | None = None,
         read_outbox: bool = False,
     ) -> Applied:
-        """Apply `event` to `record` (locked with `row` by `lock`); raise `service.Refused`.
+        """Apply `event` to the rollout `lock` locked; raise `service.Refused` if refused.
 
-        `read_outbox`: also read the rollout's alerts and notifications (for an answer)."""
+        `read_outbox`: also give the rollout's alerts and notifications (for an answer)."""
+        row, record = locked.row, locked.record
         name = row.name
         current = policy or service.policy_of(row, self.default_policy)
         rollout = service.to_machine(record) if record is not None else None
         # Rejections and holds matter only to a start or a promotion: the controller's passes
         # (most transitions) skip their queries unless the machine wants to auto-promote.
-        safety = NO_SAFETY
-        if isinstance(event, Start | machine.Promote):
+        safety = locked.safety or NO_SAFETY
+        if locked.safety is None and isinstance(event, Start | machine.Promote):
             safety = await service.safety_of(name, now=now, windows=self.freezes, session=session)
         state = _service_state(name, row, record, current, event, safety)
         decision = machine.decide(rollout, event, now, state)
@@ -190,14 +197,17 @@ class Effects:
             decision = machine.decide(rollout, event, now, state)
         if isinstance(decision, Refusal):
             raise service.Refused(decision, record)
-        if isinstance(event, Start):
+        started = isinstance(event, Start)
+        if started:
             # Inserted by `_carry_out`'s save, with the transition's values, before anything
             # needs its id (the outbox, the audit event).
             record = service.new_record(decision.rollout, current, created_by=cause.actor, now=now)
         assert record is not None
+        # A rollout started now has nothing in the outbox but what this transition enqueues.
+        messages = [] if started else locked.messages
         return await self._carry_out(record, row, decision, current, now=now, cause=cause,
                                      session=session, read_outbox=read_outbox,
-                                     started=isinstance(event, Start))  # fmt: skip
+                                     messages=messages)  # fmt: skip
 
     async def _carry_out(
         self,
@@ -210,7 +220,7 @@ class Effects:
         cause: Cause,
         session: AsyncSession,
         read_outbox: bool = False,
-        started: bool = False,
+        messages: list[OutboxMessage] | None = None,
     ) -> Applied:
         service.store(record, transition.rollout, now)
         # Whether this transition wrote to the rollout's outbox (a page, a notification).
@@ -253,11 +263,12 @@ class Effects:
                     enqueued = True
         applied = Applied(record, row, transition, details)
         if read_outbox:
-            # Read here, before the audit chain's lock is taken, not after the commit: one
-            # round trip instead of another transaction. A rollout started now has nothing in
-            # the outbox but what this transition enqueued.
-            read = enqueued or not started
-            applied.messages = await pagerduty_outbox.of_rollout(session, record.id) if read else []
+            # The rows read with the lock, unless this transition added to them: then read
+            # here, before the audit chain's lock is taken, not after the commit (one round
+            # trip instead of another transaction).
+            if enqueued or messages is None:
+                messages = await pagerduty_outbox.of_rollout(session, record.id)
+            applied.messages = messages
         if applied.changed:
             await audit.record(
                 session=session,

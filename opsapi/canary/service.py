@@ -28,6 +28,8 @@ from opsapi.canary.models import (
     ServiceRecord,
 )
 from opsapi.canary.policy import Policy
+from opsapi.pagerduty import outbox as pagerduty_outbox
+from opsapi.pagerduty.models import OutboxMessage
 from opsapi.routers.base import slot_names
 from opsapi.storage import rows
 
@@ -92,6 +94,12 @@ async def lock_service(name: str, *, now: datetime, session: AsyncSession) -> Se
     found = await rows.lock_records(session, ServiceRecord, _LOCK_SERVICE, name)
     if found:
         return found[0]
+    await _create_service(name, now=now, session=session)
+    (record,) = await rows.lock_records(session, ServiceRecord, _LOCK_SERVICE, name)
+    return record
+
+
+async def _create_service(name: str, *, now: datetime, session: AsyncSession) -> None:
     # Concurrent first writers must not collide on the insert: create the row if missing,
     # then everyone locks the same row.
     dialect = session.bind.dialect.name if session.bind else "postgresql"
@@ -101,11 +109,70 @@ async def lock_service(name: str, *, now: datetime, session: AsyncSession) -> Se
         .values(name=name, policy={}, updated_at=now, updated_by="system")
         .on_conflict_do_nothing(index_elements=["name"])
     )
-    (record,) = await rows.lock_records(session, ServiceRecord, _LOCK_SERVICE, name)
-    return record
 
 
 _LOCK_SERVICE = "SELECT * FROM service WHERE name = $1 FOR UPDATE"
+
+
+@dataclass
+class Locked:
+    """What a transition works on: the service's row and its latest rollout, locked in that
+    order and tracked by the session, with what was read beside them when asked."""
+
+    row: ServiceRecord
+    record: RolloutRecord | None
+    # The rollout's alerts and notifications as locked (None: not read).
+    messages: list[OutboxMessage] | None = None
+    # Rejections and holds at the lock's instant (None: not read).
+    safety: Safety | None = None
+
+
+async def lock_for_transition(
+    name: str,
+    *,
+    now: datetime,
+    session: AsyncSession,
+    outbox: bool = False,
+    windows: Sequence[FreezeWindow] | None = None,
+) -> Locked:
+    """The service's row and latest rollout, locked in that order; with the rollout's outbox
+    rows when `outbox`, and the service's safety when `windows` (the server's freeze windows)
+    is given. One round trip on PostgreSQL (migration 0017), the same reads one by one on
+    SQLite."""
+    if await rows.dialect_name(session) != "postgresql":
+        row = await lock_service(name, now=now, session=session)
+        record = await lock_latest_rollout(name, session=session)
+        messages = (
+            await pagerduty_outbox.of_rollout(session, record.id) if outbox and record else None
+        )
+        safety = None
+        if windows is not None:
+            safety = await safety_of(name, now=now, windows=windows, session=session)
+        return Locked(row, record, messages, safety)
+    args = (name, outbox, windows is not None)
+    found, dialect = await rows.fetch(session, _TRANSITION_LOCK, *args)
+    if not found:
+        await _create_service(name, now=now, session=session)
+        found, dialect = await rows.fetch(session, _TRANSITION_LOCK, *args)
+    (locked,) = found
+    row = rows.track(session, rows.record_of(ServiceRecord, locked["service_row"], dialect))
+    record = None
+    if locked["rollout_row"] is not None:
+        record = rows.record_of(RolloutRecord, locked["rollout_row"], dialect)
+        record = rows.track(session, record)
+    messages = None
+    if outbox and record is not None:
+        messages = [rows.record_of(OutboxMessage, m, dialect) for m in locked["outbox_rows"]]
+    safety = None
+    if windows is not None:
+        incidents = [rows.record_of(Incident, i, dialect) for i in locked["incidents"]]
+        freezes = [window_of(rows.record_of(FreezeRecord, f, dialect)) for f in locked["freezes"]]
+        holds = _holds(name, incidents, [*windows, *freezes], now)
+        safety = Safety(frozenset(locked["rejected"]), holds)
+    return Locked(row, record, messages, safety)
+
+
+_TRANSITION_LOCK = "SELECT * FROM transition_lock($1, $2, $3)"
 
 
 def service_state(
@@ -163,11 +230,17 @@ async def holds_of(
         "SELECT * FROM incident WHERE service = $1 AND resolved_at IS NULL ORDER BY opened_at",
         name,
     )
+    return _holds(name, incidents, [*windows, *await api_windows(session)], now)
+
+
+def _holds(
+    name: str, incidents: Sequence[Incident], windows: Sequence[FreezeWindow], now: datetime
+) -> tuple[machine.Hold, ...]:
     holds = [
         machine.Hold(machine.HoldKind.INCIDENT_OPEN, incident_detail(incident))
         for incident in incidents
     ]
-    holds += holds_for(name, [*windows, *await api_windows(session)], now)
+    holds += holds_for(name, windows, now)
     return tuple(holds)
 
 

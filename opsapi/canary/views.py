@@ -86,13 +86,14 @@ async def _transition(
     name: str,
     event: machine.Event,
     *,
-    locked: tuple[ServiceRecord, RolloutRecord | None] | None = None,
+    locked: service.Locked | None = None,
     policy: Policy | None = None,
 ) -> Response:
     """Run `event` through the one interpreter; answer once the router has applied it."""
-    row, record = locked or await call.effects.lock(name, now=call.now, session=call.session)
+    if locked is None:
+        locked = await call.effects.lock(name, now=call.now, session=call.session, outbox=True)
     applied = await call.effects.apply(
-        row, record, event, now=call.now, cause=call.cause(), session=call.session,
+        locked, event, now=call.now, cause=call.cause(), session=call.session,
         policy=policy, read_outbox=True,
     )  # fmt: skip
     call.rollout_id = applied.record.id
@@ -132,8 +133,10 @@ async def promote(call: Call) -> Response:
     override = _override(call, body)
     call.details.update(body.model_dump(exclude_none=True, exclude={"service"}))
     # Decide start or promote on the rows as locked (the service, then its latest rollout).
-    locked = await call.effects.lock(body.service, now=call.now, session=call.session)
-    row, record = locked
+    locked = await call.effects.lock(
+        body.service, now=call.now, session=call.session, outbox=True, safety=True
+    )
+    row, record = locked.row, locked.record
     if record is None or record.state not in OPEN_STATES:
         if body.version is None:
             raise Conflict(

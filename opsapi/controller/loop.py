@@ -184,7 +184,8 @@ class Controller:
         now = self.clock()
         async with self.sessions() as session, session.begin():
             # The service before its rollout: every transition locks in this order.
-            row, record = await self.effects.lock(claim.service, now=now, session=session)
+            locked = await self.effects.lock(claim.service, now=now, session=session)
+            record = locked.record
             if record is None or record.id != claim.rollout_id:
                 return 0  # a newer rollout replaced it while we measured
             if record.state not in service.OPEN_STATE_VALUES:
@@ -201,9 +202,7 @@ class Controller:
                 event = machine.GateResults(statuses)
             # A breach's rollback counts its time to safe from the measurement.
             cause = replace(CAUSE, detected_at=measured.at)
-            applied = await self.effects.apply(
-                row, record, event, now=now, cause=cause, session=session
-            )
+            applied = await self.effects.apply(locked, event, now=now, cause=cause, session=session)
         # Committed first; now make it real (a breach's rollback is not kept waiting).
         await self.effects.finish(applied)
         return sum(1 for e in applied.transition.effects if isinstance(e, machine.Audit))

@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import datetime
 from pathlib import Path
 
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from opsapi.audit.models import Source
+from opsapi.canary import machine
+from opsapi.canary.effects import Cause, Effects
+from opsapi.canary.service import Locked
 from tests.support.app import Harness, running_app
 
 
@@ -79,3 +86,45 @@ async def test_two_replicas_share_the_work(pg_url: str, key_file: Path) -> None:
         assert sum(done) == 20
         events = await one.audit_events(action="rollout.ready")
         assert sorted(e.service or "" for e in events) == sorted(f"svc-{i}" for i in range(20))
+
+
+async def test_a_transition_that_waited_for_the_service_lock_sees_the_rollout_committed_meanwhile(
+    api: Harness,
+) -> None:
+    """The service is locked, then its latest rollout read, in one round trip on PostgreSQL
+    (`transition_lock`): the read must start after the lock is held, or a rollout started
+    while it waited would be missed and a second one decided on the old row."""
+    # given a finished rollout of checkout
+    await api.post("/canary/promote", {"service": "checkout", "version": "v2"})
+    await api.post("/canary/rollback", {"service": "checkout", "reason": "bad"})
+    [finished] = await api.rollouts("checkout")
+    effects, now = api.runtime.effects, api.clock()
+    async with api.runtime.sessions() as first, api.runtime.sessions() as second:
+        # and a first transaction holding the service's lock while it starts a new rollout
+        await first.begin()
+        locked = await effects.lock("checkout", now=now, session=first, safety=True)
+        assert locked.record is not None
+        assert locked.record.id == finished.id
+        start = machine.Start(
+            service="checkout", canary_version="v3", stable_version=None,
+            steps=api.runtime.default_policy.machine_steps(), actor=machine.Actor(
+                machine.Trigger.USER, "alice"),
+        )  # fmt: skip
+        cause = Cause(actor="alice", source=Source.API)
+        started = await effects.apply(locked, start, now=now, cause=cause, session=first)
+        # when a second transaction locks the service meanwhile
+        waiting = asyncio.create_task(_lock(effects, second, now))
+        await asyncio.sleep(0.3)
+        assert not waiting.done()
+        await first.commit()
+        seen = await asyncio.wait_for(waiting, 5)
+
+    # then it decides on the rollout the first one committed, not on the one before
+    assert seen.record is not None
+    assert seen.record.id == started.record.id
+    assert seen.record.canary_version == "v3"
+
+
+async def _lock(effects: Effects, session: AsyncSession, now: datetime) -> Locked:
+    async with session.begin():
+        return await effects.lock("checkout", now=now, session=session, outbox=True, safety=True)
