@@ -32,6 +32,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 log = logging.getLogger("opsapi.dataplane")
 CHANNEL = "opsapi_weights"
 UNLISTENED_TTL = 1.0  # seconds a copy lives while no listener keeps it fresh
+_LOADS = 3  # loads of one copy while changes keep landing during them
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,8 @@ class WeightCache:
         self._entries: dict[str, _Entry] = {}
         self._changed: dict[str, asyncio.Event] = {}
         self._loading: dict[str, asyncio.Future[WeightDocument]] = {}
+        # Changes announced per service, so that a load knows whether one landed meanwhile.
+        self._versions: dict[str, int] = {}
         # False while no database listener keeps copies fresh (SQLite keeps them fresh itself).
         self.listening = False
         # The (rollout, generation) of each service whose first fetch this replica recorded.
@@ -90,14 +93,22 @@ class WeightCache:
         future: asyncio.Future[WeightDocument] = asyncio.get_running_loop().create_future()
         self._loading[service] = future
         try:
-            document = await load(service)
+            for _ in range(_LOADS):
+                version = self._versions.get(service, 0)
+                document = await load(service)
+                # A change announced while this load ran may not be in what it read: kept,
+                # that copy would hide the change from every poll until the next one.
+                current = self._versions.get(service, 0) == version
+                if current:
+                    break
         except BaseException as error:
             future.set_exception(error)
             future.exception()  # retrieved: waiters re-raise it, nobody logs it twice
             raise
         finally:
             self._loading.pop(service, None)
-        self._entries[service] = _Entry(document, time.monotonic())
+        if current:  # (changing faster than it loads: answered, not kept)
+            self._entries[service] = _Entry(document, time.monotonic())
         future.set_result(document)
         return document
 
@@ -132,6 +143,7 @@ class WeightCache:
 
     def invalidate(self, service: str) -> None:
         """The service's document changed: drop the copy, wake its long polls."""
+        self._versions[service] = self._versions.get(service, 0) + 1
         self._entries.pop(service, None)
         event = self._changed.pop(service, None)
         if event is not None:

@@ -14,6 +14,7 @@ import httpx
 from sqlalchemy import event
 
 from opsapi.auth.tokens import LocalSigner
+from opsapi.canary.dataplane import WeightCache, WeightDocument
 from opsapi.runtime import flush_polls
 from tests.support.app import API, Harness
 from tests.support.processes import free_ports, start_server, stop
@@ -201,3 +202,31 @@ async def test_the_database_announces_changes_to_what_the_weight_answer_shows(
         assert await asyncio.wait_for(heard.get(), 5) == SERVICE
     finally:
         await listener.close()
+
+
+async def test_a_change_announced_while_the_copy_loads_is_not_hidden_by_that_load() -> None:
+    # given a load that read the old weight and is still running when the change is announced
+    cache = WeightCache()
+    cache.listening = True
+    documents = iter([_weight(10), _weight(20)])
+    reading = asyncio.Event()
+    announced = asyncio.Event()
+
+    async def load(_service: str) -> WeightDocument:
+        document = next(documents)
+        reading.set()
+        await announced.wait()
+        return document
+
+    first = asyncio.create_task(cache.get("checkout", load))
+    await reading.wait()
+    cache.invalidate("checkout")
+    announced.set()
+
+    # then the load is made again, and what is kept and answered is the changed weight
+    assert (await first).body == _weight(20).body
+    assert (await cache.get("checkout", load)).body == _weight(20).body
+
+
+def _weight(percent: int) -> WeightDocument:
+    return WeightDocument.of({"weight": percent}, generation=percent, pull=True)
