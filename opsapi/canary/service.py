@@ -175,6 +175,56 @@ async def lock_for_transition(
 _TRANSITION_LOCK = "SELECT * FROM transition_lock($1, $2, $3)"
 
 
+@dataclass
+class Status:
+    """What a service's status shows, read together: its row (None: never seen), its latest
+    rollout (None: none yet), that rollout's outbox rows and what holds the service now."""
+
+    row: ServiceRecord | None
+    record: RolloutRecord | None
+    messages: list[OutboxMessage]
+    holds: tuple[machine.Hold, ...]
+
+
+async def status_of(
+    name: str, *, now: datetime, windows: Sequence[FreezeWindow], session: AsyncSession
+) -> Status:
+    """The service's status rows (nothing locked). On PostgreSQL one statement, one snapshot,
+    outside any transaction; on SQLite the same reads one by one."""
+    if await rows.dialect_name(session) != "postgresql":
+        record = await latest_rollout(name, session=session)
+        row = await service_row(name, session=session)
+        messages = await pagerduty_outbox.of_rollout(session, record.id) if record else []
+        holds = await holds_of(name, now=now, windows=windows, session=session)
+        return Status(row, record, messages, holds)
+    (found,), dialect = await rows.fetch_alone(session, _STATUS, name)
+    row = None
+    if found["service_row"] is not None:
+        row = rows.record_of(ServiceRecord, found["service_row"], dialect)
+    record = None
+    if found["rollout_row"] is not None:
+        record = rows.record_of(RolloutRecord, found["rollout_row"], dialect)
+    incidents = [rows.record_of(Incident, i, dialect) for i in found["incidents"]]
+    freezes = [window_of(rows.record_of(FreezeRecord, f, dialect)) for f in found["freezes"]]
+    return Status(
+        row,
+        record,
+        [rows.record_of(OutboxMessage, m, dialect) for m in found["outbox_rows"]],
+        _holds(name, incidents, [*windows, *freezes], now),
+    )
+
+
+_STATUS = (
+    "SELECT (SELECT s FROM service s WHERE s.name = $1) AS service_row, "
+    "(SELECT r FROM rollout r WHERE r.service = $1 ORDER BY r.id DESC LIMIT 1) AS rollout_row, "
+    "ARRAY(SELECT o FROM outbox o WHERE o.rollout_id = "
+    "(SELECT max(r.id) FROM rollout r WHERE r.service = $1) ORDER BY o.id) AS outbox_rows, "
+    "ARRAY(SELECT i FROM incident i WHERE i.service = $1 AND i.resolved_at IS NULL "
+    "ORDER BY i.opened_at) AS incidents, "
+    "ARRAY(SELECT f FROM freeze_window f WHERE f.deleted_at IS NULL ORDER BY f.id) AS freezes"
+)
+
+
 def service_state(
     name: str,
     record: ServiceRecord | None,

@@ -256,16 +256,15 @@ def _service_param(call: Call) -> str:
 async def get_rollout(call: Call) -> Response:
     """The service's latest rollout, open or finished."""
     name = _service_param(call)
-    record = await service.latest_rollout(name, session=call.session)
+    status = await service.status_of(
+        name, now=call.now, windows=call.effects.freezes, session=call.session
+    )
+    record = status.record
     if record is None:
         raise NotFound(f"{name} has no rollout")
     call.rollout_id = record.id
-    row = await service.service_row(name, session=call.session)
-    outbound = _outbound(await pagerduty_outbox.of_rollout(call.session, record.id))
-    holds = await service.holds_of(
-        name, now=call.now, windows=call.effects.freezes, session=call.session
-    )
-    view = rollout_view(record, row, call.now, **outbound, holds=holds)
+    outbound = _outbound(status.messages)
+    view = rollout_view(record, status.row, call.now, **outbound, holds=status.holds)
     # Watching a rollout (`opsctl status --watch`, the console) reads it every few seconds:
     # each caller's first read of a service in a minute is audited on its own, the repeats in
     # that minute are counted into one event (DESIGN §11).

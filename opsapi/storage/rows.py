@@ -79,6 +79,20 @@ async def fetch(target: Target, sql: str, *args: Any) -> tuple[list[Row], Dialec
     return [dict(record) for record in records], dialect
 
 
+async def fetch_alone(session: AsyncSession, sql: str, *args: Any) -> tuple[list[Row], Dialect]:
+    """The rows of a read that is whole in one statement (one snapshot): on PostgreSQL run on
+    its own, outside any transaction, when the session has not begun one (no BEGIN, no
+    ROLLBACK: one round trip instead of three); otherwise as `fetch`."""
+    link = await _link(session)
+    dialect = link.connection.dialect
+    if dialect.name != "postgresql":
+        return await fetch(session, sql, *args)
+    records = await _on_driver(
+        link, sql, args, lambda driver: driver.fetch(sql, *args), transaction=False
+    )
+    return [dict(record) for record in records], dialect
+
+
 async def execute(target: Target, sql: str, *args: Any) -> None:
     """Run `sql` (no rows wanted) in the session's (or connection's) transaction."""
     link = await _link(target)
@@ -189,8 +203,11 @@ async def _on_driver(
     sql: str,
     args: Sequence[Any],
     work: Callable[[Any], Awaitable[Any]],
+    *,
+    transaction: bool = True,
 ) -> Any:
-    """`work(asyncpg connection)` in the connection's transaction (begun if need be)."""
+    """`work(asyncpg connection)` in the connection's transaction (begun if need be; with
+    `transaction` false, none is begun: the work runs on its own if none was)."""
     adapted = link.adapted
     if adapted is None:
         fairy = await link.connection.get_raw_connection()
@@ -199,7 +216,7 @@ async def _on_driver(
         # The adapter begins its transaction on its first statement: begin it here too, so
         # that what runs here belongs to the session's transaction.
         async with adapted._execute_mutex:
-            if adapted._transaction is None:
+            if transaction and adapted._transaction is None:
                 await adapted._start_transaction()
             return await work(adapted._connection)
     except Exception as error:

@@ -272,3 +272,39 @@ async def test_list_shows_open_rollouts_only(api: Harness) -> None:
     items = (await api.get("/canary")).json()["items"]
 
     assert [r["service"] for r in items] == ["b"]
+
+
+async def test_the_status_of_a_service_without_a_rollout_is_404(api_any_db: Harness) -> None:
+    # given one service never seen and one with a policy but no rollout yet
+    policy = {"steps": [{"weight": 50, "wait": "1m"}, {"weight": 100, "wait": "1m"}]}
+    assert (await api_any_db.put("/services/configured", policy)).status_code == 200
+
+    for name in ("never-seen", "configured"):
+        # when a viewer asks for its status
+        response = await api_any_db.get(f"/canary/{name}")
+        # then the answer is a 404 problem that says so
+        assert response.status_code == 404, response.text
+        assert response.headers["content-type"].startswith("application/problem+json")
+        assert response.json()["detail"] == f"{name} has no rollout"
+
+
+async def test_the_status_shows_the_rollout_its_alerts_and_what_holds_the_service(
+    api_any_db: Harness,
+) -> None:
+    # given a rollout, then a freeze window on its service
+    await start(api_any_db)
+    window = {"name": "xmas", "services": ["checkout"], "reason": "code freeze",
+              "starts_at": "2026-11-01T00:00:00Z", "ends_at": "2027-01-01T00:00:00Z"}  # fmt: skip
+    created = await api_any_db.post("/freezes", window, role="admin")
+    assert created.status_code == 201, created.text
+
+    # when a viewer asks for the status
+    status = (await api_any_db.get("/canary/checkout")).json()
+
+    # then it shows the rollout as started, and the freeze that holds its promotions
+    assert (status["service"], status["canary_version"], status["desired_weight"]) == (
+        "checkout", "v2", 10)  # fmt: skip
+    assert [hold["kind"] for hold in status["holds"]] == ["frozen"]
+    assert "code freeze" in status["holds"][0]["detail"]
+    assert status["alerts"] == []
+    assert status["notifications"] == []
