@@ -66,7 +66,10 @@ async def tick_durations(url: str, key: Path, prometheus_url: str, n: int, repea
     async with running_app(url, key, real_time=True, controller_enabled=False) as api:
         policy = {
             "steps": [{"weight": 10, "wait": "1h"}, {"weight": 100, "wait": "1h"}],
-            "interval": "15s",
+            # Longer than the 15 s goal: a pass that overruns it still ends (each rollout
+            # decided once) and is reported as it is, instead of claiming the rollouts it
+            # decided first again, forever.
+            "interval": "60s",
             "gates": GATES,
         }
         for i in range(n):
@@ -98,7 +101,8 @@ async def tick_durations(url: str, key: Path, prometheus_url: str, n: int, repea
         f"N={n:>5} rollouts x 3 gates: pass {statistics.median(durations):6.2f} s median "
         f"(min {min(durations):.2f}, max {max(durations):.2f}; {repeat} passes), "
         f"{3 * n / statistics.median(durations):7.0f} gate evaluations/s, "
-        f"{evaluations} evaluations stored"
+        f"{evaluations} evaluations stored; goal: within a 15 s tick "
+        f"({'met' if statistics.median(durations) <= 15 else 'NOT met'})"
     )
 
 
