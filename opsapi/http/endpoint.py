@@ -74,7 +74,9 @@ class Call:
     request: Request
     runtime: Runtime
     identity: Identity
-    session: AsyncSession
+    # The request's database session (`session`), opened when a handler first asks for it:
+    # an answer from memory (the data plane) costs no session.
+    open_session: Callable[[], AsyncSession]
     now: datetime
     request_id: str
     body: BaseModel | None
@@ -92,6 +94,19 @@ class Call:
     outcome: Outcome | None = None
     # The request body's bytes as received (read before parsing).
     raw_body: bytes = b""
+    _session: AsyncSession | None = None
+
+    @property
+    def session(self) -> AsyncSession:
+        """The request's database session (opened on first use, closed by the pipeline)."""
+        if self._session is None:
+            self._session = self.open_session()
+        return self._session
+
+    async def close_session(self) -> None:
+        """Close the session if one was opened (even when the request is being cancelled)."""
+        if self._session is not None:
+            await asyncio.shield(self._session.close())
 
     def body_as(self, model: type[BodyT]) -> BodyT:
         """The parsed body, typed."""
@@ -280,7 +295,7 @@ class _Request:
             if replay is not None:
                 return replay
         async with self.runtime.sessions() as session:
-            call = self._call(session, parsed, now)
+            call = self._call(lambda: session, parsed, now)
             try:
                 async with session.begin():
                     response = await handler(call)
@@ -325,14 +340,15 @@ class _Request:
         # The session is closed before auditing: its read transaction must not hold a
         # connection (on SQLite, the database lock) while the audit writer waits for one.
         problem: Problem | None = None
-        async with self.runtime.sessions() as session:
-            call = self._call(session, parsed, now)
-            try:
-                response = await handler(call)
-            except Problem as refused:
-                problem = refused
-            except Exception as error:
-                problem = self._server_problem(error)
+        call = self._call(self.runtime.sessions, parsed, now)
+        try:
+            response = await handler(call)
+        except Problem as refused:
+            problem = refused
+        except Exception as error:
+            problem = self._server_problem(error)
+        finally:
+            await call.close_session()
         if problem is not None:
             details = call.details if problem.status < 500 else {}
             return await self._refuse(problem, now, details, call=call)
@@ -364,13 +380,15 @@ class _Request:
             log.exception("could not audit the failure of %s", self.action)
             return problem_response(problem)
 
-    def _call(self, session: AsyncSession, parsed: BaseModel | None, now: datetime) -> Call:
+    def _call(
+        self, open_session: Callable[[], AsyncSession], parsed: BaseModel | None, now: datetime
+    ) -> Call:
         assert self.identity is not None
         return Call(
             request=self.request,
             runtime=self.runtime,
             identity=self.identity,
-            session=session,
+            open_session=open_session,
             now=now,
             request_id=self.request_id,
             body=parsed,
