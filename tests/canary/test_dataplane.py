@@ -35,17 +35,27 @@ async def test_an_unchanged_weight_is_answered_304_without_the_database(api: Har
     def count(*args: Any) -> None:
         statements.append(str(args[2]))
 
+    sessions = api.runtime.sessions
+    opened: list[object] = []
+
+    def open_session() -> Any:
+        opened.append(True)
+        return sessions()
+
     event.listen(api.runtime.engine.sync_engine, "before_cursor_execute", count)
+    api.runtime.sessions = open_session  # type: ignore[assignment]
     try:
         again = await api.client.get(
             f"{API}/canary/{SERVICE}/weight",
             headers={**api.auth("viewer"), "If-None-Match": etag},
         )
     finally:
+        api.runtime.sessions = sessions
         event.remove(api.runtime.engine.sync_engine, "before_cursor_execute", count)
     assert again.status_code == 304
     assert again.headers["etag"] == etag
     assert statements == []  # neither the weight nor the audit touched the database
+    assert opened == []  # nor opened a session (whose creation and close cost CPU)
 
     # when the weight changes, the tag does too
     api.clock.advance(minutes=30)
