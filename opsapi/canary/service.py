@@ -14,6 +14,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.engine import Dialect
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
@@ -155,21 +156,39 @@ async def lock_for_transition(
         await _create_service(name, now=now, session=session)
         found, dialect = await rows.fetch(session, _TRANSITION_LOCK, *args)
     (locked,) = found
-    row = rows.track(session, rows.record_of(ServiceRecord, locked["service_row"], dialect))
-    record = None
-    if locked["rollout_row"] is not None:
-        record = rows.record_of(RolloutRecord, locked["rollout_row"], dialect)
+    read = _Read(locked, dialect)
+    stored = read.one(ServiceRecord, "service_row")
+    assert stored is not None  # the function returns no row without one
+    row = rows.track(session, stored)
+    record = read.one(RolloutRecord, "rollout_row")
+    if record is not None:
         record = rows.track(session, record)
-    messages = None
-    if outbox and record is not None:
-        messages = [rows.record_of(OutboxMessage, m, dialect) for m in locked["outbox_rows"]]
+    messages = read.all(OutboxMessage, "outbox_rows") if outbox and record is not None else None
     safety = None
     if windows is not None:
-        incidents = [rows.record_of(Incident, i, dialect) for i in locked["incidents"]]
-        freezes = [window_of(rows.record_of(FreezeRecord, f, dialect)) for f in locked["freezes"]]
-        holds = _holds(name, incidents, [*windows, *freezes], now)
-        safety = Safety(frozenset(locked["rejected"]), holds)
+        safety = Safety(frozenset(locked["rejected"]), read.holds(name, windows, now))
     return Locked(row, record, messages, safety)
+
+
+@dataclass
+class _Read:
+    """One row of `transition_lock` or `_STATUS`: table rows (composite values) as records."""
+
+    found: rows.Row
+    dialect: Dialect
+
+    def one(self, model: type[rows.ModelT], column: str) -> rows.ModelT | None:
+        value = self.found[column]
+        return None if value is None else rows.record_of(model, value, self.dialect)
+
+    def all(self, model: type[rows.ModelT], column: str) -> list[rows.ModelT]:
+        return [rows.record_of(model, value, self.dialect) for value in self.found[column] or ()]
+
+    def holds(
+        self, name: str, windows: Sequence[FreezeWindow], now: datetime
+    ) -> tuple[machine.Hold, ...]:
+        freezes = [window_of(record) for record in self.all(FreezeRecord, "freezes")]
+        return _holds(name, self.all(Incident, "incidents"), [*windows, *freezes], now)
 
 
 _TRANSITION_LOCK = "SELECT * FROM transition_lock($1, $2, $3)"
@@ -198,19 +217,12 @@ async def status_of(
         holds = await holds_of(name, now=now, windows=windows, session=session)
         return Status(row, record, messages, holds)
     (found,), dialect = await rows.fetch_alone(session, _STATUS, name)
-    row = None
-    if found["service_row"] is not None:
-        row = rows.record_of(ServiceRecord, found["service_row"], dialect)
-    record = None
-    if found["rollout_row"] is not None:
-        record = rows.record_of(RolloutRecord, found["rollout_row"], dialect)
-    incidents = [rows.record_of(Incident, i, dialect) for i in found["incidents"]]
-    freezes = [window_of(rows.record_of(FreezeRecord, f, dialect)) for f in found["freezes"]]
+    read = _Read(found, dialect)
     return Status(
-        row,
-        record,
-        [rows.record_of(OutboxMessage, m, dialect) for m in found["outbox_rows"]],
-        _holds(name, incidents, [*windows, *freezes], now),
+        read.one(ServiceRecord, "service_row"),
+        read.one(RolloutRecord, "rollout_row"),
+        read.all(OutboxMessage, "outbox_rows"),
+        read.holds(name, windows, now),
     )
 
 
