@@ -79,7 +79,7 @@ async def tick_durations(url: str, key: Path, prometheus_url: str, n: int, repea
                                      "admin")  # fmt: skip
             assert started.status_code == 200, started.text
     engine = create_engine(url, pool_size=20)
-    provider = PrometheusProvider(prometheus_url, max_workers=32)
+    provider = PrometheusProvider(prometheus_url, max_connections=32)
     controller = Controller(
         session_factory(engine), system_clock, Metrics(), provider=provider, batch_size=200
     )
@@ -95,7 +95,7 @@ async def tick_durations(url: str, key: Path, prometheus_url: str, n: int, repea
         durations.append(time.perf_counter() - started)
     async with engine.connect() as connection:
         evaluations = await connection.scalar(sa.text("SELECT count(*) FROM gate_evaluation"))
-    provider.close()
+    await provider.aclose()
     await engine.dispose()
     print(
         f"N={n:>5} rollouts x 3 gates: pass {statistics.median(durations):6.2f} s median "
@@ -149,7 +149,7 @@ async def main() -> None:
     with MetricsApp() as app, running_prometheus([app.target]) as prometheus:
         app.set("bench", "v2", rps=50)
         await asyncio.sleep(3)
-        print(f"Prometheus at {prometheus.url}; controller batch 200, 32 query threads")
+        print(f"Prometheus at {prometheus.url}; controller batch 200, 32 connections to Prometheus")
         for n in args.sizes:
             name, url = await create_pg_database()
             try:

@@ -196,7 +196,7 @@ async def build_runtime(
             await audit_writer.stop()
         await engine.dispose()
         if own_provider and isinstance(provider, PrometheusProvider):
-            provider.close()
+            await provider.aclose()
 
 
 async def _flush_polls(runtime: Runtime, stop: asyncio.Event) -> None:

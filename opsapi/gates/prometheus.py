@@ -1,16 +1,23 @@
-"""Prometheus as a gate provider, through prometheus-api-client (blocking: run off the loop)."""
+"""Prometheus as a gate provider: instant queries over its HTTP API, on the event loop.
+
+aiohttp rather than prometheus-api-client (requests, in threads): a query costs the controller
+about 0.2 ms of CPU instead of 1.2 ms, which is what lets one process judge 3,000 rollouts x 3
+gates within a tick on two cores (`benchmarks/controller_ticks.py`).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import math
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from prometheus_api_client import PrometheusConnect
-from urllib3.util.retry import Retry
+import aiohttp
 
 from opsapi.gates.provider import Measurement
+
+# Answers worth one more try: a proxy or Prometheus itself briefly unavailable.
+_RETRY_STATUSES = frozenset({502, 503, 504})
 
 
 class PrometheusProvider:
@@ -22,36 +29,93 @@ class PrometheusProvider:
         *,
         timeout_seconds: float = 3.0,
         retries: int = 1,
-        max_workers: int = 16,
+        max_connections: int = 32,
     ) -> None:
-        # A tight retry and timeout: a slow Prometheus must not stall the controller's pass.
-        retry = Retry(total=retries, backoff_factor=0.1, status_forcelist=(502, 503, 504))
-        self._client = PrometheusConnect(url, retry=retry, timeout=timeout_seconds)
+        self._query_url = url.rstrip("/") + "/api/v1/query"
         self._timeout = timeout_seconds
-        self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="promql")
+        self._retries = retries
+        self._max_connections = max_connections
+        # Prometheus durations take no decimals: "3.0s" is refused, "3000ms" is not.
+        self._server_timeout = f"{max(1, round(timeout_seconds * 1000))}ms"
+        self._session: aiohttp.ClientSession | None = None
 
     async def measure(self, query: str) -> Measurement:
         """The query's single value; never raises."""
-        loop = asyncio.get_running_loop()
         try:
+            # A tight bound over every attempt: a slow Prometheus must not stall the pass.
             result = await asyncio.wait_for(
-                loop.run_in_executor(self._executor, self._query, query),
-                timeout=self._timeout * 3,
+                self._query(query), timeout=self._timeout * (self._retries + 1) + 0.5
             )
         except TimeoutError:
             return Measurement(None, "prometheus did not answer in time")
+        except _Rejected as rejected:
+            return Measurement(None, f"prometheus rejected the query: {rejected.reason[:300]}")
+        except _Unavailable as unavailable:
+            return Measurement(None, f"prometheus unavailable: {unavailable.reason}")
         except Exception as error:
             return Measurement(None, _describe(error))
         return _single_value(result)
 
-    def _query(self, query: str) -> Any:
-        # Prometheus durations take no decimals: "3.0s" is refused, "3000ms" is not.
-        timeout = f"{max(1, round(self._timeout * 1000))}ms"
-        return self._client.custom_query(query, params={"timeout": timeout})
+    async def _query(self, query: str) -> Any:
+        session = self._client()
+        params = {"query": query, "timeout": self._server_timeout}
+        for attempt in range(self._retries + 1):
+            last = attempt == self._retries
+            try:
+                async with session.get(self._query_url, params=params) as response:
+                    body = await response.read()
+                    status = response.status
+            except TimeoutError:
+                raise  # a hung Prometheus: asking again would only double the wait
+            except aiohttp.ClientConnectionError:
+                if last:
+                    raise
+            else:
+                if status == 200:
+                    return json.loads(body)["data"]["result"]
+                if status not in _RETRY_STATUSES:
+                    raise _Rejected(_error_text(body, status))
+                if last:
+                    raise _Unavailable(f"HTTP {status}")
+            await asyncio.sleep(0.1 * (attempt + 1))
+        raise AssertionError("unreachable")  # pragma: no cover
 
-    def close(self) -> None:
-        """Stop the worker threads."""
-        self._executor.shutdown(wait=False, cancel_futures=True)
+    def _client(self) -> aiohttp.ClientSession:
+        # Made on first use: a session belongs to the event loop that runs it.
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=self._max_connections),
+                timeout=aiohttp.ClientTimeout(total=self._timeout),
+                # As before with requests: HTTP(S)_PROXY / NO_PROXY from the environment apply.
+                trust_env=True,
+                raise_for_status=False,
+            )
+        return self._session
+
+    async def aclose(self) -> None:
+        """Close the connections kept open to Prometheus."""
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+class _Rejected(Exception):
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+class _Unavailable(Exception):
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def _error_text(body: bytes, status: int) -> str:
+    # Prometheus explains a refusal in its JSON ("bad_data: parse error ..."); show that.
+    try:
+        answer = json.loads(body)
+        return f"HTTP {status}: {answer['errorType']}: {answer['error']}"
+    except (ValueError, KeyError, TypeError):
+        return f"HTTP {status}"
 
 
 def _single_value(result: Any) -> Measurement:
@@ -72,9 +136,8 @@ def _single_value(result: Any) -> Measurement:
 
 def _describe(error: Exception) -> str:
     # Connection errors' text can carry URLs with credentials: name the class only.
-    name = type(error).__name__
-    if "PrometheusApiClientException" in name:
-        return f"prometheus rejected the query: {str(error)[:300]}"
-    if "ConnectionError" in name or "RetryError" in name:
+    if isinstance(error, aiohttp.ClientConnectionError):
         return "prometheus unavailable: connection failed"
-    return f"prometheus unavailable: {name}"
+    if isinstance(error, ValueError | KeyError | TypeError):
+        return "prometheus unavailable: unreadable answer"
+    return f"prometheus unavailable: {type(error).__name__}"

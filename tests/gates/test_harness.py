@@ -9,10 +9,8 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-import requests
-from prometheus_api_client import PrometheusConnect
-from urllib3.util.retry import Retry
 
+from opsapi.gates.prometheus import PrometheusProvider
 from tests.support.metrics_app import MetricsApp
 from tests.support.prometheus import (
     PrometheusError,
@@ -73,7 +71,7 @@ def test_queries_reflect_the_traffic_profile(app: MetricsApp, prom: PrometheusSe
     assert prom.wait_for(P95, between(1.0, 2.5), timeout=6) is not None
     assert prom.wait_for(WEBHOOK_OK_RATIO, near(0.9, 0.05), timeout=6) is not None
     assert prom.wait_for(DB_FAIL_RATIO, near(0.5, 0.1), timeout=6) is not None
-    # The raw answer has the prometheus-api-client shape: values are strings.
+    # The raw answer of the HTTP API: sample values are strings.
     [sample] = prom.query(ERROR_RATIO)
     assert sample["metric"] == {}
     assert isinstance(sample["value"][1], str)
@@ -118,33 +116,43 @@ def test_stopped_traffic_is_nan_and_removed_series_are_empty(
     prom.wait_for(ratio, lambda v: v is None, timeout=5)
 
 
-def test_prometheus_stopped_then_back(prom: PrometheusServer) -> None:
-    client = PrometheusConnect(prom.url, retry=Retry(total=0), timeout=2)
+async def test_prometheus_stopped_then_back(prom: PrometheusServer) -> None:
+    provider = PrometheusProvider(prom.url, timeout_seconds=2, retries=0)
     counted = f'count_over_time(http_requests_total{{{SEL},code="200"}}[1m])'
     before = prom.value(counted)
     assert before is not None
-    assert float(client.custom_query(counted)[0]["value"][1]) >= before
+    try:
+        measured = await provider.measure(counted)
+        assert measured.value is not None
+        assert measured.value >= before
 
-    prom.stop()
-    assert not prom.running
-    with pytest.raises(httpx.ConnectError):
-        prom.query("up")
-    with pytest.raises(requests.exceptions.ConnectionError):
-        client.custom_query("up")
+        prom.stop()
+        assert not prom.running
+        with pytest.raises(httpx.ConnectError):
+            prom.query("up")
+        # the gate provider's kept-alive connection is gone: no data, never an error
+        stopped = await provider.measure(counted)
+        assert stopped.value is None
+        assert stopped.error == "prometheus unavailable: connection failed"
 
-    prom.start()
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            result = prom.query(counted)
-            break
-        except (httpx.HTTPError, PrometheusError):
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
-    # Same data dir: what was scraped before the stop is still there.
-    assert float(result[0]["value"][1]) >= before
-    assert client.custom_query(counted)
+        prom.start()
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                result = prom.query(counted)
+                break
+            except (httpx.HTTPError, PrometheusError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        # Same data dir: what was scraped before the stop is still there.
+        assert float(result[0]["value"][1]) >= before
+        # the same provider reconnects by itself
+        back = await provider.measure(counted)
+        assert back.value is not None
+        assert back.value >= before
+    finally:
+        await provider.aclose()
     # Scraping resumes (the first scrape after a start takes ~5 s).
     prom.wait_ready(timeout=15)
     prom.wait_for(ERROR_RATIO, lambda v: v is not None, timeout=6)

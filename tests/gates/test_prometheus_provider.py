@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
 import pytest
 
 from opsapi.gates.prometheus import PrometheusProvider
@@ -20,7 +25,7 @@ CASES = [
         "2 series",
         id="two-series",
     ),
-    pytest.param("sum(rate(", None, "rejected the query", id="bad-promql"),
+    pytest.param("sum(rate(", None, "rejected the query: HTTP 400: bad_data", id="bad-promql"),
 ]
 
 
@@ -32,10 +37,23 @@ async def test_measure(
     try:
         measurement = await provider.measure(query)
     finally:
-        provider.close()
+        await provider.aclose()
     assert measurement.value == value
     if error is not None:
         assert error in (measurement.error or "")
+
+
+async def test_many_queries_at_once_each_get_their_own_answer(
+    prometheus: PrometheusServer,
+) -> None:
+    # given more concurrent queries than connections (as a controller pass makes)
+    provider = PrometheusProvider(prometheus.url, timeout_seconds=2, max_connections=4)
+    try:
+        measurements = await asyncio.gather(*(provider.measure(f"vector({i})") for i in range(200)))
+    finally:
+        await provider.aclose()
+    # then every query is answered with its own value, none lost or swapped
+    assert [m.value for m in measurements] == [float(i) for i in range(200)]
 
 
 async def test_unreachable_prometheus_is_no_data(metrics_app: MetricsApp) -> None:
@@ -43,6 +61,65 @@ async def test_unreachable_prometheus_is_no_data(metrics_app: MetricsApp) -> Non
     try:
         measurement = await provider.measure("vector(1)")
     finally:
-        provider.close()
+        await provider.aclose()
     assert measurement.value is None
     assert measurement.error == "prometheus unavailable: connection failed"
+
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@asynccontextmanager
+async def tcp_server(handler: Handler) -> AsyncIterator[str]:
+    """A loopback server speaking whatever `handler` writes; yields its base URL."""
+    server = await asyncio.start_server(handler, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield f"http://user:s3cret@127.0.0.1:{port}"
+    finally:
+        server.close()
+
+
+async def test_a_hung_prometheus_is_no_data_within_the_timeout() -> None:
+    async def never_answers(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(65536)
+        await asyncio.sleep(30)
+
+    async with tcp_server(never_answers) as url:
+        provider = PrometheusProvider(url, timeout_seconds=0.5, retries=1)
+        started = time.monotonic()
+        try:
+            measurement = await provider.measure("vector(1)")
+        finally:
+            await provider.aclose()
+    # a hung answer is not asked again: one timeout, not one per retry
+    assert time.monotonic() - started < 1.2
+    assert measurement.value is None
+    assert measurement.error == "prometheus did not answer in time"
+
+
+async def test_a_gateway_error_is_retried_then_no_data_without_credentials() -> None:
+    requests: list[bytes] = []
+
+    async def bad_gateway(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        requests.append(await reader.readuntil(b"\r\n\r\n"))
+        body = b"upstream s3cret down"
+        writer.write(
+            b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: %d\r\n"
+            b"Connection: close\r\n\r\n%s" % (len(body), body)
+        )
+        await writer.drain()
+        writer.close()
+
+    async with tcp_server(bad_gateway) as url:
+        provider = PrometheusProvider(url, timeout_seconds=1, retries=1)
+        try:
+            measurement = await provider.measure("vector(1)")
+        finally:
+            await provider.aclose()
+    # asked twice (one retry), with the URL's credentials as basic auth
+    assert len(requests) == 2
+    assert all(b"Authorization: Basic dXNlcjpzM2NyZXQ=" in r for r in requests)
+    # then no data, saying why, with neither the password nor the answer's text
+    assert measurement.value is None
+    assert measurement.error == "prometheus unavailable: HTTP 503"
