@@ -6,6 +6,7 @@ that the HTTP layer maps to a problem.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -118,7 +119,7 @@ _LOCK_SERVICE = "SELECT * FROM service WHERE name = $1 FOR UPDATE"
 @dataclass
 class Locked:
     """What a transition works on: the service's row and its latest rollout, locked in that
-    order and tracked by the session, with what was read beside them when asked."""
+    order (stored records that `rows.save` writes), with what was read beside them when asked."""
 
     row: ServiceRecord
     record: RolloutRecord | None
@@ -159,10 +160,10 @@ async def lock_for_transition(
     read = _Read(locked, dialect)
     stored = read.one(ServiceRecord, "service_row")
     assert stored is not None  # the function returns no row without one
-    row = rows.track(session, stored)
+    row = rows.persistent(stored)
     record = read.one(RolloutRecord, "rollout_row")
     if record is not None:
-        record = rows.track(session, record)
+        record = rows.persistent(record)
     messages = read.all(OutboxMessage, "outbox_rows") if outbox and record is not None else None
     safety = None
     if windows is not None:
@@ -458,7 +459,7 @@ def to_machine(record: RolloutRecord) -> machine.Rollout:
         service=record.service,
         canary_version=record.canary_version,
         stable_version=record.stable_version,
-        steps=tuple(Step(step["weight"], timedelta(seconds=step["wait"])) for step in record.steps),
+        steps=_steps(tuple((step["weight"], step["wait"]) for step in record.steps)),
         state=record.state,
         step_index=record.step_index,
         desired_weight=record.desired_weight,
@@ -474,6 +475,12 @@ def to_machine(record: RolloutRecord) -> machine.Rollout:
         canary_slot=record.canary_slot,
         lease=timedelta(seconds=record.lease_seconds) if record.lease_seconds else None,
     )
+
+
+@functools.lru_cache(maxsize=4096)
+def _steps(pairs: tuple[tuple[int, float], ...]) -> tuple[Step, ...]:
+    # Policies repeat: the same steps are read on every transition of every rollout.
+    return tuple(Step(weight, timedelta(seconds=wait)) for weight, wait in pairs)
 
 
 def gate_from_json(gate: Mapping[str, Any]) -> GateStatus:

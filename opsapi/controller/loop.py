@@ -193,7 +193,7 @@ class Controller:
             if record.step_index != claim.step_index:
                 # Promoted while we measured: these numbers describe the previous step.
                 record.next_evaluation_at = now
-                session.add(record)
+                await rows.save(session, record)
                 return 0
             event: machine.Event = machine.Tick()
             if claim.gates:

@@ -25,6 +25,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel.ext.asyncio.session import AsyncSession
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+from starlette.types import Scope
 
 from opsapi.audit import chain
 from opsapi.audit import service as audit
@@ -287,8 +288,9 @@ class _Request:
             return await self._refuse(
                 BadRequest("Idempotency-Key must be 1-255 visible ASCII characters"), now, {}
             )
+        target = url_path(self.request.scope).encode()
         request_hash = hashlib.sha256(
-            self.request.method.encode() + b" " + self.request.url.path.encode() + b"\n" + raw
+            self.request.method.encode() + b" " + target + b"\n" + raw
         ).hexdigest()
         if key is not None:
             replay = await self._replay(key, request_hash, now)
@@ -491,7 +493,7 @@ class _Request:
                 subject=self.identity.subject,
                 key=key,
                 method=self.request.method,
-                path=self.request.url.path[:512],
+                path=url_path(self.request.scope)[:512],
                 request_hash=request_hash,
                 status_code=response.status_code,
                 response_body=bytes(response.body).decode(),
@@ -603,6 +605,13 @@ async def _bearer(pipeline: _Request) -> Identity:
         raise Unauthorized(f"invalid bearer token: {error}") from None
 
 
+def url_path(scope: Scope) -> str:
+    """The request's path exactly as Starlette's `request.url.path` gives it (stored request
+    hashes compare against it), without building the whole URL for it."""
+    path: str = scope["path"]
+    return path.replace("?", "%3F").replace("#", "%23").replace("\\", "%5C")
+
+
 def _audit_service(name: Any) -> str | None:
     # Only a valid name goes into the indexed column; anything else stays out of the log.
     return name if isinstance(name, str) and is_service_name(name) else None
@@ -705,8 +714,12 @@ def read_json(raw: bytes, *, odd_text: Literal["refuse", "replace"] = "refuse") 
 
 
 def _may_hold_non_finite(text: str) -> bool:
-    # NaN, Infinity, or an exponent large enough to overflow a double.
-    return "NaN" in text or "Infinity" in text or "e" in text or "E" in text
+    # NaN, Infinity, or an exponent large enough to overflow a double (a digit then e/E: a
+    # bare "e" is in nearly every body's keys).
+    return "NaN" in text or "Infinity" in text or _EXPONENT.search(text) is not None
+
+
+_EXPONENT = re.compile(r"[0-9][eE]")
 
 
 def _too_deep() -> str:

@@ -22,7 +22,7 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import DBAPIError, StatementError
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.orm import configure_mappers, make_transient_to_detached
-from sqlalchemy.orm.attributes import manager_of_class, set_committed_value
+from sqlalchemy.orm.attributes import manager_of_class, set_attribute, set_committed_value
 from sqlalchemy.types import TypeEngine
 from sqlmodel import SQLModel
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -131,9 +131,10 @@ async def bound(target: Target, model: type[SQLModel], row: Row, names: Sequence
 
 
 async def save(session: AsyncSession, record: SQLModel) -> None:
-    """Write `record` as the ORM's flush would, with plain SQL: a record the session tracks
-    gets one UPDATE of the columns changed since it was read or saved (none: no statement); a
-    new record is inserted, gets its generated id and is tracked from then on."""
+    """Write `record` as the ORM's flush would, with plain SQL: a stored record (tracked by the
+    session or `persistent`) gets one UPDATE of the columns changed since it was read or saved
+    (none: no statement); a new record is inserted, gets its generated id and is `persistent`
+    from then on."""
     state = inspect(record)
     table: Table = type(record).__table__  # type: ignore[attr-defined]
     dialect = (await _link(session)).connection.dialect
@@ -154,7 +155,7 @@ async def save(session: AsyncSession, record: SQLModel) -> None:
     if len(changed) == len(state.committed_state):
         # Nothing left for the ORM's flush: off its list of modified instances too, or the
         # commit's flush walks this record again for nothing.
-        state._commit_all(state.dict, session.sync_session.identity_map)
+        state._commit_all(state.dict, state.session.identity_map if state.session else None)
         return
     for name in changed:
         set_committed_value(record, name, getattr(record, name))
@@ -167,7 +168,9 @@ def assign(record: SQLModel, **values: Any) -> bool:
     changed = False
     for name, value in values.items():
         if name not in current or current[name] != value:
-            setattr(record, name, value)
+            # The instrumented set (history for `save`), without SQLModel's __setattr__ around
+            # it: a table model's values live in that same dict.
+            set_attribute(record, name, value)
             changed = True
     return changed
 
@@ -185,7 +188,7 @@ async def _insert_record(
     found, _ = await fetch(session, _insert_sql(table, names) + returning, *values)
     if generated is not None:
         setattr(record, generated.name, found[0][generated.name])
-    track(session, record)
+    persistent(record)
 
 
 def _insert_sql(table: Table, names: Sequence[str]) -> str:
@@ -257,6 +260,15 @@ async def lock_records(
     """The rows `sql` returns (`... FOR UPDATE`), as records the session tracks: a change to
     one is written by the next flush, as if the ORM had loaded it."""
     return [track(session, record) for record in await fetch_records(session, model, sql, *args)]
+
+
+def persistent(record: ModelT) -> ModelT:
+    """`record` (as read or just inserted) marked as stored, with no pending change, and not
+    made the session's: `save` writes its changes; the commit's flush does not walk it."""
+    # Attaching to the session (`track`) cost about a twentieth of a write's CPU, for a record
+    # the transition writes with `save` anyway.
+    make_transient_to_detached(record)
+    return record
 
 
 def track(session: AsyncSession, record: ModelT) -> ModelT:
