@@ -325,13 +325,17 @@ class _Request:
                 return await self._refuse(_internal_error(), now, {}, call=call)
             except Exception as error:
                 return await self._refuse(self._server_problem(error), now, {}, call=call)
-        for hook in call.after_commit:
+            finally:
+                # The hooks close over the call: out of it, the request's objects are freed
+                # when it is answered, not left in a cycle for the garbage collector.
+                hooks, call.after_commit = call.after_commit, []
+        for hook in hooks:
             try:
                 response = await hook() or response
             except Exception as error:
                 # The change is committed; the reconcile pass finishes what failed here.
                 _log_failure(error, f"after-commit work failed in {self.action}")
-        if key is not None and call.after_commit:
+        if key is not None and hooks:
             await self._complete(key, response)
         return response
 

@@ -13,6 +13,7 @@ Statements are written once for both databases: `$1`-style parameters (SQLite ge
 from __future__ import annotations
 
 import re
+import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
@@ -44,7 +45,9 @@ class _Link:
     """The connection a session's current transaction runs on, and its driver connection
     once looked up (each lookup is a trip through SQLAlchemy's greenlet bridge)."""
 
-    transaction: object
+    # Weakly: the session holds the link, the transaction holds the session; a strong
+    # reference would make a cycle that only the garbage collector frees.
+    transaction: Callable[[], object] | None
     connection: AsyncConnection
     adapted: Any = None
 
@@ -56,10 +59,18 @@ async def _link(target: Target) -> _Link:
     if not isinstance(target, AsyncSession):
         return _Link(None, target)
     link: _Link | None = target.info.get(_LINK)
-    if link is not None and link.transaction is target.sync_session.get_transaction():
+    current = target.sync_session.get_transaction()
+    if (
+        link is not None
+        and current is not None
+        and link.transaction is not None
+        and link.transaction() is current
+    ):
         return link
     connection = await target.connection()  # begins the session's transaction if need be
-    link = target.info[_LINK] = _Link(target.sync_session.get_transaction(), connection)
+    transaction = target.sync_session.get_transaction()
+    reference = weakref.ref(transaction) if transaction is not None else None
+    link = target.info[_LINK] = _Link(reference, connection)
     return link
 
 
