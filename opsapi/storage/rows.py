@@ -277,8 +277,14 @@ def persistent(record: ModelT) -> ModelT:
     """`record` (as read or just inserted) marked as stored, with no pending change, and not
     made the session's: `save` writes its changes; the commit's flush does not walk it."""
     # Attaching to the session (`track`) cost about a twentieth of a write's CPU, for a record
-    # the transition writes with `save` anyway.
-    make_transient_to_detached(record)
+    # the transition writes with `save` anyway; and `make_transient_to_detached` also walks
+    # every attribute to expire those not loaded (ours are all loaded).
+    state = inspect(record)
+    table: Table = type(record).__table__  # type: ignore[attr-defined]
+    (key,) = table.primary_key.columns  # our tables have a one-column key
+    state.key = state.mapper.identity_key_from_primary_key([state.dict[key.name]])
+    if state.committed_state or state.modified:
+        state._commit_all(state.dict)
     return record
 
 
