@@ -124,9 +124,18 @@ def _note(container: Any, key: Any, item: Any, spots: list[_Spot]) -> None:
             spots.append((container, key, item, int(as_float)))
 
 
-async def append(target: AsyncConnection | AsyncSession, events: Sequence[dict[str, Any]]) -> None:
-    """Insert `events` (event_row dicts) at the end of the chain, in the caller's transaction."""
+async def append(
+    target: AsyncConnection | AsyncSession,
+    events: Sequence[dict[str, Any]],
+    *,
+    alongside: rows.Update | None = None,
+) -> None:
+    """Insert `events` (event_row dicts) at the end of the chain, in the caller's transaction;
+    with `alongside`, the state change they record is written in the same statement when
+    that can be done (PostgreSQL, one event), else just before."""
     if not events:
+        if alongside is not None:
+            await alongside.run(target)
         return
     postgresql = await rows.dialect_name(target) == "postgresql"
     if postgresql and len(events) == 1:
@@ -134,8 +143,17 @@ async def append(target: AsyncConnection | AsyncSession, events: Sequence[dict[s
         # `link`'s, over the canonical bytes computed here as verify computes them.
         (event,) = events
         values = await rows.bound(target, AuditEvent, event, CHAINED_FIELDS)
-        await rows.execute(target, _APPEND, *values, canonical(event))
+        values.append(canonical(event))
+        if alongside is None:
+            await rows.execute(target, _APPEND, *values)
+            return
+        # A data-modifying WITH runs to completion whether or not it is read: the change and
+        # its event in one round trip (the chain's lock is still taken by audit_append).
+        sql = f"WITH changed AS ({alongside.sql(len(values) + 1)}) {_APPEND}"
+        await rows.execute(target, sql, *values, *alongside.values)
         return
+    if alongside is not None:
+        await alongside.run(target)
     if postgresql:
         # The append lock, held until the transaction ends (the next appender reads our last
         # hash), then the head read after it, in one round trip (migration 0015).

@@ -11,6 +11,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from opsapi.audit import chain, values
 from opsapi.audit.models import Outcome, Source
+from opsapi.storage import rows
 
 # Keys whose values never reach the audit log, whatever the caller passes.
 _SECRET_KEY = re.compile(r"(secret|token|password|signature|authorization|routing_key)", re.I)
@@ -66,6 +67,9 @@ def event_row(
     }
 
 
-async def record(*, session: AsyncSession, **fields: Any) -> None:
-    """Append one audit event (`event_row` fields) in the session's transaction; no commit."""
-    await chain.append(session, [event_row(**fields)])
+async def record(
+    *, session: AsyncSession, alongside: rows.Update | None = None, **fields: Any
+) -> None:
+    """Append one audit event (`event_row` fields) in the session's transaction; no commit.
+    `alongside`: the pending write of the change it records (one round trip for both)."""
+    await chain.append(session, [event_row(**fields)], alongside=alongside)

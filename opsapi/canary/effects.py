@@ -238,7 +238,14 @@ class Effects:
             isinstance(e, SetWeight) and e.weight == 0 for e in transition.effects
         ):
             record.time_to_safe = _time_to_safe(record, cause, now)
-        await rows.save(session, record)
+        changed = any(isinstance(effect, Audit) for effect in transition.effects)
+        update: rows.Update | None = None
+        if changed and record.id is not None:
+            # Written with the transition's audit event (one statement on PostgreSQL): nothing
+            # in between reads the rollout's row back.
+            update = await rows.pending_update(session, record)
+        else:
+            await rows.save(session, record)  # a start is inserted now: its id is needed
         details = summary(transition)
         for effect in transition.effects:
             if isinstance(effect, Page):
@@ -272,6 +279,7 @@ class Effects:
         if applied.changed:
             await audit.record(
                 session=session,
+                alongside=update,
                 at=now,
                 actor=cause.actor,
                 roles=cause.roles,

@@ -146,30 +146,63 @@ async def save(session: AsyncSession, record: SQLModel) -> None:
     session or `persistent`) gets one UPDATE of the columns changed since it was read or saved
     (none: no statement); a new record is inserted, gets its generated id and is `persistent`
     from then on."""
-    state = inspect(record)
-    table: Table = type(record).__table__  # type: ignore[attr-defined]
-    dialect = (await _link(session)).connection.dialect
-    binders = dict(_binders(type(record), dialect))
-    if state.key is None:
+    if inspect(record).key is None:
+        table: Table = type(record).__table__  # type: ignore[attr-defined]
+        binders = dict(_binders(type(record), (await _link(session)).connection.dialect))
         await _insert_record(session, record, table, binders)
         return
+    update = await pending_update(session, record)
+    if update is not None:
+        await update.run(session)
+
+
+@dataclass(frozen=True)
+class Update:
+    """A stored record's changed columns as one UPDATE, to run alone (`run`) or as part of
+    another statement (`sql` with its parameters numbered from `first`)."""
+
+    table: str
+    columns: Sequence[str]
+    key: str
+    values: Sequence[Any]  # the columns' bound values, then the key's
+
+    def sql(self, first: int = 1) -> str:
+        """The statement, its parameters numbered from `$first`."""
+        assignments = ", ".join(
+            f"{name} = ${index}" for index, name in enumerate(self.columns, first)
+        )
+        where = f"{self.key} = ${first + len(self.columns)}"
+        # Names from the model's table, never from input.
+        return f"UPDATE {self.table} SET {assignments} WHERE {where}"  # noqa: S608
+
+    async def run(self, target: Target) -> None:
+        """Run it alone, in the session's transaction."""
+        await execute(target, self.sql(), *self.values)
+
+
+async def pending_update(session: AsyncSession, record: SQLModel) -> Update | None:
+    """The UPDATE that writes what changed in the stored `record` since it was read or saved
+    (None: nothing did), as `save` would run it; the record counts as saved from here on, so
+    the caller must run it in this transaction."""
+    state = inspect(record)
+    assert state.key is not None, "a new record is inserted by save"
+    binders = dict(_binders(type(record), (await _link(session)).connection.dialect))
     # What the ORM's flush would write: the attributes assigned since the last load or save.
     changed = [name for name in state.committed_state if name in binders]
     if not changed:
-        return
+        return None
+    table: Table = type(record).__table__  # type: ignore[attr-defined]
+    (key,) = table.primary_key.columns  # our stored tables have a one-column key
     values = [_bound(binders[name], getattr(record, name)) for name in changed]
-    (key,) = table.primary_key.columns  # our tracked tables have a one-column key
-    assignments = ", ".join(f"{name} = ${index}" for index, name in enumerate(changed, 1))
-    # Names from the model's table, never from input.
-    sql = f"UPDATE {table.name} SET {assignments} WHERE {key.name} = ${len(changed) + 1}"  # noqa: S608
-    await execute(session, sql, *values, getattr(record, key.name))
+    update = Update(table.name, changed, key.name, [*values, getattr(record, key.name)])
     if len(changed) == len(state.committed_state):
         # Nothing left for the ORM's flush: off its list of modified instances too, or the
         # commit's flush walks this record again for nothing.
         state._commit_all(state.dict, state.session.identity_map if state.session else None)
-        return
-    for name in changed:
-        set_committed_value(record, name, getattr(record, name))
+    else:
+        for name in changed:
+            set_committed_value(record, name, getattr(record, name))
+    return update
 
 
 def assign(record: SQLModel, **values: Any) -> bool:

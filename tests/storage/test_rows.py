@@ -15,6 +15,9 @@ from sqlalchemy import inspect, text
 from sqlalchemy.exc import DBAPIError
 from sqlmodel import SQLModel, select
 
+from opsapi.audit import chain
+from opsapi.audit import service as audit
+from opsapi.audit.models import AuditEvent, Outcome, Source
 from opsapi.canary.machine import State
 from opsapi.canary.models import FreezeRecord, Incident, RolloutRecord, ServiceRecord
 from opsapi.storage import rows
@@ -294,3 +297,46 @@ def test_a_new_record_refuses_a_missing_or_unknown_field(
     values = {name: value for name, value in values.items() if value is not None}
     with pytest.raises(TypeError, match=message):
         rows.new(RolloutRecord, **values)
+
+
+def test_an_update_numbers_its_parameters_from_where_it_is_placed() -> None:
+    update = rows.Update("rollout", ["state", "reason"], "id", ["rolled_back", "why", 7])
+    assert update.sql() == "UPDATE rollout SET state = $1, reason = $2 WHERE id = $3"
+    assert update.sql(13) == "UPDATE rollout SET state = $13, reason = $14 WHERE id = $15"
+
+
+async def test_a_change_written_with_its_audit_event_lands_with_it(
+    sessions: SessionFactory,
+) -> None:
+    # given a stored rollout, changed, its UPDATE pending
+    async with sessions() as session, session.begin():
+        rollout = _records()[1]
+        assert isinstance(rollout, RolloutRecord)
+        await rows.save(session, rollout)
+    async with sessions() as session, session.begin():
+        (locked,) = await rows.fetch_records(
+            session, RolloutRecord, "SELECT * FROM rollout WHERE id = $1", rollout.id
+        )
+        rows.persistent(locked)
+        rows.assign(locked, state=State.ROLLED_BACK, reason="bad canary")
+        update = await rows.pending_update(session, locked)
+        assert update is not None
+        assert list(update.columns) == ["state", "reason"]
+        # when the audit event is appended alongside it (one statement on PostgreSQL)
+        await audit.record(
+            session=session, alongside=update, at=NOW, actor="alice", source=Source.API,
+            action="canary.rollback", outcome=Outcome.SUCCESS, service="checkout",
+            rollout_id=locked.id, details={"reason": "bad canary"},
+        )  # fmt: skip
+        # (nothing is left for a later save)
+        assert await rows.pending_update(session, locked) is None
+    # then both are stored, and the chain holds the event
+    async with sessions() as session:
+        stored = await session.get(RolloutRecord, rollout.id)
+        events = (await session.exec(select(AuditEvent))).all()
+    assert stored is not None
+    assert (stored.state, stored.reason) == (State.ROLLED_BACK, "bad canary")
+    assert [(event.action, event.rollout_id) for event in events] == [
+        ("canary.rollback", rollout.id)
+    ]
+    assert events[0].hash == chain.link(chain.GENESIS, events[0].model_dump())
