@@ -47,6 +47,7 @@ from opsapi.errors import (
 from opsapi.http.clients import client_address, is_allowed, networks
 from opsapi.http.problems import refusal_problem
 from opsapi.http.runtime import Runtime
+from opsapi.storage import rows
 from opsapi.storage.db import is_unavailable
 from opsapi.storage.idempotency import IdempotencyRecord
 
@@ -310,7 +311,7 @@ class _Request:
                         # Completed below once the after-commit work built the final answer.
                         self._remember(key, request_hash, response, now, session,
                                        complete=not call.after_commit)  # fmt: skip
-                    await session.commit()
+                    await rows.commit(session)
                 except BaseException:
                     await asyncio.shield(session.rollback())
                     raise

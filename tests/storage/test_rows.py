@@ -340,3 +340,54 @@ async def test_a_change_written_with_its_audit_event_lands_with_it(
         ("canary.rollback", rollout.id)
     ]
     assert events[0].hash == chain.link(chain.GENESIS, events[0].model_dump())
+
+
+@pytest.mark.parametrize("orm_pending", [False, True], ids=["plain-sql-only", "orm-pending"])
+async def test_commit_makes_every_write_of_the_transaction_durable(
+    sessions: SessionFactory, orm_pending: bool
+) -> None:
+    # given a transaction that wrote with plain SQL, and perhaps left an ORM object to flush
+    service, rollout = _records()[:2]
+    async with sessions() as session:
+        await rows.save(session, rollout)
+        if orm_pending:
+            session.add(service)
+        # when it is committed, and the session then closed
+        await rows.commit(session)
+    # then what it wrote is there for everyone (the close undid nothing)
+    async with sessions() as session:
+        stored = (await session.exec(select(RolloutRecord))).all()
+        services = (await session.exec(select(ServiceRecord))).all()
+    assert [record.service for record in stored] == ["checkout"]
+    assert [record.name for record in services] == (["checkout"] if orm_pending else [])
+
+
+REFUSE_AT_COMMIT = (
+    "CREATE FUNCTION test_refuse_at_commit() RETURNS trigger AS $$ "
+    "BEGIN RAISE EXCEPTION 'refused at commit'; END $$ LANGUAGE plpgsql",
+    "CREATE CONSTRAINT TRIGGER test_refuse_at_commit AFTER INSERT ON rollout "
+    "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION test_refuse_at_commit()",
+)
+
+
+async def test_a_commit_the_database_refuses_raises_and_keeps_nothing(pg_url: str) -> None:
+    # given a database that refuses, at COMMIT, any transaction that inserted a rollout
+    engine = create_engine(pg_url)
+    sessions = session_factory(engine)
+    async with engine.begin() as connection:
+        for statement in REFUSE_AT_COMMIT:
+            await connection.exec_driver_sql(statement)
+    try:
+        # when a transaction that inserted one is committed on the driver
+        async with sessions() as session:
+            await rows.save(session, _records()[1])
+            with pytest.raises(DBAPIError, match="refused at commit"):
+                await rows.commit(session)
+        # then it raised as SQLAlchemy raises, and nothing was kept; the pool is usable
+        async with sessions() as session:
+            assert (await session.exec(select(RolloutRecord))).all() == []
+    finally:
+        async with engine.begin() as connection:
+            await connection.exec_driver_sql("DROP TRIGGER test_refuse_at_commit ON rollout")
+            await connection.exec_driver_sql("DROP FUNCTION test_refuse_at_commit()")
+        await engine.dispose()
