@@ -1,0 +1,172 @@
+"""CPU per audited write of the application alone, in process, for one or more checkouts.
+
+    .venv/bin/python benchmarks/write_cpu.py [--checkout PATH ...] [--runs 2] [--writes 3000]
+
+Each run is a fresh process that builds the app from one checkout (its own PostgreSQL
+database, migrated at startup), opens one rollout per service, then calls the ASGI app
+directly (no HTTP server, no client) with rollback / start pairs from 32 concurrent writers,
+one service each, and prints the process CPU time per write over three rounds. With several
+checkouts the runs alternate between them (A B A B ...), so that a machine whose speed drifts
+affects each alike: this is how a change to the write path is compared with its parent
+(`git worktree add /tmp/base HEAD~1`, then `--checkout /tmp/base --checkout .`).
+Figures are this process's CPU, not the database's; `api_throughput.py` measures the whole.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+ADMIN_DSN = os.environ.get("OPSAPI_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
+PREFIX = "/internal/ops"
+
+
+def _cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+async def _call(app: Any, path: str, token: str, body: dict[str, Any]) -> tuple[int, bytes]:
+    raw = json.dumps(body).encode()
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+        "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
+        "root_path": "", "client": ("127.0.0.1", 5555), "server": ("127.0.0.1", 80),
+        "headers": [(b"host", b"bench"), (b"authorization", b"Bearer " + token.encode()),
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(raw)).encode())],
+    }  # fmt: skip
+    sent = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": raw, "more_body": False}
+        await asyncio.Event().wait()  # the client never disconnects
+        raise AssertionError("unreachable")
+
+    status, chunks = 0, []
+
+    async def send(message: dict[str, Any]) -> None:
+        nonlocal status
+        if message["type"] == "http.response.start":
+            status = message["status"]
+        elif message["type"] == "http.response.body":
+            chunks.append(message.get("body", b""))
+
+    await app(scope, receive, send)
+    return status, b"".join(chunks)
+
+
+async def _one_run(writes: int, concurrency: int) -> list[float]:
+    """In the child process: CPU ms per write over three rounds (the checkout is on sys.path)."""
+    import asyncpg
+    from asgi_lifespan import LifespanManager
+
+    from opsapi.auth.tokens import LocalSigner
+    from opsapi.config import Settings
+    from opsapi.http.app import create_app
+
+    name = f"write_cpu_{uuid.uuid4().hex[:8]}"
+    admin = await asyncpg.connect(ADMIN_DSN)
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    key = Path(f"/tmp/{name}-key.json")
+    os.environ.update({
+        "OPSAPI_DATABASE_URL": ADMIN_DSN.replace("postgresql://", "postgresql+asyncpg://")
+        .rsplit("/", 1)[0] + f"/{name}",
+        "OPSAPI_LOCAL_KEY_FILE": str(key), "OPSAPI_ENV": "test",
+        "OPSAPI_CONTROLLER_ENABLED": "false", "OPSAPI_PAGERDUTY_WORKER_ENABLED": "false",
+    })  # fmt: skip
+    token = LocalSigner.load_or_create(key).mint(subject="bench", roles=["operator"])
+    app = create_app(Settings(), freeze_startup_objects=True)
+    services = [f"svc-{i}" for i in range(concurrency)]
+    results: list[float] = []
+    try:
+        async with LifespanManager(app, startup_timeout=60):
+            is_open = dict.fromkeys(services, False)
+
+            async def writer(service: str, count: int) -> None:
+                for n in range(count):
+                    if is_open[service]:
+                        path, body = "/canary/rollback", {"service": service, "reason": "bench"}
+                    else:
+                        path, body = "/canary/promote", {"service": service, "version": f"v{n}"}
+                    status, answer = await _call(app, PREFIX + path, token, body)
+                    if status != 200:
+                        raise RuntimeError(f"{path}: {status} {answer[:300]!r}")
+                    is_open[service] = not is_open[service]
+
+            per_writer = max(1, writes // concurrency)
+            await asyncio.gather(*(writer(s, 20) for s in services))  # warm-up
+            for _ in range(3):
+                started = _cpu()
+                await asyncio.gather(*(writer(s, per_writer) for s in services))
+                results.append(1000 * (_cpu() - started) / (per_writer * concurrency))
+    finally:
+        await admin.execute(
+            f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'"
+        )
+        await admin.execute(f'DROP DATABASE "{name}"')
+        await admin.close()
+        key.unlink(missing_ok=True)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--checkout", type=Path, action="append")
+    parser.add_argument("--runs", type=int, default=2)
+    parser.add_argument("--writes", type=int, default=3000)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        sys.path.insert(0, os.getcwd())  # this checkout's opsapi, not the installed one
+        import uvloop
+
+        import opsapi
+
+        assert Path(opsapi.__file__).is_relative_to(Path.cwd()), opsapi.__file__
+
+        uvloop.install()
+        print(json.dumps(asyncio.run(_one_run(args.writes, args.concurrency))))
+        return
+    checkouts = [path.resolve() for path in args.checkout or [ROOT]]
+    figures: dict[Path, list[float]] = {path: [] for path in checkouts}
+    for run in range(1, args.runs + 1):
+        for checkout in checkouts:
+            started = time.monotonic()
+            done = subprocess.run(
+                [sys.executable, str(Path(__file__).resolve()), "--child",
+                 "--writes", str(args.writes), "--concurrency", str(args.concurrency)],
+                cwd=checkout,
+                capture_output=True, text=True, check=False,
+            )  # fmt: skip
+            if done.returncode != 0:
+                sys.exit(f"{checkout}: run failed\n{done.stderr[-2000:]}")
+            rounds = json.loads(done.stdout.strip().splitlines()[-1])
+            figures[checkout].extend(rounds)
+            shown = " ".join(f"{value:.3f}" for value in rounds)
+            print(f"run {run} {checkout}: {shown} ms CPU per write "
+                  f"({time.monotonic() - started:.0f} s)", flush=True)  # fmt: skip
+    print(f"\nCPU per audited write (app process only, {args.concurrency} concurrent writers, "
+          "median of rounds):")  # fmt: skip
+    for checkout, values in figures.items():
+        print(f"  {statistics.median(values):.3f} ms  (min {min(values):.3f}, max "
+              f"{max(values):.3f})  {checkout}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
