@@ -92,7 +92,7 @@ class Applied:
     @property
     def changed(self) -> bool:
         """Whether anything was recorded (an audit event written)."""
-        return any(isinstance(effect, Audit) for effect in self.transition.effects)
+        return _audited(self.transition)
 
 
 class Effects:
@@ -238,9 +238,8 @@ class Effects:
             isinstance(e, SetWeight) and e.weight == 0 for e in transition.effects
         ):
             record.time_to_safe = _time_to_safe(record, cause, now)
-        changed = any(isinstance(effect, Audit) for effect in transition.effects)
         update: rows.Update | None = None
-        if changed and record.id is not None:
+        if _audited(transition) and record.id is not None:
             # Written with the transition's audit event (one statement on PostgreSQL): nothing
             # in between reads the rollout's row back.
             update = await rows.pending_update(session, record)
@@ -335,6 +334,11 @@ class Effects:
 
 
 NO_SAFETY = service.Safety(frozenset(), ())
+
+
+def _audited(transition: machine.Transition) -> bool:
+    """Whether the transition records something (writes an audit event)."""
+    return any(isinstance(effect, Audit) for effect in transition.effects)
 
 
 def _promotes(decision: machine.Decision) -> bool:

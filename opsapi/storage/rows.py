@@ -55,17 +55,20 @@ class _Link:
 _LINK = "opsapi.rows.link"
 
 
+def _current_link(session: AsyncSession) -> _Link | None:
+    """The session's link if it belongs to the transaction the session is in now."""
+    link: _Link | None = session.info.get(_LINK)
+    current = session.sync_session.get_transaction()
+    if link is None or current is None or link.transaction is None:
+        return None
+    return link if link.transaction() is current else None
+
+
 async def _link(target: Target) -> _Link:
     if not isinstance(target, AsyncSession):
         return _Link(None, target)
-    link: _Link | None = target.info.get(_LINK)
-    current = target.sync_session.get_transaction()
-    if (
-        link is not None
-        and current is not None
-        and link.transaction is not None
-        and link.transaction() is current
-    ):
+    link = _current_link(target)
+    if link is not None:
         return link
     connection = await target.connection()  # begins the session's transaction if need be
     transaction = target.sync_session.get_transaction()
@@ -192,9 +195,9 @@ async def pending_update(session: AsyncSession, record: SQLModel) -> Update | No
     if not changed:
         return None
     table: Table = type(record).__table__  # type: ignore[attr-defined]
-    (key,) = table.primary_key.columns  # our stored tables have a one-column key
+    key = _key_name(table)
     values = [_bound(binders[name], getattr(record, name)) for name in changed]
-    update = Update(table.name, changed, key.name, [*values, getattr(record, key.name)])
+    update = Update(table.name, changed, key, [*values, getattr(record, key)])
     if len(changed) == len(state.committed_state):
         # Nothing left for the ORM's flush: off its list of modified instances too, or the
         # commit's flush walks this record again for nothing.
@@ -249,15 +252,11 @@ async def commit(session: AsyncSession) -> None:
     """Commit the session's transaction. On PostgreSQL, when everything was written here (the
     ORM has nothing to flush), the COMMIT goes to the driver directly, and the session is left
     with nothing to do but close: one trip through SQLAlchemy's greenlet bridge fewer."""
-    link: _Link | None = session.info.get(_LINK)
+    link = _current_link(session)
     sync = session.sync_session
-    current = sync.get_transaction()
     if (
         link is None
         or link.adapted is None
-        or current is None
-        or link.transaction is None
-        or link.transaction() is not current
         or link.connection.dialect.name != "postgresql"
         or sync.new
         or sync.dirty
@@ -344,11 +343,15 @@ def persistent(record: ModelT) -> ModelT:
     # every attribute to expire those not loaded (ours are all loaded).
     state = inspect(record)
     table: Table = type(record).__table__  # type: ignore[attr-defined]
-    (key,) = table.primary_key.columns  # our tables have a one-column key
-    state.key = state.mapper.identity_key_from_primary_key([state.dict[key.name]])
+    state.key = state.mapper.identity_key_from_primary_key([state.dict[_key_name(table)]])
     if state.committed_state or state.modified:
         state._commit_all(state.dict)
     return record
+
+
+def _key_name(table: Table) -> str:
+    (key,) = table.primary_key.columns  # our stored tables have a one-column key
+    return str(key.name)
 
 
 def track(session: AsyncSession, record: ModelT) -> ModelT:
