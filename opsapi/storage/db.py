@@ -233,4 +233,8 @@ def _serialize_sqlite(engine: AsyncEngine) -> None:
 
 def session_factory(engine: AsyncEngine) -> SessionFactory:
     """Sessions that keep loaded objects usable after commit."""
-    return async_sessionmaker(engine, class_=AsyncSession, expire_on_commit=False)
+    from opsapi.storage.rows import Session  # rows uses this module's failure policy
+
+    return async_sessionmaker(
+        engine, class_=AsyncSession, sync_session_class=Session, expire_on_commit=False
+    )

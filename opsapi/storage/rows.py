@@ -19,12 +19,14 @@ from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
 from sqlalchemy import Table, TypeDecorator, inspect
-from sqlalchemy.engine import Dialect
+from sqlalchemy.engine import Connection, Dialect, Engine
 from sqlalchemy.exc import DBAPIError, StatementError
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.orm import configure_mappers, make_transient_to_detached
 from sqlalchemy.orm.attributes import manager_of_class, set_attribute, set_committed_value
 from sqlalchemy.types import TypeEngine
+from sqlalchemy.util import greenlet_spawn
+from sqlmodel import Session as SQLModelSession
 from sqlmodel import SQLModel
 from sqlmodel.ext.asyncio.session import AsyncSession
 
@@ -48,46 +50,168 @@ class _Link:
     # Weakly: the session holds the link, the transaction holds the session; a strong
     # reference would make a cycle that only the garbage collector frees.
     transaction: Callable[[], object] | None
-    connection: AsyncConnection
+    connection: AsyncConnection | None  # None: a pool connection the session checked out
+    dialect: Dialect
     adapted: Any = None
 
 
+@dataclass
+class _Checkout(_Link):
+    """A pool connection a `Session` checked out for this module's statements, without the
+    ORM's transaction machinery; the ORM, if the session uses it, joins the same connection
+    (`Session.get_bind`), so everything the session writes is one transaction."""
+
+    fairy: Any = None
+    bound: Connection | None = None  # the ORM's view of it, made when first asked
+
+
 _LINK = "opsapi.rows.link"
+_CHECKOUT = "opsapi.rows.checkout"
+
+
+class Session(SQLModelSession):
+    """The sessions the application opens (`storage.db.session_factory`). On PostgreSQL, a
+    session whose first work is this module's plain SQL checks a connection out of the pool
+    itself: about a tenth of a write's CPU went to the ORM's transaction and connection
+    objects around statements it never saw. Begin, commit, rollback and close mean what they
+    mean for any session; the connection goes back to the pool when a transaction ends by
+    `commit` or `rollback` (as the ORM's does), or on close."""
+
+    def get_bind(self, mapper: Any = None, **kw: Any) -> Any:
+        """The checked-out connection when there is one (the ORM joins its transaction)."""
+        checkout: _Checkout | None = self.info.get(_CHECKOUT)
+        if checkout is None:
+            return super().get_bind(mapper, **kw)
+        if checkout.bound is None:
+            engine = self.bind
+            assert isinstance(engine, Engine)  # a checkout is made only on an engine's session
+            checkout.bound = Connection(engine, connection=checkout.fairy)
+        return checkout.bound
+
+    def commit(self) -> None:
+        """Commit the ORM's work and the plain SQL's, one transaction."""
+        checkout: _Checkout | None = self.info.get(_CHECKOUT)
+        if checkout is None or self._transaction is not None or _pending(self):
+            super().commit()
+        self._end_checkout("COMMIT")
+
+    def rollback(self) -> None:
+        """Roll back the ORM's work and the plain SQL's."""
+        try:
+            super().rollback()
+        finally:
+            self._end_checkout("ROLLBACK")
+
+    def _end_checkout(self, sql: str) -> None:
+        # The checked-out connection's transaction ended (if the ORM's did not end it), and
+        # the connection back to the pool, as the ORM's goes back at the end of a transaction.
+        checkout: _Checkout | None = self.info.get(_CHECKOUT)
+        if checkout is None:
+            return
+        adapted = checkout.adapted
+        try:
+            if adapted._transaction is not None:
+                end = adapted.commit if sql == "COMMIT" else adapted.rollback
+                _on_checkout(checkout, sql, end)
+        finally:
+            self._release(invalidate=False)
+
+    def _close_impl(self, invalidate: bool, is_reset: bool = False) -> None:
+        try:
+            super()._close_impl(invalidate, is_reset)
+        finally:
+            self._release(invalidate)
+
+    def _release(self, invalidate: bool) -> None:
+        checkout: _Checkout | None = self.info.pop(_CHECKOUT, None)
+        if checkout is not None:
+            if invalidate:
+                checkout.fairy.invalidate()
+            # Back to the pool, whose reset rolls back what is still open.
+            (checkout.bound or checkout.fairy).close()
+
+    def check_out(self) -> _Checkout | None:
+        """The session's own pool connection (checked out now if need be), or None when
+        the ORM's transaction is open or the database is not PostgreSQL. In a greenlet."""
+        found: _Checkout | None = self.info.get(_CHECKOUT)
+        engine = self.bind
+        if found is not None or not isinstance(engine, Engine):
+            return found
+        dialect = engine.dialect
+        if dialect.name != "postgresql" or self._transaction is not None:
+            return None
+        try:
+            fairy = engine.pool.connect()
+        except dialect.loaded_dbapi.Error as error:
+            # Raised as a connect through the engine raises it (its error events told).
+            Connection._handle_dbapi_exception_noconnection(error, dialect, engine)
+            raise  # pragma: no cover - the call above raises
+        found = self.info[_CHECKOUT] = _Checkout(None, None, dialect, fairy.dbapi_connection,
+                                                 fairy)  # fmt: skip
+        return found
+
+
+def _pending(session: SQLModelSession) -> bool:
+    """Whether the ORM has objects to flush."""
+    return bool(session.new or session.dirty or session.deleted)
+
+
+def _on_checkout(checkout: _Checkout, sql: str, work: Callable[[], None]) -> None:
+    # In a greenlet: the adapter's commit and rollback wait on the driver through it.
+    try:
+        work()
+    except Exception as error:
+        raise _failure_of(checkout, error, sql, ()) from None
 
 
 def _current_link(session: AsyncSession) -> _Link | None:
-    """The session's link if it belongs to the transaction the session is in now."""
-    link: _Link | None = session.info.get(_LINK)
+    """The session's link if it belongs to the transaction the session is in now (or the
+    session's own checked-out connection when the ORM has no transaction open)."""
     current = session.sync_session.get_transaction()
-    if link is None or current is None or link.transaction is None:
+    if current is None:
+        checkout: _Checkout | None = session.info.get(_CHECKOUT)
+        return checkout
+    link: _Link | None = session.info.get(_LINK)
+    if link is None or link.transaction is None:
         return None
     return link if link.transaction() is current else None
 
 
 async def _link(target: Target) -> _Link:
     if not isinstance(target, AsyncSession):
-        return _Link(None, target)
+        return _Link(None, target, target.dialect)
     link = _current_link(target)
     if link is not None:
         return link
+    sync = target.sync_session
+    if isinstance(sync, Session) and sync.get_transaction() is None:
+        checkout = await greenlet_spawn(sync.check_out)
+        if checkout is not None:
+            return checkout
     connection = await target.connection()  # begins the session's transaction if need be
     transaction = target.sync_session.get_transaction()
     reference = weakref.ref(transaction) if transaction is not None else None
-    link = target.info[_LINK] = _Link(reference, connection)
+    link = target.info[_LINK] = _Link(reference, connection, connection.dialect)
     return link
+
+
+def _orm(link: _Link) -> AsyncConnection:
+    # SQLite: statements go through SQLAlchemy (never a checkout: PostgreSQL only).
+    assert link.connection is not None
+    return link.connection
 
 
 async def dialect_name(target: Target) -> str:
     """The name of the database `target` runs on (`postgresql`, `sqlite`)."""
-    return (await _link(target)).connection.dialect.name
+    return (await _link(target)).dialect.name
 
 
 async def fetch(target: Target, sql: str, *args: Any) -> tuple[list[Row], Dialect]:
     """The rows `sql` returns, read in the session's (or connection's) transaction."""
     link = await _link(target)
-    dialect = link.connection.dialect
+    dialect = link.dialect
     if dialect.name != "postgresql":
-        result = await link.connection.exec_driver_sql(_for_sqlite(sql), args)
+        result = await _orm(link).exec_driver_sql(_for_sqlite(sql), args)
         return [dict(row) for row in result.mappings()], dialect
     records = await _on_driver(link, sql, args, lambda driver: driver.fetch(sql, *args))
     return [dict(record) for record in records], dialect
@@ -98,7 +222,7 @@ async def fetch_alone(session: AsyncSession, sql: str, *args: Any) -> tuple[list
     its own, outside any transaction, when the session has not begun one (no BEGIN, no
     ROLLBACK: one round trip instead of three); otherwise as `fetch`."""
     link = await _link(session)
-    dialect = link.connection.dialect
+    dialect = link.dialect
     if dialect.name != "postgresql":
         return await fetch(session, sql, *args)
     records = await _on_driver(
@@ -110,8 +234,8 @@ async def fetch_alone(session: AsyncSession, sql: str, *args: Any) -> tuple[list
 async def execute(target: Target, sql: str, *args: Any) -> None:
     """Run `sql` (no rows wanted) in the session's (or connection's) transaction."""
     link = await _link(target)
-    if link.connection.dialect.name != "postgresql":
-        await link.connection.exec_driver_sql(_for_sqlite(sql), args)
+    if link.dialect.name != "postgresql":
+        await _orm(link).exec_driver_sql(_for_sqlite(sql), args)
         return
     await _on_driver(link, sql, args, lambda driver: driver.execute(sql, *args))
 
@@ -119,15 +243,14 @@ async def execute(target: Target, sql: str, *args: Any) -> None:
 async def insert(target: Target, model: type[SQLModel], values: Sequence[Row]) -> None:
     """Insert `values` (column → Python value, as the ORM takes them) into `model`'s table."""
     link = await _link(target)
-    connection = link.connection
-    dialect = connection.dialect
+    dialect = link.dialect
     binders = _binders(model, dialect)
     names = [name for name, _ in binders]
     parameters = [tuple(_bound(bind, row.get(name)) for name, bind in binders) for row in values]
     table: Table = model.__table__  # type: ignore[attr-defined]
     sql = _insert_sql(table, names)
     if dialect.name != "postgresql":
-        await connection.exec_driver_sql(_for_sqlite(sql), parameters)
+        await _orm(link).exec_driver_sql(_for_sqlite(sql), parameters)
         return
     if len(parameters) == 1:
         # asyncpg's executemany pipelines a batch: for one row, a plain execute costs less.
@@ -140,7 +263,7 @@ async def insert(target: Target, model: type[SQLModel], values: Sequence[Row]) -
 async def bound(target: Target, model: type[SQLModel], row: Row, names: Sequence[str]) -> list[Any]:
     """`row`'s values for the columns `names` of `model`'s table, converted as the ORM binds
     them (JSON serialised, timestamps checked and in UTC), for a statement's parameters."""
-    binders = dict(_binders(model, (await _link(target)).connection.dialect))
+    binders = dict(_binders(model, (await _link(target)).dialect))
     return [_bound(binders[name], row.get(name)) for name in names]
 
 
@@ -151,7 +274,7 @@ async def save(session: AsyncSession, record: SQLModel) -> None:
     from then on."""
     if inspect(record).key is None:
         table: Table = type(record).__table__  # type: ignore[attr-defined]
-        binders = dict(_binders(type(record), (await _link(session)).connection.dialect))
+        binders = dict(_binders(type(record), (await _link(session)).dialect))
         await _insert_record(session, record, table, binders)
         return
     update = await pending_update(session, record)
@@ -189,7 +312,7 @@ async def pending_update(session: AsyncSession, record: SQLModel) -> Update | No
     the caller must run it in this transaction."""
     state = inspect(record)
     assert state.key is not None, "a new record is inserted by save"
-    binders = dict(_binders(type(record), (await _link(session)).connection.dialect))
+    binders = dict(_binders(type(record), (await _link(session)).dialect))
     # What the ORM's flush would write: the attributes assigned since the last load or save.
     changed = [name for name in state.committed_state if name in binders]
     if not changed:
@@ -254,14 +377,7 @@ async def commit(session: AsyncSession) -> None:
     with nothing to do but close: one trip through SQLAlchemy's greenlet bridge fewer."""
     link = _current_link(session)
     sync = session.sync_session
-    if (
-        link is None
-        or link.adapted is None
-        or link.connection.dialect.name != "postgresql"
-        or sync.new
-        or sync.dirty
-        or sync.deleted
-    ):
+    if link is None or link.adapted is None or link.dialect.name != "postgresql" or _pending(sync):
         await session.commit()
         return
     adapted = link.adapted
@@ -271,7 +387,7 @@ async def commit(session: AsyncSession) -> None:
                 # As the adapter's own commit: the transaction is over whatever COMMIT answers.
                 await adapted._call_and_discard(adapted._transaction.commit)
     except Exception as error:
-        raise await _failure(link.connection, adapted, error, "COMMIT", ()) from None
+        raise await _failure(link, error, "COMMIT", ()) from None
 
 
 async def _on_driver(
@@ -286,7 +402,7 @@ async def _on_driver(
     `transaction` false, none is begun: the work runs on its own if none was)."""
     adapted = link.adapted
     if adapted is None:
-        fairy = await link.connection.get_raw_connection()
+        fairy = await _orm(link).get_raw_connection()
         adapted = link.adapted = fairy.dbapi_connection
     try:
         # The adapter begins its transaction on its first statement: begin it here too, so
@@ -296,26 +412,47 @@ async def _on_driver(
                 await adapted._start_transaction()
             return await work(adapted._connection)
     except Exception as error:
-        raise await _failure(link.connection, adapted, error, sql, args) from None
+        raise await _failure(link, error, sql, args) from None
 
 
-async def _failure(
-    connection: AsyncConnection, adapted: Any, error: Exception, sql: str, args: Sequence[Any]
-) -> StatementError:
+async def _failure(link: _Link, error: Exception, sql: str, args: Sequence[Any]) -> StatementError:
     """`error` as SQLAlchemy would have raised it, the connection invalidated when lost, so
     that the one failure policy (`storage.db.is_unavailable`) reads it alike."""
+    if isinstance(link, _Checkout):
+        return await greenlet_spawn(_failure_of, link, error, sql, args)
+    dbapi_error, lost = _translated(link, error)
+    if lost:
+        await _orm(link).invalidate(dbapi_error)
+    return _statement_error(link, dbapi_error, sql, args, lost)
+
+
+def _failure_of(
+    checkout: _Checkout, error: Exception, sql: str, args: Sequence[Any]
+) -> StatementError:
+    # `_failure` for a checked-out connection, in a greenlet (closing one waits on the driver).
+    dbapi_error, lost = _translated(checkout, error)
+    if lost:
+        checkout.fairy.invalidate(dbapi_error)
+    return _statement_error(checkout, dbapi_error, sql, args, lost)
+
+
+def _translated(link: _Link, error: Exception) -> tuple[Exception, bool]:
+    """The driver's `error` as a DB-API error, and whether the connection is lost."""
+    adapted = link.adapted
     try:
         adapted._handle_exception(error)  # raises the driver error as a DB-API error
     except Exception as translated:
         dbapi_error = translated
     else:  # pragma: no cover - the adapter always raises
         dbapi_error = error
-    lost = adapted._connection.is_closed() or is_broken_connection(error)
-    if lost:
-        await connection.invalidate(dbapi_error)
-    dbapi = connection.dialect.loaded_dbapi
+    return dbapi_error, adapted._connection.is_closed() or is_broken_connection(error)
+
+
+def _statement_error(
+    link: _Link, dbapi_error: Exception, sql: str, args: Sequence[Any], lost: bool
+) -> StatementError:
     return DBAPIError.instance(
-        sql, list(args), dbapi_error, dbapi.Error, connection_invalidated=lost
+        sql, list(args), dbapi_error, link.dialect.loaded_dbapi.Error, connection_invalidated=lost
     )
 
 

@@ -3,6 +3,7 @@ own transaction, and a lost connection fails as the database being unavailable."
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -370,7 +371,10 @@ REFUSE_AT_COMMIT = (
 )
 
 
-async def test_a_commit_the_database_refuses_raises_and_keeps_nothing(pg_url: str) -> None:
+@pytest.mark.parametrize("commit", ["rows.commit", "session.commit"])
+async def test_a_commit_the_database_refuses_raises_and_keeps_nothing(
+    pg_url: str, commit: str
+) -> None:
     # given a database that refuses, at COMMIT, any transaction that inserted a rollout
     engine = create_engine(pg_url)
     sessions = session_factory(engine)
@@ -382,7 +386,7 @@ async def test_a_commit_the_database_refuses_raises_and_keeps_nothing(pg_url: st
         async with sessions() as session:
             await rows.save(session, _records()[1])
             with pytest.raises(DBAPIError, match="refused at commit"):
-                await rows.commit(session)
+                await (rows.commit(session) if commit == "rows.commit" else session.commit())
         # then it raised as SQLAlchemy raises, and nothing was kept; the pool is usable
         async with sessions() as session:
             assert (await session.exec(select(RolloutRecord))).all() == []
@@ -391,3 +395,92 @@ async def test_a_commit_the_database_refuses_raises_and_keeps_nothing(pg_url: st
             await connection.exec_driver_sql("DROP TRIGGER test_refuse_at_commit ON rollout")
             await connection.exec_driver_sql("DROP FUNCTION test_refuse_at_commit()")
         await engine.dispose()
+
+
+@pytest.mark.parametrize(
+    ("finish", "kept"),
+    [("rows.commit", True), ("session.commit", True), ("session.rollback", False),
+     ("close", False)],
+)  # fmt: skip
+async def test_plain_sql_and_the_orm_in_one_session_are_one_transaction(
+    pg_url: str, finish: str, kept: bool
+) -> None:
+    # (the session checks a connection out itself for plain SQL; the ORM must join it)
+    engine = create_engine(pg_url, pool_size=2)
+    sessions = session_factory(engine)
+    service, rollout = _records()[:2]
+    try:
+        async with sessions() as session:
+            # given a plain-SQL write, then an ORM write and an ORM read in the same session
+            await rows.save(session, rollout)
+            (plain,), _ = await rows.fetch(session, "SELECT pg_backend_pid() AS pid")
+            session.add(service)
+            await session.flush()
+            orm_pid = (await session.exec(text("SELECT pg_backend_pid()"))).one()[0]
+            # then both ran on one connection
+            assert orm_pid == plain["pid"]
+            # when the session ends one way or another
+            if finish == "rows.commit":
+                await rows.commit(session)
+            elif finish == "session.commit":
+                await session.commit()
+            elif finish == "session.rollback":
+                await session.rollback()
+        # then both writes were kept, or neither
+        async with sessions() as session:
+            stored = (await session.exec(select(RolloutRecord))).all()
+            services = (await session.exec(select(ServiceRecord))).all()
+        assert (len(stored), len(services)) == ((1, 1) if kept else (0, 0))
+        # and the connection went back to the pool with no transaction open
+        assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+        observer = create_engine(pg_url, pool_size=1)
+        async with observer.connect() as other:
+            states = (
+                await other.execute(
+                    text("SELECT state FROM pg_stat_activity WHERE pid = :pid"),
+                    {"pid": plain["pid"]},
+                )
+            ).scalars().all()
+        await observer.dispose()
+        assert states == ["idle"]
+    finally:
+        await engine.dispose()
+
+
+async def test_many_sessions_share_the_pool_and_return_every_connection(pg_url: str) -> None:
+    # given a pool of 2 (+1 overflow) and 20 sessions writing at once, each with plain SQL
+    engine = create_engine(pg_url, pool_size=2)
+    sessions = session_factory(engine)
+
+    async def write(n: int) -> None:
+        async with sessions() as session:
+            record = ServiceRecord(name=f"svc-{n}", policy={}, updated_at=NOW, updated_by="a")
+            await rows.save(session, record)
+            await asyncio.sleep(0.01)  # hold the connection a moment
+            await rows.commit(session)
+
+    try:
+        # when they all finish
+        await asyncio.gather(*(write(n) for n in range(20)))
+        # then every write is there and every connection is back
+        async with sessions() as session:
+            names = (await session.exec(select(ServiceRecord.name))).all()
+        assert sorted(names) == sorted(f"svc-{n}" for n in range(20))
+        assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+    finally:
+        await engine.dispose()
+
+
+async def test_a_rollback_undoes_plain_sql_and_the_session_goes_on(sessions: SessionFactory) -> None:
+    service, rollout = _records()[:2]
+    async with sessions() as session:
+        # given a plain-SQL write rolled back (no ORM work in the session)
+        await rows.save(session, rollout)
+        await session.rollback()
+        # when the session writes again and commits
+        await rows.insert(session, ServiceRecord, [service.model_dump()])
+        await session.commit()
+    # then only the second write is there
+    async with sessions() as session:
+        assert (await session.exec(select(RolloutRecord))).all() == []
+        assert [r.name for r in (await session.exec(select(ServiceRecord))).all()] == ["checkout"]
