@@ -19,6 +19,7 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from opsapi.audit import values
 from opsapi.audit.models import AuditEvent
 from opsapi.storage import rows
 
@@ -31,16 +32,31 @@ CHAINED_FIELDS = (
 
 def canonical(event: Mapping[str, Any]) -> bytes:
     """The bytes an event's hash covers: its fields as sorted, compact JSON."""
-    fields = {name: event.get(name) for name in CHAINED_FIELDS}
+    # `event_row` never lets a lone surrogate through; one written behind the application's
+    # back must make a hash mismatch, not a crash of the verification.
+    return _canonical(event)[0].encode("utf-8", "surrogatepass")
+
+
+def _canonical(event: Mapping[str, Any]) -> tuple[str, str]:
+    """`canonical`'s text, and its details' part (the JSON the event's details column gets)."""
+    fields = {name: event.get(name) for name in _OUTER_FIELDS}
     at = fields["at"]
     if isinstance(at, datetime):
         fields["at"] = at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     fields["roles"] = sorted(fields["roles"] or [])
-    fields["details"] = _stored_form(fields["details"] or {})
-    text = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    # `event_row` never lets a lone surrogate through; one written behind the application's
-    # back must make a hash mismatch, not a crash of the verification.
-    return text.encode("utf-8", "surrogatepass")
+    details = event.get("details") or {}
+    if not isinstance(details, values.Encoded):  # read back, or not built by `event_row`
+        details = _stored_form(details)
+    details_text = values.canonical_text(details)
+    outer = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    # The whole, sorted, has "details" just before "outcome"; the outer fields are flat (a
+    # list of roles, no object), so `,"outcome":` occurs once, as that key: in JSON a quote
+    # inside a string is always escaped.
+    return outer.replace(',"outcome":', f',"details":{details_text},"outcome":', 1), details_text
+
+
+# Bound in this order, then the details (audit_append takes them last).
+_OUTER_FIELDS = CHAINED_FIELDS[:-1]
 
 
 def _stored_form(value: Any) -> Any:
@@ -142,15 +158,17 @@ async def append(
         # Lock, head read, hash and insert in one round trip (migration 0016); the hash is
         # `link`'s, over the canonical bytes computed here as verify computes them.
         (event,) = events
-        values = await rows.bound(target, AuditEvent, event, CHAINED_FIELDS)
-        values.append(canonical(event))
+        text, details = _canonical(event)
+        # The details column gets the JSON the hash covers (the same value once parsed).
+        parameters = await rows.bound(target, AuditEvent, event, _OUTER_FIELDS)
+        parameters += [details, text.encode("utf-8", "surrogatepass")]
         if alongside is None:
-            await rows.execute(target, _APPEND, *values)
+            await rows.execute(target, _APPEND, *parameters)
             return
         # A data-modifying WITH runs to completion whether or not it is read: the change and
         # its event in one round trip (the chain's lock is still taken by audit_append).
-        sql = f"WITH changed AS ({alongside.sql(len(values) + 1)}) {_APPEND}"
-        await rows.execute(target, sql, *values, *alongside.values)
+        sql = f"WITH changed AS ({alongside.sql(len(parameters) + 1)}) {_APPEND}"
+        await rows.execute(target, sql, *parameters, *alongside.values)
         return
     if alongside is not None:
         await alongside.run(target)

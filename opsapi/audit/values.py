@@ -53,8 +53,25 @@ _DESCEND = 2  # levels of objects whose small entries are kept while large ones 
 
 def encode(value: Any) -> bytes:
     """Canonical JSON: sorted keys, compact, UTF-8 (the form the hash chain covers)."""
-    text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return text.encode("utf-8", "surrogatepass")
+    return canonical_text(value).encode("utf-8", "surrogatepass")
+
+
+def canonical_text(value: Any) -> str:
+    """`encode`'s JSON as text (an `Encoded` value's is not computed again)."""
+    if isinstance(value, Encoded):
+        return value.text
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+class Encoded(dict[str, Any]):
+    """Details with their canonical JSON, computed once: `bound` measures it, the hash chain
+    covers it and the database stores it. A value, never changed once built."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, details: dict[str, Any], text: str) -> None:
+        super().__init__(details)
+        self.text = text
 
 
 def digest(value: Any) -> str:
@@ -126,9 +143,10 @@ def bound(details: dict[str, Any], budget: int = DETAILS_BUDGET) -> dict[str, An
     was, its sha256, which values were cut (`cut`), and how many entries were left out
     (`dropped`) of which objects (`partial`).
     """
-    whole = encode(details)
+    text = canonical_text(details)
+    whole = text.encode("utf-8", "surrogatepass")
     if len(whole) <= budget:
-        return details
+        return Encoded(details, text)
     cutter = _Cutter()
     kept = cutter.fit(details, max(budget - _SUMMARY_ROOM, 2), "", 0)
     summary: dict[str, Any] = {
@@ -143,9 +161,12 @@ def bound(details: dict[str, Any], budget: int = DETAILS_BUDGET) -> dict[str, An
         summary["dropped"] = cutter.dropped  # entries left out, not even a marker
         summary["partial"] = cutter.partial[:_LISTED_CUTS]  # the objects they were left out of
     result = {**kept, TRUNCATED: summary}
-    if len(encode(result)) > budget:  # only with absurd keys: keep the summary alone
+    text = canonical_text(result)
+    if len(text.encode("utf-8", "surrogatepass")) > budget:
+        # Only with absurd keys: keep the summary alone.
         result = {TRUNCATED: {**summary, "cut": [], "dropped": len(details)}}
-    return result
+        text = canonical_text(result)
+    return Encoded(result, text)
 
 
 class _Cutter:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
+from datetime import UTC, datetime
 
 import pytest
 import sqlalchemy as sa
@@ -87,3 +89,43 @@ async def test_an_appender_that_waited_for_the_lock_chains_to_the_event_committe
 async def _append_and_commit(session: AsyncSession, events: list[dict[str, object]]) -> None:
     async with session.begin():
         await chain.append(session, events)
+
+
+def _plain_canonical(event: dict[str, object]) -> bytes:
+    # The definition: every chained field as one sorted, compact JSON document.
+    fields = {name: event.get(name) for name in chain.CHAINED_FIELDS}
+    fields["at"] = "2026-11-30T06:00:00.000001Z"
+    fields["roles"] = sorted(event["roles"])  # type: ignore[call-overload]
+    fields["details"] = event.get("details") or {}
+    text = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return text.encode("utf-8", "surrogatepass")
+
+
+AT = datetime(2026, 11, 30, 6, 0, 0, 1, tzinfo=UTC)
+ODD = '","outcome":"x"}, ,"outcome": \\" \u00fc \U0001f600 \x00 \ud800'
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {},
+        {"details": {"a": 1, "outcome": {"outcome": [ODD]}, "z": [1.5, None, True]}},
+        {"actor": ODD, "client_address": ODD, "action": ODD, "service": ODD},
+        {"roles": [ODD, "admin", ","], "request_id": ODD, "details": {ODD: ODD}},
+        {"details": {"big": "x" * 200_000}},  # cut to its budget: the cut is what is hashed
+        {"outcome": Outcome.DENIED, "details": {"n": 10**30, "f": 1e23, "nested": {"b": {}}}},
+    ],
+)
+def test_canonical_bytes_are_the_chained_fields_as_one_sorted_document(
+    fields: dict[str, object],
+) -> None:
+    # given an event built as every caller builds one (odd text that looks like the JSON
+    # around it included)
+    given = {"actor": "alice", "action": "canary.promote", "outcome": Outcome.SUCCESS, **fields}
+    row = event_row(at=AT, source=Source.API, **given)  # type: ignore[arg-type]
+    # then its canonical bytes are the definition's, and so are those of the same event read
+    # back as plain values
+    expected = _plain_canonical(row)
+    assert chain.canonical(row) == expected
+    read_back = {**json.loads(json.dumps({**row, "at": None})), "at": AT}
+    assert chain.canonical(read_back) == expected
