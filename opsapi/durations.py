@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from datetime import timedelta
 
@@ -29,8 +30,10 @@ def parse_duration(text: str) -> timedelta:
     return timedelta(seconds=seconds)
 
 
+@functools.lru_cache(maxsize=4096)
 def format_duration(duration: timedelta) -> str:
     """Render a timedelta in the shortest exact form: 1800 s -> "30m", 5400 s -> "1h30m"."""
+    # Cached: a view renders the same few durations (steps, interval) on every answer.
     total_ms = round(duration.total_seconds() * 1000)
     if total_ms == 0:
         return "0s"

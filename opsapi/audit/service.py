@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable, Mapping
 from datetime import datetime
@@ -23,12 +24,18 @@ def redact(value: Any) -> Any:
     """A copy of `value` with secret-looking keys replaced by a marker."""
     if isinstance(value, Mapping):
         return {
-            str(key): REDACTED if _SECRET_KEY.search(str(key)) else redact(item)
+            str(key): REDACTED if _is_secret(str(key)) else redact(item)
             for key, item in value.items()
         }
     if isinstance(value, list | tuple):
         return [redact(item) for item in value]
     return value
+
+
+@functools.lru_cache(maxsize=4096)
+def _is_secret(key: str) -> bool:
+    # Cached: the same few keys come back in every event.
+    return _SECRET_KEY.search(key) is not None
 
 
 def event_row(

@@ -487,8 +487,14 @@ def persistent(record: ModelT) -> ModelT:
 
 
 def _key_name(table: Table) -> str:
-    (key,) = table.primary_key.columns  # our stored tables have a one-column key
-    return str(key.name)
+    found = _KEY_NAMES.get(table)
+    if found is None:
+        (key,) = table.primary_key.columns  # our stored tables have a one-column key
+        found = _KEY_NAMES[table] = str(key.name)
+    return found
+
+
+_KEY_NAMES: dict[Table, str] = {}
 
 
 def track(session: AsyncSession, record: ModelT) -> ModelT:
