@@ -422,7 +422,11 @@ async def _failure(link: _Link, error: Exception, sql: str, args: Sequence[Any])
         return await greenlet_spawn(_failure_of, link, error, sql, args)
     dbapi_error, lost = _translated(link, error)
     if lost:
-        await _orm(link).invalidate(dbapi_error)
+        connection = _orm(link)
+        fairy = await connection.get_raw_connection()
+        # The pool's older connections replaced on their next checkout, as `_failure_of`.
+        connection.sync_engine.pool._invalidate(fairy, dbapi_error, _checkin=False)
+        await connection.invalidate(dbapi_error)
     return _statement_error(link, dbapi_error, sql, args, lost)
 
 
@@ -432,7 +436,10 @@ def _failure_of(
     # `_failure` for a checked-out connection, in a greenlet (closing one waits on the driver).
     dbapi_error, lost = _translated(checkout, error)
     if lost:
-        checkout.fairy.invalidate(dbapi_error)
+        # As SQLAlchemy does on a disconnect: this connection closed, and every connection the
+        # pool opened before it replaced on its next checkout (after a database restart, the
+        # requests in flight fail, not one request per pooled connection).
+        checkout.fairy._pool._invalidate(checkout.fairy, dbapi_error)
     return _statement_error(checkout, dbapi_error, sql, args, lost)
 
 

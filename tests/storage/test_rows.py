@@ -436,11 +436,15 @@ async def test_plain_sql_and_the_orm_in_one_session_are_one_transaction(
         observer = create_engine(pg_url, pool_size=1)
         async with observer.connect() as other:
             states = (
-                await other.execute(
-                    text("SELECT state FROM pg_stat_activity WHERE pid = :pid"),
-                    {"pid": plain["pid"]},
+                (
+                    await other.execute(
+                        text("SELECT state FROM pg_stat_activity WHERE pid = :pid"),
+                        {"pid": plain["pid"]},
+                    )
                 )
-            ).scalars().all()
+                .scalars()
+                .all()
+            )
         await observer.dispose()
         assert states == ["idle"]
     finally:
@@ -471,7 +475,9 @@ async def test_many_sessions_share_the_pool_and_return_every_connection(pg_url: 
         await engine.dispose()
 
 
-async def test_a_rollback_undoes_plain_sql_and_the_session_goes_on(sessions: SessionFactory) -> None:
+async def test_a_rollback_undoes_plain_sql_and_the_session_goes_on(
+    sessions: SessionFactory,
+) -> None:
     service, rollout = _records()[:2]
     async with sessions() as session:
         # given a plain-SQL write rolled back (no ORM work in the session)
@@ -484,3 +490,43 @@ async def test_a_rollback_undoes_plain_sql_and_the_session_goes_on(sessions: Ses
     async with sessions() as session:
         assert (await session.exec(select(RolloutRecord))).all() == []
         assert [r.name for r in (await session.exec(select(ServiceRecord))).all()] == ["checkout"]
+
+
+@pytest.mark.parametrize("orm_first", [False, True], ids=["plain-sql-first", "orm-first"])
+async def test_after_a_database_restart_only_the_request_in_flight_fails(
+    pg_url: str, orm_first: bool
+) -> None:
+    engine = create_engine(pg_url, pool_size=3)
+    sessions = session_factory(engine)
+
+    async def backend_pid(hold: asyncio.Event | None = None) -> int:
+        async with sessions() as session:
+            if orm_first:
+                await session.connection()  # the ORM's transaction, then plain SQL in it
+            (row,), _ = await rows.fetch(session, "SELECT pg_backend_pid() AS pid")
+            if hold is not None:
+                await hold.wait()
+            return int(row["pid"])
+
+    try:
+        # given three pooled connections, all opened before the "restart"
+        release = asyncio.Event()
+        held = [asyncio.create_task(backend_pid(release)) for _ in range(3)]
+        await asyncio.sleep(0.2)
+        release.set()
+        before = set(await asyncio.gather(*held))
+        assert len(before) == 3
+        killer = create_engine(pg_url, pool_size=1)
+        async with killer.connect() as connection:
+            for pid in before:
+                await connection.execute(text(f"SELECT pg_terminate_backend({pid})"))
+        await killer.dispose()
+        # when the first request after it fails on a dead connection
+        with pytest.raises(DBAPIError) as raised:
+            await backend_pid()
+        assert is_unavailable(raised.value)
+        # then the next requests all succeed, each on a new connection
+        after = [await backend_pid() for _ in range(5)]
+        assert not before & set(after)
+    finally:
+        await engine.dispose()
