@@ -455,6 +455,9 @@ async def service_policy(request: Request) -> Response:
 
 
 routes = [
+    # The data plane's route first (a router tries routes in order): no other route matches
+    # its paths, so no answer changes (a 405's Allow names the first route the path matches).
+    Route("/canary/{service}/weight", rollout_weight, methods=["GET"]),
     Route("/canary/promote", promote, methods=["POST"]),
     Route("/canary/rollback", rollback, methods=["POST"]),
     Route("/canary/revert", revert, methods=["POST"]),
@@ -463,7 +466,6 @@ routes = [
     Route("/canary", list_rollouts, methods=["GET"]),
     Route("/canary/{service}", get_rollout, methods=["GET"]),
     Route("/canary/{service}/history", rollout_history, methods=["GET"]),
-    Route("/canary/{service}/weight", rollout_weight, methods=["GET"]),
     Route("/services/{service}", service_policy, methods=["GET", "PUT"]),
 ]
 

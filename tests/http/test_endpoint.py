@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import gc
+import uuid
 from collections import Counter
 
 import pytest
 from starlette.requests import Request
 
-from opsapi.http.endpoint import url_path
+from opsapi.http.endpoint import new_request_id, url_path
 from tests.support.app import Harness
 
 PATHS = [
@@ -70,3 +71,32 @@ async def test_writes_and_reads_leave_no_request_objects_to_the_garbage_collecto
         gc.garbage.clear()
     # then none of the requests' own objects needed the collector
     assert {name: left[name] for name in REQUEST_OBJECTS if left[name]} == {}
+
+
+def test_a_new_request_id_is_a_random_version_4_uuid() -> None:
+    ids = [new_request_id() for _ in range(10_000)]
+    assert len(set(ids)) == len(ids)
+    for value in ids[:100]:
+        parsed = uuid.UUID(hex=value)
+        assert (len(value), parsed.hex, parsed.version, parsed.variant) == (
+            32, value, 4, uuid.RFC_4122,
+        )  # fmt: skip
+
+
+async def test_every_request_is_counted_with_its_route_method_and_status(api: Harness) -> None:
+    # given a few requests, answered 200, 404 and 401
+    await api.post("/canary/promote", {"service": "checkout", "version": "v2"})
+    for _ in range(3):
+        await api.get("/canary/checkout")
+    await api.get("/canary/nothing")
+    await api.client.get("/internal/ops/canary/checkout")  # no token
+    # then the request counters say so, and the latency histogram counts them alike
+    exposition = (await api.client.get("/metrics")).text
+    for route, method, status, count in [
+        ("canary.promote", "POST", 200, 1), ("canary.get", "GET", 200, 3),
+        ("canary.get", "GET", 404, 1), ("canary.get", "GET", 401, 1),
+    ]:  # fmt: skip
+        labels = f'method="{method}",route="{route}",status="{status}"'
+        assert f"opsapi_http_requests_total{{{labels}}} {count}.0" in exposition
+    histogram = 'opsapi_http_request_duration_seconds_count{method="GET",route="canary.get"}'
+    assert f"{histogram} 5.0" in exposition
