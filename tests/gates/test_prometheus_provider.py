@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import pytest
 
@@ -123,3 +125,70 @@ async def test_a_gateway_error_is_retried_then_no_data_without_credentials() -> 
     # then no data, saying why, with neither the password nor the answer's text
     assert measurement.value is None
     assert measurement.error == "prometheus unavailable: HTTP 503"
+
+
+def answering(value: str, requests: list[bytes]) -> Handler:
+    """A server that records each request's head and answers one series of `value`."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        requests.append(await reader.readuntil(b"\r\n\r\n"))
+        body = (
+            b'{"status":"success","data":{"resultType":"vector",'
+            b'"result":[{"metric":{},"value":[1,"%s"]}]}}' % value.encode()
+        )
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+            b"Connection: close\r\n\r\n%s" % (len(body), body)
+        )
+        await writer.drain()
+        writer.close()
+
+    return answer
+
+
+async def test_queries_go_through_the_proxy_the_environment_names(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    proxied: list[bytes] = []
+    async with tcp_server(answering("0.5", proxied)) as proxy_url:
+        # given a proxy in the environment and a Prometheus only it can reach
+        monkeypatch.setenv("HTTP_PROXY", proxy_url.replace("user:s3cret@", ""))
+        monkeypatch.delenv("NO_PROXY", raising=False)
+        monkeypatch.delenv("no_proxy", raising=False)
+        provider = PrometheusProvider("http://prometheus.invalid:9090", timeout_seconds=1)
+        try:
+            # when the provider measures twice
+            first = await provider.measure("vector(1)")
+            second = await provider.measure("vector(1)")
+        finally:
+            await provider.aclose()
+    # then both queries went to the proxy, for Prometheus's address, asking for no compression
+    assert (first.value, second.value) == (0.5, 0.5)
+    assert len(proxied) == 2
+    assert all(r.startswith(b"GET http://prometheus.invalid:9090/api/v1/query?") for r in proxied)
+    assert all(b"Accept-Encoding: identity" in r for r in proxied)
+
+
+async def test_no_proxy_and_netrc_from_the_environment_apply(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    direct: list[bytes] = []
+    async with tcp_server(answering("2", direct)) as url:
+        # given a proxy that does not exist, NO_PROXY naming Prometheus's host, and .netrc
+        # credentials for it
+        monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+        monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+        netrc = tmp_path / "netrc"
+        netrc.write_text("machine 127.0.0.1 login ops password fr0m-netrc\n")
+        netrc.chmod(0o600)
+        monkeypatch.setenv("NETRC", str(netrc))
+        provider = PrometheusProvider(url.replace("user:s3cret@", ""), timeout_seconds=1)
+        try:
+            measurement = await provider.measure("vector(1)")
+        finally:
+            await provider.aclose()
+    # then Prometheus was asked directly, with the .netrc credentials
+    assert measurement.value == 2.0
+    (request,) = direct
+    assert request.startswith(b"GET /api/v1/query?")
+    assert b"Authorization: Basic " + base64.b64encode(b"ops:fr0m-netrc") in request
