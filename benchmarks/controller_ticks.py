@@ -193,7 +193,10 @@ async def main() -> None:
     with MetricsApp() as app, running_prometheus([app.target]) as prometheus:
         app.set("bench", "v2", rps=50)
         await asyncio.sleep(3)
-        print(f"Prometheus at {prometheus.url}; controller batch 200, 32 connections to Prometheus")
+        print(
+            f"Prometheus at {prometheus.url}; controller batch 200, 32 connections to "
+            f"Prometheus, on {type(asyncio.get_running_loop()).__module__}'s event loop"
+        )
         for n in args.sizes:
             name, url = await create_pg_database()
             try:
@@ -215,4 +218,8 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    import uvloop
+
+    # The loop `opsapi serve` and `opsapi controller` run on.
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main())

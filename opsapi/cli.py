@@ -340,7 +340,7 @@ def _controller(settings: Settings) -> int:
         async with build_runtime(settings, clock=system_clock, serve_api=False):
             await stop.wait()
 
-    asyncio.run(run())
+    _event_loop_runner(run)
     _abandon_hung_threads(0)
     return 0
 

@@ -15,6 +15,12 @@ def parse_duration(text: str) -> timedelta:
     """Parse "90s", "15m", "2h", "1h30m" into a timedelta; raise ValueError otherwise."""
     if not isinstance(text, str) or not text or len(text) > 32:
         raise ValueError("a duration is a string such as '30s', '15m' or '2h'")
+    return _parsed(text)
+
+
+@functools.lru_cache(maxsize=4096)
+def _parsed(text: str) -> timedelta:
+    # Cached: every controller decision reads the same few durations back from stored policies.
     position = 0
     seconds = 0.0
     for match in _PART.finditer(text):

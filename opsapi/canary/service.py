@@ -430,8 +430,17 @@ async def history(
     return (await session.exec(query)).all()
 
 
-async def claim_due(*, now: datetime, limit: int, session: AsyncSession) -> Sequence[RolloutRecord]:
-    """Open rollouts whose next evaluation is due, locked so no other replica takes them."""
+async def claim_due(
+    *, now: datetime, limit: int, lease_until: datetime, session: AsyncSession
+) -> list[tuple[RolloutRecord, datetime]]:
+    """Open rollouts whose next evaluation is due, each with when it was due, leased until
+    `lease_until` (their next evaluation pushed there) so no other replica takes them.
+    Locked rows another replica holds are skipped. One statement on PostgreSQL."""
+    if await rows.dialect_name(session) == "postgresql":
+        found, dialect = await rows.fetch(
+            session, _CLAIM_DUE, OPEN_STATE_VALUES, now, limit, lease_until
+        )
+        return [(rows.record_of(RolloutRecord, row, dialect), row["due_at"]) for row in found]
     query = (
         select(RolloutRecord)
         .where(
@@ -442,7 +451,26 @@ async def claim_due(*, now: datetime, limit: int, session: AsyncSession) -> Sequ
         .limit(limit)
         .with_for_update(skip_locked=True)
     )
-    return (await session.exec(query)).all()
+    claimed = []
+    for record in (await session.exec(query)).all():
+        claimed.append((record, record.next_evaluation_at or now))
+        record.next_evaluation_at = lease_until
+        session.add(record)
+    return claimed
+
+
+_CLAIM_DUE = """
+WITH due AS (
+    SELECT id, next_evaluation_at FROM rollout
+    WHERE state = ANY($1::varchar[]) AND next_evaluation_at <= $2
+    ORDER BY next_evaluation_at
+    LIMIT $3
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE rollout SET next_evaluation_at = $4
+FROM due WHERE rollout.id = due.id
+RETURNING rollout.*, due.next_evaluation_at AS due_at
+"""
 
 
 def no_rollout(service: str) -> Refused:

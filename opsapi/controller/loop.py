@@ -22,7 +22,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from opsapi.audit.models import Source
 from opsapi.canary import machine, service
-from opsapi.canary.effects import Cause, Effects
+from opsapi.canary.effects import Applied, Cause, Effects
 from opsapi.canary.machine import GateStatus
 from opsapi.canary.models import RolloutRecord
 from opsapi.canary.policy import GatePolicy, MinSample, Policy
@@ -145,13 +145,10 @@ class Controller:
     async def _claim(self, limit: int) -> list[Claim]:
         now = self.clock()
         async with self.sessions() as session, session.begin():
-            due = await service.claim_due(now=now, limit=limit, session=session)
-            claims = []
-            for record in due:
-                overdue = (now - (record.next_evaluation_at or now)).total_seconds()
-                record.next_evaluation_at = now + LEASE
-                session.add(record)
-                claims.append(claim_of(record, overdue))
+            due = await service.claim_due(
+                now=now, limit=limit, lease_until=now + LEASE, session=session
+            )
+            claims = [claim_of(record, (now - due_at).total_seconds()) for record, due_at in due]
         lag = max((claim.overdue for claim in claims), default=0.0)
         self.metrics.controller_lag.set(max(0.0, lag))
         return claims
@@ -180,32 +177,46 @@ class Controller:
         return judge.gate_value(gate, canary_value, stable_value)
 
     async def _decide(self, measured: Measured) -> int:
-        claim = measured.claim
         now = self.clock()
-        async with self.sessions() as session, session.begin():
-            # The service before its rollout: every transition locks in this order.
-            locked = await self.effects.lock(claim.service, now=now, session=session)
-            record = locked.record
-            if record is None or record.id != claim.rollout_id:
-                return 0  # a newer rollout replaced it while we measured
-            if record.state not in service.OPEN_STATE_VALUES:
-                return 0
-            if record.step_index != claim.step_index:
-                # Promoted while we measured: these numbers describe the previous step.
-                record.next_evaluation_at = now
-                await rows.save(session, record)
-                return 0
-            event: machine.Event = machine.Tick()
-            if claim.gates:
-                statuses = self._judge(measured, record)
-                await self._store_evaluations(session, record, statuses, measured.at)
-                event = machine.GateResults(statuses)
-            # A breach's rollback counts its time to safe from the measurement.
-            cause = replace(CAUSE, detected_at=measured.at)
-            applied = await self.effects.apply(locked, event, now=now, cause=cause, session=session)
+        async with self.sessions() as session:
+            # Begun by the first statement, committed on the driver (as a request's
+            # transaction is): no trip through SQLAlchemy's transaction objects per decision.
+            try:
+                applied = await self._apply(measured, now=now, session=session)
+                await rows.commit(session)
+            except BaseException:
+                await asyncio.shield(session.rollback())
+                raise
+        if applied is None:
+            return 0
         # Committed first; now make it real (a breach's rollback is not kept waiting).
         await self.effects.finish(applied)
         return sum(1 for e in applied.transition.effects if isinstance(e, machine.Audit))
+
+    async def _apply(
+        self, measured: Measured, *, now: datetime, session: AsyncSession
+    ) -> Applied | None:
+        claim = measured.claim
+        # The service before its rollout: every transition locks in this order.
+        locked = await self.effects.lock(claim.service, now=now, session=session)
+        record = locked.record
+        if record is None or record.id != claim.rollout_id:
+            return None  # a newer rollout replaced it while we measured
+        if record.state not in service.OPEN_STATE_VALUES:
+            return None
+        if record.step_index != claim.step_index:
+            # Promoted while we measured: these numbers describe the previous step.
+            record.next_evaluation_at = now
+            await rows.save(session, record)
+            return None
+        event: machine.Event = machine.Tick()
+        if claim.gates:
+            statuses = self._judge(measured, record)
+            await self._store_evaluations(session, record, statuses, measured.at)
+            event = machine.GateResults(statuses)
+        # A breach's rollback counts its time to safe from the measurement.
+        cause = replace(CAUSE, detected_at=measured.at)
+        return await self.effects.apply(locked, event, now=now, cause=cause, session=session)
 
     def _judge(self, measured: Measured, record: RolloutRecord) -> tuple[GateStatus, ...]:
         statuses = judge_measured(measured, record)

@@ -12,6 +12,7 @@ Statements are written once for both databases: `$1`-style parameters (SQLite ge
 
 from __future__ import annotations
 
+import functools
 import re
 import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -240,22 +241,29 @@ async def execute(target: Target, sql: str, *args: Any) -> None:
     await _on_driver(link, sql, args, lambda driver: driver.execute(sql, *args))
 
 
+# Parameters one multi-row INSERT takes before `insert` pipelines a statement per row instead
+# (each row count is a statement of its own in the driver's cache: keep them few).
+_ONE_STATEMENT_PARAMETERS = 200
+
+
 async def insert(target: Target, model: type[SQLModel], values: Sequence[Row]) -> None:
     """Insert `values` (column → Python value, as the ORM takes them) into `model`'s table."""
     link = await _link(target)
     dialect = link.dialect
     binders = _binders(model, dialect)
-    names = [name for name, _ in binders]
+    names = tuple(name for name, _ in binders)
     parameters = [tuple(_bound(bind, row.get(name)) for name, bind in binders) for row in values]
     table: Table = model.__table__  # type: ignore[attr-defined]
     sql = _insert_sql(table, names)
     if dialect.name != "postgresql":
         await _orm(link).exec_driver_sql(_for_sqlite(sql), parameters)
         return
-    if len(parameters) == 1:
-        # asyncpg's executemany pipelines a batch: for one row, a plain execute costs less.
-        (single,) = parameters
-        await _on_driver(link, sql, single, lambda driver: driver.execute(sql, *single))
+    if len(parameters) * len(names) <= _ONE_STATEMENT_PARAMETERS:
+        # A few rows (a pass's evaluations of one rollout) as one statement: asyncpg's
+        # executemany pipelines a statement per row, which costs more than one execute.
+        sql = _insert_sql(table, names, rows=len(parameters))
+        flat = [value for row in parameters for value in row]
+        await _on_driver(link, sql, flat, lambda driver: driver.execute(sql, *flat))
         return
     await _on_driver(link, sql, parameters, lambda driver: driver.executemany(sql, parameters))
 
@@ -352,7 +360,7 @@ async def _insert_record(
     binders: Mapping[str, Callable[[Any], Any] | None],
 ) -> None:
     generated = table.autoincrement_column
-    names = list(binders)
+    names = tuple(binders)
     values = [_bound(binders[name], getattr(record, name)) for name in names]
     returning = f" RETURNING {generated.name}" if generated is not None else ""
     found, _ = await fetch(session, _insert_sql(table, names) + returning, *values)
@@ -361,10 +369,15 @@ async def _insert_record(
     persistent(record)
 
 
-def _insert_sql(table: Table, names: Sequence[str]) -> str:
-    marks = ", ".join(f"${index}" for index in range(1, len(names) + 1))
+@functools.lru_cache(maxsize=256)
+def _insert_sql(table: Table, names: tuple[str, ...], rows: int = 1) -> str:
+    width = len(names)
+    groups = ", ".join(
+        "(" + ", ".join(f"${row * width + column}" for column in range(1, width + 1)) + ")"
+        for row in range(rows)
+    )
     # Names from the model's table, never from input.
-    return f"INSERT INTO {table.name} ({', '.join(names)}) VALUES ({marks})"  # noqa: S608
+    return f"INSERT INTO {table.name} ({', '.join(names)}) VALUES {groups}"  # noqa: S608
 
 
 def _bound(bind: Callable[[Any], Any] | None, value: Any) -> Any:

@@ -18,6 +18,13 @@ from tests.support.prometheus import PrometheusServer
 CASES = [
     pytest.param("vector(0.25)", 0.25, None, id="one-series"),
     pytest.param("scalar(vector(2))", 2.0, None, id="scalar"),
+    # characters a query string must escape: +, &, #, =, %, quotes, a space, non-ASCII
+    pytest.param(
+        'vector(1) + scalar(count(up{job=~"a&b#c=d%e ü|.*"}) * 0 + 0.5)',
+        1.5,
+        None,
+        id="escaped-characters",
+    ),
     pytest.param('up{job="nonexistent"}', None, "no series", id="empty"),
     pytest.param("vector(0) / vector(0)", None, "NaN", id="nan"),
     pytest.param("vector(1) / vector(0)", None, "infinity", id="inf"),

@@ -21,6 +21,7 @@ from opsapi.audit import service as audit
 from opsapi.audit.models import AuditEvent, Outcome, Source
 from opsapi.canary.machine import State
 from opsapi.canary.models import FreezeRecord, Incident, RolloutRecord, ServiceRecord
+from opsapi.gates.models import GateEvaluation
 from opsapi.storage import rows
 from opsapi.storage.db import SessionFactory, create_engine, is_unavailable, session_factory
 from opsapi.storage.migrate import upgrade
@@ -530,3 +531,32 @@ async def test_after_a_database_restart_only_the_request_in_flight_fails(
         assert not before & set(after)
     finally:
         await engine.dispose()
+
+
+@pytest.mark.parametrize("count", [1, 3, 40], ids=["one-row", "one-statement", "pipelined"])
+async def test_inserted_rows_are_what_the_orm_reads_back_in_order(
+    sessions: SessionFactory, count: int
+) -> None:
+    # given a rollout, and `count` evaluations of it (40 x 10 columns: more parameters than
+    # one statement takes, so they go row by row)
+    async with sessions() as session, session.begin():
+        rollout = RolloutRecord(**_rollout_values())
+        await rows.save(session, rollout)
+    assert rollout.id is not None
+    evaluations = [
+        {
+            "rollout_id": rollout.id, "at": NOW + timedelta(seconds=i), "gate": f"gate-{i}",
+            "step_index": 0, "weight": 10, "phase": "passing" if i % 2 else "failing",
+            "value": i / 3 if i % 3 else None, "threshold": 0.05, "breached": i % 2 == 0,
+            "detail": None if i % 2 else f"détail {i}",
+        }
+        for i in range(count)
+    ]  # fmt: skip
+    # when they are inserted in one call
+    async with sessions() as session, session.begin():
+        await rows.insert(session, GateEvaluation, evaluations)
+    # then each row holds its own values, as the ORM reads them back
+    async with sessions() as session:
+        stored = (await session.exec(select(GateEvaluation).order_by(GateEvaluation.id))).all()  # type: ignore[arg-type]
+    read = [{name: getattr(row, name) for name in evaluations[0]} for row in stored]
+    assert read == evaluations
