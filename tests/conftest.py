@@ -8,7 +8,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from opsapi.storage.db import create_engine
+from opsapi.storage.db import SessionFactory, create_engine, session_factory
 from opsapi.storage.migrate import upgrade
 from tests.support.app import Harness, running_app
 from tests.support.databases import (
@@ -72,6 +72,15 @@ def db_url(request: pytest.FixtureRequest) -> str:
     """Both databases: the test runs once on each."""
     fixture = "pg_url" if request.param == "postgres" else "sqlite_url"
     return str(request.getfixturevalue(fixture))
+
+
+@pytest.fixture
+async def sessions(db_url: str) -> AsyncIterator[SessionFactory]:
+    """Sessions on a migrated database (both kinds)."""
+    engine = create_engine(db_url)
+    await upgrade(engine)
+    yield session_factory(engine)
+    await engine.dispose()
 
 
 @pytest.fixture

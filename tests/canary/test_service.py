@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -11,19 +10,10 @@ from opsapi.canary import service
 from opsapi.canary.machine import State
 from opsapi.canary.models import RolloutRecord
 from opsapi.storage import rows
-from opsapi.storage.db import SessionFactory, create_engine, session_factory
-from opsapi.storage.migrate import upgrade
+from opsapi.storage.db import SessionFactory
 
 NOW = datetime(2026, 11, 30, 6, 0, tzinfo=UTC)
 LEASE_UNTIL = NOW + timedelta(seconds=30)
-
-
-@pytest.fixture
-async def sessions(db_url: str) -> AsyncIterator[SessionFactory]:
-    engine = create_engine(db_url)
-    await upgrade(engine)
-    yield session_factory(engine)
-    await engine.dispose()
 
 
 async def given_rollouts(

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -24,18 +23,8 @@ from opsapi.canary.models import FreezeRecord, Incident, RolloutRecord, ServiceR
 from opsapi.gates.models import GateEvaluation
 from opsapi.storage import rows
 from opsapi.storage.db import SessionFactory, create_engine, is_unavailable, session_factory
-from opsapi.storage.migrate import upgrade
 
 NOW = datetime(2026, 11, 30, 6, 0, 0, 123456, tzinfo=UTC)
-
-
-@pytest.fixture
-async def sessions(db_url: str) -> AsyncIterator[SessionFactory]:
-    """Sessions on a migrated database (both kinds)."""
-    engine = create_engine(db_url)
-    await upgrade(engine)
-    yield session_factory(engine)
-    await engine.dispose()
 
 
 def _records() -> list[SQLModel]:
