@@ -178,15 +178,10 @@ class Controller:
 
     async def _decide(self, measured: Measured) -> int:
         now = self.clock()
-        async with self.sessions() as session:
-            # Begun by the first statement, committed on the driver (as a request's
-            # transaction is): no trip through SQLAlchemy's transaction objects per decision.
-            try:
-                applied = await self._apply(measured, now=now, session=session)
-                await rows.commit(session)
-            except BaseException:
-                await asyncio.shield(session.rollback())
-                raise
+        # Committed on the driver, as a request's transaction is: no trip through SQLAlchemy's
+        # transaction objects per decision.
+        async with self.sessions() as session, rows.transaction(session):
+            applied = await self._apply(measured, now=now, session=session)
         if applied is None:
             return 0
         # Committed first; now make it real (a breach's rollback is not kept waiting).

@@ -49,7 +49,7 @@ class PrometheusProvider:
         # Prometheus durations take no decimals: "3.0s" is refused, "3000ms" is not.
         self._server_timeout = f"{max(1, round(timeout_seconds * 1000))}ms"
         self._session: aiohttp.ClientSession | None = None
-        self._route: _Route | None = None
+        self._route = _Route.from_environment(self._query_url)
 
     async def measure(self, query: str) -> Measurement:
         """The query's single value; never raises."""
@@ -70,8 +70,7 @@ class PrometheusProvider:
 
     async def _query(self, query: str) -> Any:
         session = self._client()
-        route = self._route or _Route.from_environment(self._query_url)
-        self._route = route
+        route = self._route
         url = _query_url(self._query_url, query, self._server_timeout)
         for attempt in range(self._retries + 1):
             last = attempt == self._retries

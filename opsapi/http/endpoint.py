@@ -313,7 +313,7 @@ class _Request:
                 # The session begins by itself on first use (one trip through SQLAlchemy's
                 # greenlet bridge fewer than an explicit begin); committed here, rolled back
                 # before any refusal is recorded.
-                try:
+                async with rows.transaction(session):
                     response = await handler(call)
                     if not call.audited:
                         await audit.record(session=session, **self._audit_fields(call, response))
@@ -321,10 +321,6 @@ class _Request:
                         # Completed below once the after-commit work built the final answer.
                         self._remember(key, request_hash, response, now, session,
                                        complete=not call.after_commit)  # fmt: skip
-                    await rows.commit(session)
-                except BaseException:
-                    await asyncio.shield(session.rollback())
-                    raise
             except Refused as refused:
                 return await self._refuse(
                     refusal_problem(refused), now, call.details, key=key,

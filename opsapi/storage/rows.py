@@ -12,10 +12,12 @@ Statements are written once for both databases: `$1`-style parameters (SQLite ge
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
 import re
 import weakref
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
@@ -382,6 +384,18 @@ def _insert_sql(table: Table, names: tuple[str, ...], rows: int = 1) -> str:
 
 def _bound(bind: Callable[[Any], Any] | None, value: Any) -> Any:
     return bind(value) if bind is not None and value is not None else value
+
+
+@contextlib.asynccontextmanager
+async def transaction(session: AsyncSession) -> AsyncIterator[AsyncSession]:
+    """The session's transaction around the block: begun by its first statement, committed
+    (`commit`) when the block ends, rolled back (even when cancelled) when it raises."""
+    try:
+        yield session
+        await commit(session)
+    except BaseException:
+        await asyncio.shield(session.rollback())
+        raise
 
 
 async def commit(session: AsyncSession) -> None:
