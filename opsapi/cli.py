@@ -325,6 +325,7 @@ async def _prepare(settings: Settings) -> None:
 def _controller(settings: Settings) -> int:
     import signal
 
+    from opsapi import heap
     from opsapi.clock import system_clock
     from opsapi.runtime import build_runtime
 
@@ -338,6 +339,7 @@ def _controller(settings: Settings) -> int:
         # The same runtime as `opsapi serve`, without the API: the controller loop and the
         # PagerDuty delivery worker (a controller-only deployment pages too).
         async with build_runtime(settings, clock=system_clock, serve_api=False):
+            heap.settle()
             await stop.wait()
 
     _event_loop_runner(run)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import gc
 import logging
 from collections.abc import AsyncIterator
 
@@ -14,6 +13,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 
+from opsapi import heap
 from opsapi.audit import views as audit_views
 from opsapi.audit.verify import publish_head
 from opsapi.auth.tokens import TokenVerifier
@@ -54,8 +54,7 @@ def create_app(
     """Build the application; the database and controller start with its lifespan.
 
     `freeze_startup_objects` (a server process, not tests building many apps): once started,
-    move everything alive into the garbage collector's permanent generation, so that full
-    collections stop rescanning it (they paused the loop 100+ ms under load)."""
+    settle the garbage collector (`heap.settle`)."""
     settings = settings or Settings()
 
     @contextlib.asynccontextmanager
@@ -67,8 +66,7 @@ def create_app(
             app.state.controller = runtime.controller
             app.state.pagerduty_worker = runtime.delivery
             if freeze_startup_objects:
-                gc.collect()
-                gc.freeze()
+                heap.settle()
             try:
                 yield
             finally:
