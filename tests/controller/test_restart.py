@@ -13,6 +13,7 @@ import asyncpg
 import httpx
 
 from opsapi.auth.tokens import LocalSigner
+from opsapi.controller.loop import LEASE
 from tests.support.processes import free_port, start_server, stop
 
 API = "/internal/ops"
@@ -51,7 +52,9 @@ def test_restart_mid_wait_continues_from_the_database(
         time.sleep(1)
         # and started again
         server = start_server(port, env, log)
-        deadline = time.monotonic() + 10
+        # A kill that lands between a claim and its decision leaves the claim's lease to run
+        # out first (it is due every 1 s interval, so on a busy machine that happens).
+        deadline = time.monotonic() + LEASE.total_seconds() + 10
         rollout = {}
         while time.monotonic() < deadline:
             rollout = httpx.get(f"{base}/canary/checkout", headers=headers).json()
