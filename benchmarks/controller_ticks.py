@@ -24,6 +24,7 @@ import sqlalchemy as sa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from opsapi import heap
 from opsapi.clock import system_clock
 from opsapi.controller.loop import Controller
 from opsapi.gates.prometheus import PrometheusProvider
@@ -116,6 +117,8 @@ async def tick_durations(
     controller = Controller(
         session_factory(engine), system_clock, Metrics(), provider=provider, batch_size=200
     )
+    # As `opsapi controller` does once its runtime has started.
+    heap.settle()
     durations = []
     cpu: dict[str, list[float]] = {}
     for _ in range(repeat):
