@@ -122,7 +122,9 @@ async def pagerduty_app(
     clock = clock or ManualClock()
     settings = settings_for(database_url, key_file, **overrides)
     app = create_app(settings, clock=clock, gate_provider=provider or FixedProvider())
-    async with LifespanManager(app) as manager:
+    # Startup migrates a fresh database: a busy machine (two test workers) can take longer
+    # than the library's default 5 s; a real hang still fails.
+    async with LifespanManager(app, startup_timeout=30) as manager:
         transport = httpx.ASGITransport(app=manager.app, client=("198.51.100.7", 40000))
         async with httpx.AsyncClient(transport=transport, base_url="http://opsapi") as client:
             yield Harness(app, client, clock, LocalSigner.load_or_create(key_file))
