@@ -144,14 +144,13 @@ async def append(
     target: AsyncConnection | AsyncSession,
     events: Sequence[dict[str, Any]],
     *,
-    alongside: rows.Update | None = None,
+    alongside: Sequence[rows.Pending] = (),
 ) -> None:
     """Insert `events` (event_row dicts) at the end of the chain, in the caller's transaction;
-    with `alongside`, the state change they record is written in the same statement when
+    `alongside`, the writes of the change they record, are made in the same statement when
     that can be done (PostgreSQL, one event), else just before."""
     if not events:
-        if alongside is not None:
-            await alongside.run(target)
+        await rows.run_together(target, alongside)
         return
     postgresql = await rows.dialect_name(target) == "postgresql"
     if postgresql and len(events) == 1:
@@ -162,16 +161,14 @@ async def append(
         # The details column gets the JSON the hash covers (the same value once parsed).
         parameters = await rows.bound(target, AuditEvent, event, _OUTER_FIELDS)
         parameters += [details, text.encode("utf-8", "surrogatepass")]
-        if alongside is None:
-            await rows.execute(target, _APPEND, *parameters)
+        # The change and its event in one round trip (the chain's lock is still taken by
+        # audit_append).
+        with_clause = rows.carried(alongside, len(parameters) + 1)
+        if with_clause is not None:
+            prefix, values = with_clause
+            await rows.execute(target, prefix + _APPEND, *parameters, *values)
             return
-        # A data-modifying WITH runs to completion whether or not it is read: the change and
-        # its event in one round trip (the chain's lock is still taken by audit_append).
-        sql = f"WITH changed AS ({alongside.sql(len(parameters) + 1)}) {_APPEND}"
-        await rows.execute(target, sql, *parameters, *alongside.values)
-        return
-    if alongside is not None:
-        await alongside.run(target)
+    await rows.run_together(target, alongside)
     if postgresql:
         # The append lock, held until the transaction ends (the next appender reads our last
         # hash), then the head read after it, in one round trip (migration 0015).

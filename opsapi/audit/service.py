@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -75,8 +75,8 @@ def event_row(
 
 
 async def record(
-    *, session: AsyncSession, alongside: rows.Update | None = None, **fields: Any
+    *, session: AsyncSession, alongside: Sequence[rows.Pending] = (), **fields: Any
 ) -> None:
     """Append one audit event (`event_row` fields) in the session's transaction; no commit.
-    `alongside`: the pending write of the change it records (one round trip for both)."""
+    `alongside`: the pending writes of the change it records (one round trip for all)."""
     await chain.append(session, [event_row(**fields)], alongside=alongside)

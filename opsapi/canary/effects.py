@@ -176,10 +176,13 @@ class Effects:
         session: AsyncSession,
         policy: Policy | None = None,
         read_outbox: bool = False,
+        alongside: Sequence[rows.Pending] = (),
     ) -> Applied:
         """Apply `event` to the rollout `lock` locked; raise `service.Refused` if refused.
 
-        `read_outbox`: also give the rollout's alerts and notifications (for an answer)."""
+        `read_outbox`: also give the rollout's alerts and notifications (for an answer).
+        `alongside`: the caller's own writes that belong to the transition (the controller's
+        gate evaluations), made in the same round trip as the rollout's own on PostgreSQL."""
         row, record = locked.row, locked.record
         name = row.name
         current = policy or service.policy_of(row, self.default_policy)
@@ -207,7 +210,7 @@ class Effects:
         messages = [] if started else locked.messages
         return await self._carry_out(record, row, decision, current, now=now, cause=cause,
                                      session=session, read_outbox=read_outbox,
-                                     messages=messages)  # fmt: skip
+                                     messages=messages, alongside=alongside)  # fmt: skip
 
     async def _carry_out(
         self,
@@ -221,6 +224,7 @@ class Effects:
         session: AsyncSession,
         read_outbox: bool = False,
         messages: list[OutboxMessage] | None = None,
+        alongside: Sequence[rows.Pending] = (),
     ) -> Applied:
         service.store(record, transition.rollout, now)
         # Whether this transition wrote to the rollout's outbox (a page, a notification).
@@ -238,13 +242,15 @@ class Effects:
             isinstance(e, SetWeight) and e.weight == 0 for e in transition.effects
         ):
             record.time_to_safe = _time_to_safe(record, cause, now)
-        update: rows.Update | None = None
-        if _audited(transition) and record.id is not None:
-            # Written with the transition's audit event (one statement on PostgreSQL): nothing
-            # in between reads the rollout's row back.
-            update = await rows.pending_update(session, record)
-        else:
+        # The rollout's own write joins the caller's; all are written with the transition's
+        # audit event (one statement on PostgreSQL): nothing in between reads them back.
+        writes = list(alongside)
+        if record.id is None:
             await rows.save(session, record)  # a start is inserted now: its id is needed
+        elif (update := await rows.pending_update(session, record)) is not None:
+            writes.append(update)
+        if not _audited(transition):
+            await rows.run_together(session, writes)
         details = summary(transition)
         for effect in transition.effects:
             if isinstance(effect, Page):
@@ -278,7 +284,7 @@ class Effects:
         if applied.changed:
             await audit.record(
                 session=session,
-                alongside=update,
+                alongside=writes,
                 at=now,
                 actor=cause.actor,
                 roles=cause.roles,

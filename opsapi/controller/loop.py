@@ -205,49 +205,23 @@ class Controller:
             await rows.save(session, record)
             return None
         event: machine.Event = machine.Tick()
+        evaluations: list[rows.Pending] = []
         if claim.gates:
             statuses = self._judge(measured, record)
-            await self._store_evaluations(session, record, statuses, measured.at)
+            evaluations.append(await _evaluations(session, record, statuses, measured.at))
             event = machine.GateResults(statuses)
         # A breach's rollback counts its time to safe from the measurement.
         cause = replace(CAUSE, detected_at=measured.at)
-        return await self.effects.apply(locked, event, now=now, cause=cause, session=session)
+        # The evaluations are written with the rollout (one round trip on PostgreSQL).
+        return await self.effects.apply(
+            locked, event, now=now, cause=cause, session=session, alongside=evaluations
+        )
 
     def _judge(self, measured: Measured, record: RolloutRecord) -> tuple[GateStatus, ...]:
         statuses = judge_measured(measured, record)
         for status in statuses:
             self.metrics.evaluations.labels(status.phase.value).inc()
         return statuses
-
-    async def _store_evaluations(
-        self,
-        session: AsyncSession,
-        record: RolloutRecord,
-        statuses: tuple[GateStatus, ...],
-        at: datetime,
-    ) -> None:
-        assert record.id is not None
-        # One statement for the pass's evaluations of this rollout (no ORM objects: thousands
-        # are written in every pass).
-        await rows.insert(
-            session,
-            GateEvaluation,
-            [
-                {
-                    "rollout_id": record.id,
-                    "at": at,
-                    "gate": status.name,
-                    "step_index": record.step_index,
-                    "weight": record.desired_weight,
-                    "phase": status.phase.value,
-                    "value": status.value,
-                    "threshold": status.threshold,
-                    "breached": status.breached,
-                    "detail": (status.detail or "")[:1000] or None,
-                }
-                for status in statuses
-            ],
-        )
 
     async def purge_idempotency_keys(self) -> int:
         """Forget stored first responses older than the TTL (at most once a minute)."""
@@ -309,6 +283,33 @@ class Controller:
         except Exception:
             log.exception("router reconciliation failed; retrying")
             return 0
+
+
+async def _evaluations(
+    session: AsyncSession, record: RolloutRecord, statuses: tuple[GateStatus, ...], at: datetime
+) -> rows.Insert:
+    """A pass's evaluations of `record` as one pending INSERT (no ORM objects: thousands are
+    written in every pass)."""
+    assert record.id is not None
+    return await rows.pending_insert(
+        session,
+        GateEvaluation,
+        [
+            {
+                "rollout_id": record.id,
+                "at": at,
+                "gate": status.name,
+                "step_index": record.step_index,
+                "weight": record.desired_weight,
+                "phase": status.phase.value,
+                "value": status.value,
+                "threshold": status.threshold,
+                "breached": status.breached,
+                "detail": (status.detail or "")[:1000] or None,
+            }
+            for status in statuses
+        ],
+    )
 
 
 def judge_measured(measured: Measured, record: RolloutRecord) -> tuple[GateStatus, ...]:

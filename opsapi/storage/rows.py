@@ -250,24 +250,58 @@ _ONE_STATEMENT_PARAMETERS = 200
 
 async def insert(target: Target, model: type[SQLModel], values: Sequence[Row]) -> None:
     """Insert `values` (column → Python value, as the ORM takes them) into `model`'s table."""
-    link = await _link(target)
-    dialect = link.dialect
+    await (await pending_insert(target, model, values)).run(target)
+
+
+async def pending_insert(target: Target, model: type[SQLModel], values: Sequence[Row]) -> Insert:
+    """The INSERT of `values` into `model`'s table, to run alone or with other writes
+    (`run_together`, `chain.append`'s `alongside`); nothing is written until it runs."""
+    dialect = (await _link(target)).dialect
     binders = _binders(model, dialect)
     names = tuple(name for name, _ in binders)
     parameters = [tuple(_bound(bind, row.get(name)) for name, bind in binders) for row in values]
-    table: Table = model.__table__  # type: ignore[attr-defined]
-    sql = _insert_sql(table, names)
-    if dialect.name != "postgresql":
-        await _orm(link).exec_driver_sql(_for_sqlite(sql), parameters)
-        return
-    if len(parameters) * len(names) <= _ONE_STATEMENT_PARAMETERS:
-        # A few rows (a pass's evaluations of one rollout) as one statement: asyncpg's
-        # executemany pipelines a statement per row, which costs more than one execute.
-        sql = _insert_sql(table, names, rows=len(parameters))
-        flat = [value for row in parameters for value in row]
-        await _on_driver(link, sql, flat, lambda driver: driver.execute(sql, *flat))
-        return
-    await _on_driver(link, sql, parameters, lambda driver: driver.executemany(sql, parameters))
+    return Insert(model.__table__, names, parameters)  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True)
+class Insert:
+    """Rows to insert into one table, bound as the ORM binds them."""
+
+    table: Table
+    names: tuple[str, ...]
+    parameters: Sequence[tuple[Any, ...]]  # one tuple of bound values per row
+
+    @property
+    def joinable(self) -> bool:
+        """Whether it is one statement (few rows) that another statement may carry."""
+        return len(self.parameters) * len(self.names) <= _ONE_STATEMENT_PARAMETERS
+
+    @property
+    def values(self) -> list[Any]:
+        """The statement's parameters, row after row (`sql`'s order)."""
+        return [value for row in self.parameters for value in row]
+
+    def sql(self, first: int = 1) -> str:
+        """The one multi-row statement, its parameters numbered from `$first`."""
+        return _insert_sql(self.table, self.names, len(self.parameters), first)
+
+    async def run(self, target: Target) -> None:
+        """Run it alone, in the session's transaction."""
+        if not self.parameters:
+            return
+        link = await _link(target)
+        if link.dialect.name != "postgresql":
+            sql = _for_sqlite(_insert_sql(self.table, self.names))
+            await _orm(link).exec_driver_sql(sql, list(self.parameters))
+            return
+        if self.joinable:
+            # A few rows (a pass's evaluations of one rollout) as one statement: asyncpg's
+            # executemany pipelines a statement per row, which costs more than one execute.
+            sql, flat = self.sql(), self.values
+            await _on_driver(link, sql, flat, lambda driver: driver.execute(sql, *flat))
+            return
+        sql, parameters = _insert_sql(self.table, self.names), list(self.parameters)
+        await _on_driver(link, sql, parameters, lambda driver: driver.executemany(sql, parameters))
 
 
 async def bound(target: Target, model: type[SQLModel], row: Row, names: Sequence[str]) -> list[Any]:
@@ -314,6 +348,48 @@ class Update:
     async def run(self, target: Target) -> None:
         """Run it alone, in the session's transaction."""
         await execute(target, self.sql(), *self.values)
+
+
+# A write that is built before it runs, alone or carried by another statement.
+Pending = Update | Insert
+
+
+def carried(writes: Sequence[Pending], first: int) -> tuple[str, list[Any]] | None:
+    """`writes` as the WITH clause of another statement whose own parameters end at
+    `$first - 1` (the clause, then its parameters); None when one of them cannot be carried.
+    A data-modifying WITH runs to completion whether or not its statement reads it."""
+    writes = _nonempty(writes)
+    if any(isinstance(write, Insert) and not write.joinable for write in writes):
+        return None
+    if not writes:
+        return "", []
+    clauses: list[str] = []
+    values: list[Any] = []
+    for index, write in enumerate(writes):
+        clauses.append(f"w{index} AS ({write.sql(first + len(values))})")
+        values += write.values
+    return "WITH " + ", ".join(clauses) + " ", values
+
+
+def _nonempty(writes: Sequence[Pending]) -> list[Pending]:
+    return [write for write in writes if not isinstance(write, Insert) or write.parameters]
+
+
+async def run_together(target: Target, writes: Sequence[Pending]) -> None:
+    """Run `writes` in the session's transaction: on PostgreSQL in one statement (one round
+    trip), elsewhere (or when one is too large to be carried) one after the other."""
+    writes = _nonempty(writes)
+    if not writes:
+        return
+    *before, last = writes
+    if before and await dialect_name(target) == "postgresql":
+        with_clause = carried(before, len(last.values) + 1)
+        if with_clause is not None and (not isinstance(last, Insert) or last.joinable):
+            prefix, values = with_clause
+            await execute(target, prefix + last.sql(), *last.values, *values)
+            return
+    for write in writes:
+        await write.run(target)
 
 
 async def pending_update(session: AsyncSession, record: SQLModel) -> Update | None:
@@ -372,10 +448,10 @@ async def _insert_record(
 
 
 @functools.lru_cache(maxsize=256)
-def _insert_sql(table: Table, names: tuple[str, ...], rows: int = 1) -> str:
+def _insert_sql(table: Table, names: tuple[str, ...], rows: int = 1, first: int = 1) -> str:
     width = len(names)
     groups = ", ".join(
-        "(" + ", ".join(f"${row * width + column}" for column in range(1, width + 1)) + ")"
+        "(" + ", ".join(f"${first + row * width + column}" for column in range(width)) + ")"
         for row in range(rows)
     )
     # Names from the model's table, never from input.

@@ -296,32 +296,65 @@ def test_an_update_numbers_its_parameters_from_where_it_is_placed() -> None:
     assert update.sql(13) == "UPDATE rollout SET state = $13, reason = $14 WHERE id = $15"
 
 
+def _evaluations_of(rollout_id: int, count: int) -> list[dict[str, Any]]:
+    return [
+        {
+            "rollout_id": rollout_id, "at": NOW + timedelta(seconds=i), "gate": f"gate-{i}",
+            "step_index": 0, "weight": 10, "phase": "passing" if i % 2 else "failing",
+            "value": i / 3 if i % 3 else None, "threshold": 0.05, "breached": i % 2 == 0,
+            "detail": None if i % 2 else f"détail {i}",
+        }
+        for i in range(count)
+    ]  # fmt: skip
+
+
+async def _changed(
+    session: Any, rollout_id: int, **values: Any
+) -> tuple[RolloutRecord, rows.Update]:
+    """The stored rollout, read and changed in `session`, with its pending UPDATE."""
+    (locked,) = await rows.fetch_records(
+        session, RolloutRecord, "SELECT * FROM rollout WHERE id = $1", rollout_id
+    )
+    rows.persistent(locked)
+    rows.assign(locked, **values)
+    update = await rows.pending_update(session, locked)
+    assert update is not None
+    return locked, update
+
+
+async def _stored_evaluations(sessions: SessionFactory, names: Any) -> list[dict[str, Any]]:
+    async with sessions() as session:
+        stored = (await session.exec(select(GateEvaluation).order_by(GateEvaluation.id))).all()  # type: ignore[arg-type]
+    return [{name: getattr(row, name) for name in names} for row in stored]
+
+
+# 40 evaluations x 10 columns: more parameters than one statement carries (written before).
+@pytest.mark.parametrize("evaluations", [0, 3, 40], ids=["alone", "with-3-rows", "with-40-rows"])
 async def test_a_change_written_with_its_audit_event_lands_with_it(
-    sessions: SessionFactory,
+    sessions: SessionFactory, evaluations: int
 ) -> None:
-    # given a stored rollout, changed, its UPDATE pending
+    # given a stored rollout, changed, its UPDATE pending, and evaluations of it pending
     async with sessions() as session, session.begin():
         rollout = _records()[1]
         assert isinstance(rollout, RolloutRecord)
         await rows.save(session, rollout)
+    assert rollout.id is not None
+    measured = _evaluations_of(rollout.id, evaluations)
     async with sessions() as session, session.begin():
-        (locked,) = await rows.fetch_records(
-            session, RolloutRecord, "SELECT * FROM rollout WHERE id = $1", rollout.id
+        locked, update = await _changed(
+            session, rollout.id, state=State.ROLLED_BACK, reason="bad canary"
         )
-        rows.persistent(locked)
-        rows.assign(locked, state=State.ROLLED_BACK, reason="bad canary")
-        update = await rows.pending_update(session, locked)
-        assert update is not None
         assert list(update.columns) == ["state", "reason"]
-        # when the audit event is appended alongside it (one statement on PostgreSQL)
+        insert = await rows.pending_insert(session, GateEvaluation, measured)
+        # when the audit event is appended alongside them (one statement on PostgreSQL)
         await audit.record(
-            session=session, alongside=update, at=NOW, actor="alice", source=Source.API,
-            action="canary.rollback", outcome=Outcome.SUCCESS, service="checkout",
-            rollout_id=locked.id, details={"reason": "bad canary"},
+            session=session, alongside=[insert, update], at=NOW, actor="alice",
+            source=Source.API, action="canary.rollback", outcome=Outcome.SUCCESS,
+            service="checkout", rollout_id=locked.id, details={"reason": "bad canary"},
         )  # fmt: skip
         # (nothing is left for a later save)
         assert await rows.pending_update(session, locked) is None
-    # then both are stored, and the chain holds the event
+    # then all are stored, and the chain holds the event
     async with sessions() as session:
         stored = await session.get(RolloutRecord, rollout.id)
         events = (await session.exec(select(AuditEvent))).all()
@@ -331,6 +364,45 @@ async def test_a_change_written_with_its_audit_event_lands_with_it(
         ("canary.rollback", rollout.id)
     ]
     assert events[0].hash == chain.link(chain.GENESIS, events[0].model_dump())
+    if measured:
+        assert await _stored_evaluations(sessions, measured[0]) == measured
+
+
+@pytest.mark.parametrize("evaluations", [0, 3, 40], ids=["none", "3-rows", "40-rows"])
+async def test_writes_run_together_all_land(sessions: SessionFactory, evaluations: int) -> None:
+    # given a stored rollout, changed, and evaluations of it, all pending
+    async with sessions() as session, session.begin():
+        rollout = RolloutRecord(**_rollout_values())
+        await rows.save(session, rollout)
+    assert rollout.id is not None
+    measured = _evaluations_of(rollout.id, evaluations)
+    async with sessions() as session, session.begin():
+        _, update = await _changed(session, rollout.id, desired_weight=25, reason="promoted")
+        # when they run together (one statement on PostgreSQL when they fit in one)
+        insert = await rows.pending_insert(session, GateEvaluation, measured)
+        await rows.run_together(session, [insert, update])
+    # then each landed with its own values
+    async with sessions() as session:
+        stored = await session.get(RolloutRecord, rollout.id)
+    assert stored is not None
+    assert (stored.desired_weight, stored.reason) == (25, "promoted")
+    if measured:
+        assert await _stored_evaluations(sessions, measured[0]) == measured
+
+
+def test_writes_carried_by_a_statement_number_their_parameters_after_its_own() -> None:
+    table = GateEvaluation.__table__  # type: ignore[attr-defined]
+    insert = rows.Insert(table, ("gate", "value"), [("a", 1.0), ("b", None)])
+    update = rows.Update("rollout", ["state"], "id", ["rolled_back", 7])
+    carried = rows.carried([insert, update], 4)
+    assert carried == (
+        "WITH w0 AS (INSERT INTO gate_evaluation (gate, value) VALUES ($4, $5), ($6, $7)), "
+        "w1 AS (UPDATE rollout SET state = $8 WHERE id = $9) ",
+        ["a", 1.0, "b", None, "rolled_back", 7],
+    )
+    # an insert of more rows than one statement takes is not carried (it runs on its own)
+    many = rows.Insert(table, ("gate", "value"), [("x", 0.0)] * 101)
+    assert rows.carried([many, update], 4) is None
 
 
 @pytest.mark.parametrize("orm_pending", [False, True], ids=["plain-sql-only", "orm-pending"])
@@ -532,20 +604,9 @@ async def test_inserted_rows_are_what_the_orm_reads_back_in_order(
         rollout = RolloutRecord(**_rollout_values())
         await rows.save(session, rollout)
     assert rollout.id is not None
-    evaluations = [
-        {
-            "rollout_id": rollout.id, "at": NOW + timedelta(seconds=i), "gate": f"gate-{i}",
-            "step_index": 0, "weight": 10, "phase": "passing" if i % 2 else "failing",
-            "value": i / 3 if i % 3 else None, "threshold": 0.05, "breached": i % 2 == 0,
-            "detail": None if i % 2 else f"détail {i}",
-        }
-        for i in range(count)
-    ]  # fmt: skip
+    evaluations = _evaluations_of(rollout.id, count)
     # when they are inserted in one call
     async with sessions() as session, session.begin():
         await rows.insert(session, GateEvaluation, evaluations)
     # then each row holds its own values, as the ORM reads them back
-    async with sessions() as session:
-        stored = (await session.exec(select(GateEvaluation).order_by(GateEvaluation.id))).all()  # type: ignore[arg-type]
-    read = [{name: getattr(row, name) for name in evaluations[0]} for row in stored]
-    assert read == evaluations
+    assert await _stored_evaluations(sessions, evaluations[0]) == evaluations
