@@ -242,8 +242,9 @@ class Effects:
             isinstance(e, SetWeight) and e.weight == 0 for e in transition.effects
         ):
             record.time_to_safe = _time_to_safe(record, cause, now)
-        # The rollout's own write joins the caller's; all are written with the transition's
-        # audit event (one statement on PostgreSQL): nothing in between reads them back.
+        # The rollout's own write joins the caller's: all are written with the transition's
+        # audit event when it records one, else now (one statement on PostgreSQL); nothing in
+        # between reads them back.
         writes = list(alongside)
         if record.id is None:
             await rows.save(session, record)  # a start is inserted now: its id is needed
