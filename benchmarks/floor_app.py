@@ -225,10 +225,10 @@ def build_app(floor: Floor) -> Starlette:
 
     @asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
-        # opsapi's pool holds 30 connections (+ 10 overflow); idle ones are let go soon
-        # so that the floor holds few while opsapi takes its turn on the shared server.
+        # As many connections as opsapi's pool keeps (40); idle ones are let go soon so
+        # that the floor holds few while opsapi takes its turn on the shared server.
         floor.pool = await asyncpg.create_pool(
-            floor.dsn, min_size=0, max_size=30, max_inactive_connection_lifetime=20
+            floor.dsn, min_size=0, max_size=40, max_inactive_connection_lifetime=20
         )
         try:
             yield

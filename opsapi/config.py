@@ -19,9 +19,10 @@ class Settings(BaseSettings):
 
     env: Literal["development", "test", "production"] = "development"
     database_url: str = "sqlite+aiosqlite:///./opsapi.db"
-    # PostgreSQL: the pool, and how long any database work may wait (seconds).
-    database_pool_size: int = Field(default=30, ge=1)
-    database_max_overflow: int = Field(default=10, ge=0)
+    # PostgreSQL: the pool, and how long any database work may wait (seconds). Connections
+    # are opened as needed up to the pool size and kept; overflow ones are closed on return.
+    database_pool_size: int = Field(default=40, ge=1)
+    database_max_overflow: int = Field(default=0, ge=0)
     database_pool_timeout_seconds: float = Field(default=10.0, gt=0)
     database_connect_timeout_seconds: float = Field(default=5.0, gt=0)
     database_statement_timeout_seconds: float = Field(default=15.0, gt=0)

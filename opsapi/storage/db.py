@@ -29,8 +29,8 @@ _UNAVAILABLE_CLASSES = ("08", "53", "58")
 class DatabaseLimits:
     """How long database work may wait; every bound is in seconds (0: unbounded)."""
 
-    pool_size: int = 30
-    max_overflow: int = 10
+    pool_size: int = 40
+    max_overflow: int = 0
     pool_timeout: float = 10.0
     connect_timeout: float = 5.0
     statement_timeout: float = 15.0
