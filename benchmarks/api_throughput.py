@@ -7,7 +7,12 @@ work per request; see its docstring). wrk (32 connections, Lua scripts for heade
 and per-service state) drives them in turns, floor then opsapi, for several rounds, and this
 prints per workload req/s, p50 and p99 of each, and the ratio opsapi/floor per round:
 
-- status read: `GET /canary/{service}` (the rollout row read, one audit event committed);
+- status read: `GET /canary/{service}` by one caller, round robin over the services: the
+  floor commits an audit row per read; opsapi audits each caller's first read of a service in
+  a minute on its own and counts the repeats into one event per minute (DESIGN §11);
+- status read, audited each: the same reads, each by a caller that has not read that service
+  this minute (many viewer tokens), so that opsapi too commits one audit event per read: the
+  like-for-like comparison with the floor, and the audited read the weight read is set against;
 - weight read: `GET /canary/{service}/weight`, 200 with a token (the data plane);
 - weight 304: the same with `If-None-Match` of the current tag;
 - audited writes: rollback / start pairs on many services (each a real transition with its
@@ -213,6 +218,28 @@ function response(status, headers, body)
 end
 """
 
+# GET of each service by caller after caller: request k (counted from `offset`, which each run
+# moves on) reads service k mod #services as reader k div #services, so that no reader reads
+# one service twice in the runs of a few minutes.
+_LUA_GET_EACH = r"""
+readers = {%(readers)s}
+offset = %(offset)d
+function init(args)
+  n = 0
+end
+function request()
+  n = n + 1
+  local k = offset + n * nthreads + tid
+  local service = services[(k %% #services) + 1]
+  local reader = readers[math.floor(k / #services) %% #readers + 1]
+  return wrk.format("GET", "%(prefix)s/canary/" .. service,
+                    {["Authorization"] = "Bearer " .. reader})
+end
+function response(status, headers, body)
+  count(status)
+end
+"""
+
 # Rollback / start pairs: each thread owns a share of the services and keeps a queue of those
 # with no request in flight, so one service never has two (the X-Request-Id, echoed by both
 # servers, says which service an answer is about).
@@ -256,11 +283,15 @@ end
 
 
 def lua_script(kind: str, *, token: str, services: Sequence[str], threads: int,
-               etags: Sequence[str] | None = None) -> str:  # fmt: skip
-    """The wrk script of one workload ("status", "weight", "weight304", "writes")."""
+               etags: Sequence[str] | None = None, readers: Sequence[str] = (),
+               offset: int = 0) -> str:  # fmt: skip
+    """The wrk script of one workload ("status", "status_each", "weight", "weight304",
+    "writes"); "status_each" reads as `readers` (tokens), from request `offset` on."""
     suffix = "" if kind == "status" else "/weight"
-    body = _LUA_WRITES if kind == "writes" else _LUA_GET
+    body = {"writes": _LUA_WRITES, "status_each": _LUA_GET_EACH}.get(kind, _LUA_GET)
     values = {
+        "readers": ",".join(f'"{reader}"' for reader in readers),
+        "offset": offset,
         "token": token,
         "services": ",".join(f'"{name}"' for name in services),
         "etags": ",".join(_lua_string(tag) for tag in etags) if etags else "",
@@ -437,6 +468,21 @@ async def reopen(target: Target, services: Sequence[str]) -> None:
                 raise RuntimeError(f"{target.name}: cannot reopen {name}: {started.body[:300]!r}")
     finally:
         await client.close()
+
+
+# Viewer tokens of the "status_each" workload: 2,000 readers x 96 services are 192,000 pairs,
+# more than the reads of its runs (a few thousand a second, 10 s a run, three rounds).
+READERS = 2000
+
+
+async def audit_events(target: Target, action: str) -> int:
+    """How many audit rows of `action` the target's database holds (aggregates count one)."""
+    connection = await asyncpg.connect(dsn_of(target.database))
+    try:
+        return int(await connection.fetchval(
+            "SELECT count(*) FROM audit_event WHERE action = $1", action))  # fmt: skip
+    finally:
+        await connection.close()
 
 
 async def prepare(target: Target, kind: str, services: Sequence[str], settle: float = 1) -> None:
@@ -1077,6 +1123,7 @@ async def count_round_trips(counted: Counted, services: Sequence[str], args: arg
 
 WORKLOADS = (
     ("status", "status read GET /canary/{s}"),
+    ("status_each", "status read, audited each"),
     ("weight", "weight read 200"),
     ("weight304", "weight 304 (If-None-Match)"),
     ("writes", "audited writes (rollback/start)"),
@@ -1119,13 +1166,14 @@ def summary(results: Results) -> list[str]:
             f"{_range([r.app_cpu_ms + r.db_cpu_ms for r in floor], '{:.2f}'):>16} "
             f"{_range([r.app_cpu_ms + r.db_cpu_ms for r in ops], '{:.2f}'):>16}"
         )
-    status = results.runs.get(("status", "opsapi"), [])
-    for kind in ("weight", "weight304"):
-        runs = results.runs.get((kind, "opsapi"), [])
-        ratios = [w.rate / s.rate for s, w in zip(status, runs, strict=False) if s.rate]
-        if ratios:
-            lines.append(f"opsapi {kind} / opsapi status read: {_range(ratios, '{:.1f}x')} "
-                         "(target >= 5x)")  # fmt: skip
+    for read, name in (("status_each", "audited status read"), ("status", "status read")):
+        status = results.runs.get((read, "opsapi"), [])
+        for kind in ("weight", "weight304"):
+            runs = results.runs.get((kind, "opsapi"), [])
+            ratios = [w.rate / s.rate for s, w in zip(status, runs, strict=False) if s.rate]
+            if ratios:
+                lines.append(f"opsapi {kind} / opsapi {name}: {_range(ratios, '{:.1f}x')}"
+                             + (" (target >= 5x)" if read == "status_each" else ""))  # fmt: skip
     return lines
 
 
@@ -1203,6 +1251,9 @@ async def main() -> None:
     signer = LocalSigner.load_or_create(workdir / "key.json")
     token = signer.mint(subject="bench", roles=["operator"])
     admin_token = signer.mint(subject="bench-admin", roles=["admin"])
+    # Enough readers that no run reads a (reader, service) pair read in the last minutes.
+    readers = [signer.mint(subject=f"reader-{i}", roles=["viewer"]) for i in range(READERS)]
+    reader_offset = 0
     record: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}}
 
     async def new_database(name: str) -> None:
@@ -1227,6 +1278,8 @@ async def main() -> None:
         tokens.write_text(json.dumps({
             token: {"subject": "bench", "roles": ["operator"]},
             admin_token: {"subject": "bench-admin", "roles": ["admin"]},
+            **{reader: {"subject": f"reader-{i}", "roles": ["viewer"]}
+               for i, reader in enumerate(readers)},
         }))  # fmt: skip
         floor_port = free_port()
         floor_process = start_process(
@@ -1257,18 +1310,30 @@ async def main() -> None:
                     continue
                 for target in (floor, ops):
                     etags = await etags_of(target, services) if kind == "weight304" else None
-                    script = lua_script(kind, token=target.token, services=services,
-                                        threads=args.threads, etags=etags)  # fmt: skip
+
+                    def script_of(offset: int, target: Target = target, kind: str = kind,
+                                  etags: list[str] | None = etags) -> str:  # fmt: skip
+                        return lua_script(kind, token=target.token, services=services,
+                                          threads=args.threads, etags=etags, readers=readers,
+                                          offset=offset)  # fmt: skip
+
                     if args.warmup:
                         await prepare(target, kind, services)
-                        await run_wrk(target.port, script, seconds=args.warmup,
-                                      connections=args.clients, threads=args.threads,
-                                      workdir=workdir)  # fmt: skip
+                        warm = await run_wrk(target.port, script_of(reader_offset),
+                                             seconds=args.warmup, connections=args.clients,
+                                             threads=args.threads, workdir=workdir)  # fmt: skip
+                        reader_offset += warm.requests + 10 * args.clients
                     await prepare(target, kind, services)
-                    run = await measured_run(target, script, seconds=args.seconds, args=args,
-                                             workdir=workdir)  # fmt: skip
+                    events = await audit_events(target, "canary.get")
+                    run = await measured_run(target, script_of(reader_offset), seconds=args.seconds,
+                                             args=args, workdir=workdir)  # fmt: skip
+                    reader_offset += run.requests + 10 * args.clients
                     results.add(kind, target.name, run)
-                    print(f"  {label:<34} {target.name:<7} {run.line()}  "
+                    audited = ""
+                    if kind.startswith("status"):
+                        written = await audit_events(target, "canary.get") - events
+                        audited = f"  audit rows {written / (run.requests + args.clients):.2f}/read"
+                    print(f"  {label:<34} {target.name:<7} {run.line()}{audited}  "
                           f"load {os.getloadavg()[0]:.1f}")  # fmt: skip
         lines = summary(results)
         print("\n".join(lines))
