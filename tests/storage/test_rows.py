@@ -296,6 +296,15 @@ def test_an_update_numbers_its_parameters_from_where_it_is_placed() -> None:
     assert update.sql(13) == "UPDATE rollout SET state = $13, reason = $14 WHERE id = $15"
 
 
+async def _stored_rollout(sessions: SessionFactory) -> int:
+    """The id of a rollout stored (committed) with `_rollout_values`."""
+    async with sessions() as session, session.begin():
+        rollout = RolloutRecord(**_rollout_values())
+        await rows.save(session, rollout)
+    assert rollout.id is not None
+    return rollout.id
+
+
 def _evaluations_of(rollout_id: int, count: int) -> list[dict[str, Any]]:
     return [
         {
@@ -371,19 +380,16 @@ async def test_a_change_written_with_its_audit_event_lands_with_it(
 @pytest.mark.parametrize("evaluations", [0, 3, 40], ids=["none", "3-rows", "40-rows"])
 async def test_writes_run_together_all_land(sessions: SessionFactory, evaluations: int) -> None:
     # given a stored rollout, changed, and evaluations of it, all pending
+    rollout_id = await _stored_rollout(sessions)
+    measured = _evaluations_of(rollout_id, evaluations)
     async with sessions() as session, session.begin():
-        rollout = RolloutRecord(**_rollout_values())
-        await rows.save(session, rollout)
-    assert rollout.id is not None
-    measured = _evaluations_of(rollout.id, evaluations)
-    async with sessions() as session, session.begin():
-        _, update = await _changed(session, rollout.id, desired_weight=25, reason="promoted")
+        _, update = await _changed(session, rollout_id, desired_weight=25, reason="promoted")
         # when they run together (one statement on PostgreSQL when they fit in one)
         insert = await rows.pending_insert(session, GateEvaluation, measured)
         await rows.run_together(session, [insert, update])
     # then each landed with its own values
     async with sessions() as session:
-        stored = await session.get(RolloutRecord, rollout.id)
+        stored = await session.get(RolloutRecord, rollout_id)
     assert stored is not None
     assert (stored.desired_weight, stored.reason) == (25, "promoted")
     if measured:
@@ -600,11 +606,8 @@ async def test_inserted_rows_are_what_the_orm_reads_back_in_order(
 ) -> None:
     # given a rollout, and `count` evaluations of it (40 x 10 columns: more parameters than
     # one statement takes, so they go row by row)
-    async with sessions() as session, session.begin():
-        rollout = RolloutRecord(**_rollout_values())
-        await rows.save(session, rollout)
-    assert rollout.id is not None
-    evaluations = _evaluations_of(rollout.id, count)
+    rollout_id = await _stored_rollout(sessions)
+    evaluations = _evaluations_of(rollout_id, count)
     # when they are inserted in one call
     async with sessions() as session, session.begin():
         await rows.insert(session, GateEvaluation, evaluations)
