@@ -140,14 +140,17 @@ class Effects:
         session: AsyncSession,
         outbox: bool = False,
         safety: bool = False,
+        new_rollout: bool = False,
     ) -> service.Locked:
         """The service's row and its latest rollout, locked in that order (every transition
-        locks them so), for `apply`; with the rollout's outbox (`outbox`: for an answer) and
-        the service's rejections and holds (`safety`: for a start or a promotion)."""
+        locks them so), for `apply`; with the rollout's outbox (`outbox`: for an answer), the
+        service's rejections and holds (`safety`: for a start or a promotion) and the id of a
+        rollout to start (`new_rollout`: the event may be a start)."""
         windows = self.freezes if safety else None
         return await service.lock_for_transition(
-            name, now=now, session=session, outbox=outbox, windows=windows
-        )
+            name, now=now, session=session, outbox=outbox, windows=windows,
+            new_rollout=new_rollout,
+        )  # fmt: skip
 
     async def run(
         self,
@@ -163,7 +166,9 @@ class Effects:
 
         `policy` is the service's current policy (a Start uses it)."""
         safety = isinstance(event, Start | machine.Promote)
-        locked = await self.lock(name, now=now, session=session, safety=safety)
+        locked = await self.lock(
+            name, now=now, session=session, safety=safety, new_rollout=isinstance(event, Start)
+        )
         return await self.apply(locked, event, now=now, cause=cause, session=session, policy=policy)
 
     async def apply(
@@ -202,9 +207,10 @@ class Effects:
             raise service.Refused(decision, record)
         started = isinstance(event, Start)
         if started:
-            # Inserted by `_carry_out`'s save, with the transition's values, before anything
-            # needs its id (the outbox, the audit event).
-            record = service.new_record(decision.rollout, current, created_by=cause.actor, now=now)
+            # Inserted by `_carry_out` with the transition's values: with its audit event when
+            # the lock drew its id, else first (the outbox and the audit event need the id).
+            record = service.new_record(decision.rollout, current, created_by=cause.actor,
+                                        now=now, id=locked.next_rollout_id)  # fmt: skip
         assert record is not None
         # A rollout started now has nothing in the outbox but what this transition enqueues.
         messages = [] if started else locked.messages
@@ -247,7 +253,9 @@ class Effects:
         # between reads them back.
         writes = list(alongside)
         if record.id is None:
-            await rows.save(session, record)  # a start is inserted now: its id is needed
+            await rows.save(session, record)  # a start without a drawn id: inserted for one
+        elif rows.is_new(record):
+            writes.append(await rows.pending_new(session, record))
         elif (update := await rows.pending_update(session, record)) is not None:
             writes.append(update)
         if not _audited(transition):

@@ -127,6 +127,8 @@ class Locked:
     messages: list[OutboxMessage] | None = None
     # Rejections and holds at the lock's instant (None: not read).
     safety: Safety | None = None
+    # The id a rollout this transition starts takes (None: not drawn; `rows.save` gives one).
+    next_rollout_id: int | None = None
 
 
 async def lock_for_transition(
@@ -136,11 +138,12 @@ async def lock_for_transition(
     session: AsyncSession,
     outbox: bool = False,
     windows: Sequence[FreezeWindow] | None = None,
+    new_rollout: bool = False,
 ) -> Locked:
     """The service's row and latest rollout, locked in that order; with the rollout's outbox
-    rows when `outbox`, and the service's safety when `windows` (the server's freeze windows)
-    is given. One round trip on PostgreSQL (migration 0017), the same reads one by one on
-    SQLite."""
+    rows when `outbox`, the service's safety when `windows` (the server's freeze windows)
+    is given, and the id of a rollout to start when `new_rollout`. One round trip on
+    PostgreSQL (migrations 0017, 0018), the same reads one by one on SQLite (no id drawn)."""
     if await rows.dialect_name(session) != "postgresql":
         row = await lock_service(name, now=now, session=session)
         record = await lock_latest_rollout(name, session=session)
@@ -151,7 +154,7 @@ async def lock_for_transition(
         if windows is not None:
             safety = await safety_of(name, now=now, windows=windows, session=session)
         return Locked(row, record, messages, safety)
-    args = (name, outbox, windows is not None)
+    args = (name, outbox, windows is not None, new_rollout)
     found, dialect = await rows.fetch(session, _TRANSITION_LOCK, *args)
     if not found:
         await _create_service(name, now=now, session=session)
@@ -168,7 +171,7 @@ async def lock_for_transition(
     safety = None
     if windows is not None:
         safety = Safety(frozenset(locked["rejected"]), read.holds(name, windows, now))
-    return Locked(row, record, messages, safety)
+    return Locked(row, record, messages, safety, locked["next_rollout_id"])
 
 
 @dataclass
@@ -192,7 +195,7 @@ class _Read:
         return _holds(name, self.all(Incident, "incidents"), [*windows, *freezes], now)
 
 
-_TRANSITION_LOCK = "SELECT * FROM transition_lock($1, $2, $3)"
+_TRANSITION_LOCK = "SELECT * FROM transition_lock($1, $2, $3, $4)"
 
 
 @dataclass
@@ -563,12 +566,19 @@ def store(record: RolloutRecord, rollout: machine.Rollout, now: datetime) -> Non
 
 
 def new_record(
-    rollout: machine.Rollout, policy: Policy, *, created_by: str, now: datetime
+    rollout: machine.Rollout,
+    policy: Policy,
+    *,
+    created_by: str,
+    now: datetime,
+    id: int | None = None,
 ) -> RolloutRecord:
-    """The row of a rollout the machine just started under `policy` (not yet stored)."""
+    """The row of a rollout the machine just started under `policy` (not yet stored); `id`:
+    the one drawn for it (`Locked.next_rollout_id`), else `rows.save` gives one."""
     # Trusted values (the machine's, the validated policy's): built without validation.
     return rows.new(
         RolloutRecord,
+        id=id,
         service=rollout.service,
         state=rollout.state,
         canary_version=rollout.canary_version,

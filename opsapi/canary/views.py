@@ -132,10 +132,12 @@ async def promote(call: Call) -> Response:
         call.require(Role.ADMIN, "target_percent")
     override = _override(call, body)
     call.details.update(body.model_dump(exclude_none=True, exclude={"service"}))
-    # Decide start or promote on the rows as locked (the service, then its latest rollout).
+    # Decide start or promote on the rows as locked (the service, then its latest rollout);
+    # with a version it may be a start, whose id the lock draws.
     locked = await call.effects.lock(
-        body.service, now=call.now, session=call.session, outbox=True, safety=True
-    )
+        body.service, now=call.now, session=call.session, outbox=True, safety=True,
+        new_rollout=body.version is not None,
+    )  # fmt: skip
     row, record = locked.row, locked.record
     if record is None or record.state not in OPEN_STATES:
         if body.version is None:

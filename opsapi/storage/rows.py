@@ -316,7 +316,7 @@ async def save(session: AsyncSession, record: SQLModel) -> None:
     session or `persistent`) gets one UPDATE of the columns changed since it was read or saved
     (none: no statement); a new record is inserted, gets its generated id and is `persistent`
     from then on."""
-    if inspect(record).key is None:
+    if is_new(record):
         table: Table = type(record).__table__  # type: ignore[attr-defined]
         binders = dict(_binders(type(record), (await _link(session)).dialect))
         await _insert_record(session, record, table, binders)
@@ -429,6 +429,27 @@ def assign(record: SQLModel, **values: Any) -> bool:
             set_attribute(record, name, value)
             changed = True
     return changed
+
+
+def is_new(record: SQLModel) -> bool:
+    """Whether `record` is not stored yet (`save` inserts it)."""
+    return inspect(record).key is None
+
+
+async def pending_new(session: AsyncSession, record: SQLModel) -> Insert:
+    """The INSERT of the new `record`, whose key is already set (drawn from its table's
+    sequence), to run with other writes (`run_together`, `chain.append`'s `alongside`); the
+    record counts as stored from here on, so the caller must run it in this transaction."""
+    assert is_new(record), "a stored record is written by pending_update"
+    table: Table = type(record).__table__  # type: ignore[attr-defined]
+    key = _key_name(table)
+    identity = getattr(record, key)
+    assert identity is not None, "a record without its key is inserted by save"
+    binders = _binders(type(record), (await _link(session)).dialect)
+    names = (key, *(name for name, _ in binders))
+    values = (identity, *(_bound(bind, getattr(record, name)) for name, bind in binders))
+    persistent(record)
+    return Insert(table, names, [values])
 
 
 async def _insert_record(

@@ -4,8 +4,10 @@ and audit events carry the true before and after of every step a transition took
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import event
 
 from tests.support.app import Harness
 
@@ -65,3 +67,46 @@ async def test_a_resume_that_lands_ready_is_audited_with_its_true_before_and_aft
     assert [(s["from_state"], s["to_state"]) for s in event.details["transitions"]] == [
         ("paused", "progressing"), ("progressing", "awaiting_promotion"),
     ]  # fmt: skip
+
+
+async def test_a_start_writes_its_rollout_in_the_statement_of_its_audit_event(
+    api: Harness,
+) -> None:
+    """The lock draws the started rollout's id, so the rollout's INSERT travels with the
+    audit append (one round trip fewer per start), and the event names the rollout stored."""
+    # given a service whose first rollout was rolled back
+    await api.post("/canary/promote", {"service": SERVICE, "version": "v2"})
+    await api.post("/canary/rollback", {"service": SERVICE, "reason": "bad"})
+    statements: list[str] = []
+    loggers: list[Any] = []
+
+    def log(query: Any) -> None:
+        statements.append(query.query)
+
+    def on_checkout(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+        driver = dbapi_connection.driver_connection
+        if driver not in loggers:
+            driver.add_query_logger(log)
+            loggers.append(driver)
+
+    engine = api.runtime.engine.sync_engine
+    event.listen(engine, "checkout", on_checkout)
+    try:
+        # when a second rollout is started
+        started = await api.post("/canary/promote", {"service": SERVICE, "version": "v3"})
+    finally:
+        event.remove(engine, "checkout", on_checkout)
+        for driver in loggers:
+            driver.remove_query_logger(log)
+
+    # then its row was inserted by the statement that appended its audit event
+    assert started.status_code == 200
+    inserts = [sql for sql in statements if "INSERT INTO rollout " in sql]
+    assert len(inserts) == 1
+    assert "audit_append" in inserts[0]
+    # and the event names the rollout as stored, whose id the lock drew after the first's
+    first, second = await api.rollouts(SERVICE)
+    assert started.json()["id"] == second.id > first.id
+    events = await api.audit_events(action="canary.promote", rollout_id=second.id)
+    [start] = [e for e in events if e.details.get("transition") == "rollout.started"]
+    assert start.details["version"] == "v3"
