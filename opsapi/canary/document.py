@@ -14,6 +14,7 @@ from opsapi.durations import format_duration
 from opsapi.http.params import iso
 from opsapi.http.problems import whole_seconds
 from opsapi.routers.base import slot_names
+from opsapi.storage import rows
 
 
 class _Answer(BaseModel):
@@ -143,39 +144,40 @@ def rollout_view(
     holds: tuple[machine.Hold, ...] = (),
 ) -> RolloutView:
     """The rollout as the API shows it."""
+    values = rows.loaded(record)  # read without a descriptor call per column
     rollout = service.to_machine(record)
     ready = machine.readiness(rollout, now) if rollout.is_open else None
-    assert record.id is not None
+    assert values["id"] is not None
     return RolloutView(
-        id=record.id,
-        service=record.service,
+        id=values["id"],
+        service=values["service"],
         state=rollout.state,
-        canary_version=record.canary_version,
-        stable_version=record.stable_version,
-        stable_slot=record.stable_slot,
-        canary_slot=record.canary_slot,
-        targets=targets_of(record.router),
+        canary_version=values["canary_version"],
+        stable_version=values["stable_version"],
+        stable_slot=values["stable_slot"],
+        canary_slot=values["canary_slot"],
+        targets=targets_of(values["router"]),
         weights=slot_split(record),
         previous=previous_of(record, row),
-        step_index=record.step_index,
+        step_index=values["step_index"],
         steps=[StepView(weight=s.weight, wait=format_duration(s.wait)) for s in rollout.steps],
-        desired_weight=record.desired_weight,
-        applied_weight=record.applied_weight,
-        generation=record.generation,
-        applied_generation=record.applied_generation,
+        desired_weight=values["desired_weight"],
+        applied_weight=values["applied_weight"],
+        generation=values["generation"],
+        applied_generation=values["applied_generation"],
         # Whether no request can reach the canary any more (what a rollback waits for).
-        traffic_at_zero=record.applied_weight == 0,
-        step_started_at=iso(record.step_started_at),
+        traffic_at_zero=values["applied_weight"] == 0,
+        step_started_at=iso(values["step_started_at"]),
         ready=bool(ready and ready.ready),
         blocked_by=list(ready.blocking_gates) if ready else [],
         ready_at=iso(ready.ready_at) if ready and ready.ready_at else None,
         time_left=format_duration(whole_seconds(ready.time_left)) if ready else None,
         waited=format_duration(ready.waited) if ready else None,
-        paused_at=iso(record.paused_at),
+        paused_at=iso(values["paused_at"]),
         paused_for=format_duration(rollout.paused_for),
-        auto_promote=record.auto_promote,
-        interval=format_duration(timedelta(seconds=record.interval_seconds)),
-        triggered_by=record.triggered_by,
+        auto_promote=values["auto_promote"],
+        interval=format_duration(timedelta(seconds=values["interval_seconds"])),
+        triggered_by=values["triggered_by"],
         gates=[
             GateView.model_validate(
                 {
@@ -191,19 +193,19 @@ def rollout_view(
             )
             for gate in rollout.gates
         ],
-        reason=record.reason,
-        router=record.router,
-        router_error=record.router_error,
-        router_attempts=record.router_attempts,
-        router_retry_at=iso(record.router_retry_at),
-        created_by=record.created_by,
-        created_at=iso(record.created_at),
-        updated_at=iso(record.updated_at),
-        finished_at=iso(record.finished_at),
-        next_evaluation_at=iso(record.next_evaluation_at),
-        lease_seconds=record.lease_seconds,
-        lease_until=iso(record.lease_until),
-        time_to_safe=record.time_to_safe,
+        reason=values["reason"],
+        router=values["router"],
+        router_error=values["router_error"],
+        router_attempts=values["router_attempts"],
+        router_retry_at=iso(values["router_retry_at"]),
+        created_by=values["created_by"],
+        created_at=iso(values["created_at"]),
+        updated_at=iso(values["updated_at"]),
+        finished_at=iso(values["finished_at"]),
+        next_evaluation_at=iso(values["next_evaluation_at"]),
+        lease_seconds=values["lease_seconds"],
+        lease_until=iso(values["lease_until"]),
+        time_to_safe=values["time_to_safe"],
         holds=[
             {"kind": hold.kind.value, "detail": hold.detail, "until": iso(hold.until)}
             for hold in holds

@@ -486,25 +486,29 @@ def no_rollout(service: str) -> Refused:
 
 def to_machine(record: RolloutRecord) -> machine.Rollout:
     """The state machine's view of a stored rollout."""
+    # Read from the record's loaded values: each read through the ORM's attribute descriptor
+    # costs ten times a dict lookup, and every transition and answer builds this view.
+    values = rows.loaded(record)
+    lease_seconds = values["lease_seconds"]
     return machine.Rollout(
-        service=record.service,
-        canary_version=record.canary_version,
-        stable_version=record.stable_version,
-        steps=_steps(tuple((step["weight"], step["wait"]) for step in record.steps)),
-        state=record.state,
-        step_index=record.step_index,
-        desired_weight=record.desired_weight,
-        step_started_at=record.step_started_at,
-        triggered_by=machine.Trigger(record.triggered_by),
-        auto_promote=record.auto_promote,
-        paused_at=record.paused_at,
-        paused_for=timedelta(seconds=record.paused_seconds),
-        reason=record.reason,
-        gates=tuple(gate_from_json(gate) for gate in record.gates),
-        finished_at=record.finished_at,
-        stable_slot=record.stable_slot,
-        canary_slot=record.canary_slot,
-        lease=timedelta(seconds=record.lease_seconds) if record.lease_seconds else None,
+        service=values["service"],
+        canary_version=values["canary_version"],
+        stable_version=values["stable_version"],
+        steps=_steps(tuple((step["weight"], step["wait"]) for step in values["steps"])),
+        state=values["state"],
+        step_index=values["step_index"],
+        desired_weight=values["desired_weight"],
+        step_started_at=values["step_started_at"],
+        triggered_by=machine.Trigger(values["triggered_by"]),
+        auto_promote=values["auto_promote"],
+        paused_at=values["paused_at"],
+        paused_for=timedelta(seconds=values["paused_seconds"]),
+        reason=values["reason"],
+        gates=tuple(gate_from_json(gate) for gate in values["gates"]),
+        finished_at=values["finished_at"],
+        stable_slot=values["stable_slot"],
+        canary_slot=values["canary_slot"],
+        lease=timedelta(seconds=lease_seconds) if lease_seconds else None,
     )
 
 

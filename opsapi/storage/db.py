@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 from sqlalchemy import event, text
 from sqlalchemy.engine import ExceptionContext
 from sqlalchemy.exc import DBAPIError
@@ -174,7 +176,11 @@ def create_engine(
         # Overflow connections are closed on return; a pool big enough for the usual
         # concurrency avoids reconnecting under load (each connect is several round trips).
         engine = create_async_engine(
-            url, pool_size=pool_size, max_overflow=pool_size // 2, pool_recycle=300
+            url,
+            json_serializer=dump_json,
+            pool_size=pool_size,
+            max_overflow=pool_size // 2,
+            pool_recycle=300,
         )
     else:
         # No pre-ping: it costs a round trip on every checkout. A connection found dead is
@@ -182,6 +188,7 @@ def create_engine(
         # requests in flight at that moment.
         engine = create_async_engine(
             url,
+            json_serializer=dump_json,
             pool_size=limits.pool_size,
             max_overflow=limits.max_overflow,
             pool_timeout=limits.pool_timeout,
@@ -229,6 +236,29 @@ def _serialize_sqlite(engine: AsyncEngine) -> None:
     @event.listens_for(engine.sync_engine, "begin")
     def _begin(connection: Any) -> None:
         connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def dump_json(value: Any) -> str:
+    """A JSON column's text: orjson's (several times faster), or the standard library's for
+    what orjson would write differently or refuses (integers past 64 bits, lone surrogates,
+    anything that is not plain JSON data: enums, dates, dataclasses, subclasses)."""
+    try:
+        text = orjson.dumps(value, option=_PLAIN_JSON_ONLY)
+    except TypeError:
+        return json.dumps(value)
+    if b"null" in text:
+        # orjson writes NaN and the infinities as null; the standard library writes them as
+        # text PostgreSQL refuses, and an audit event's hash covers what was meant, not null.
+        return json.dumps(value)
+    return text.decode()
+
+
+_PLAIN_JSON_ONLY = (
+    orjson.OPT_PASSTHROUGH_DATACLASS
+    | orjson.OPT_PASSTHROUGH_DATETIME
+    | orjson.OPT_PASSTHROUGH_SUBCLASS
+    | orjson.OPT_NON_STR_KEYS
+)
 
 
 def session_factory(engine: AsyncEngine) -> SessionFactory:

@@ -431,6 +431,13 @@ def assign(record: SQLModel, **values: Any) -> bool:
     return changed
 
 
+def loaded(record: SQLModel) -> Mapping[str, Any]:
+    """`record`'s column values as read, built or assigned since (every column of a record
+    read or built here, or loaded by the ORM), without a descriptor call per attribute."""
+    values: Mapping[str, Any] = inspect(record).dict
+    return values
+
+
 def is_new(record: SQLModel) -> bool:
     """Whether `record` is not stored yet (`save` inserts it)."""
     return inspect(record).key is None
@@ -443,11 +450,11 @@ async def pending_new(session: AsyncSession, record: SQLModel) -> Insert:
     assert is_new(record), "a stored record is written by pending_update"
     table: Table = type(record).__table__  # type: ignore[attr-defined]
     key = _key_name(table)
-    identity = getattr(record, key)
-    assert identity is not None, "a record without its key is inserted by save"
+    stored = loaded(record)  # every column: a new record is built with all of them
+    assert stored[key] is not None, "a record without its key is inserted by save"
     binders = _binders(type(record), (await _link(session)).dialect)
     names = (key, *(name for name, _ in binders))
-    values = (identity, *(_bound(bind, getattr(record, name)) for name, bind in binders))
+    values = (stored[key], *(_bound(bind, stored[name]) for name, bind in binders))
     persistent(record)
     return Insert(table, names, [values])
 
@@ -461,9 +468,12 @@ async def _insert_record(
     generated = table.autoincrement_column
     names = tuple(binders)
     values = [_bound(binders[name], getattr(record, name)) for name in names]
-    returning = f" RETURNING {generated.name}" if generated is not None else ""
-    found, _ = await fetch(session, _insert_sql(table, names) + returning, *values)
-    if generated is not None:
+    if generated is None:
+        # Nothing to read back (an INSERT gives SQLite's driver no rows to fetch).
+        await execute(session, _insert_sql(table, names), *values)
+    else:
+        returning = f" RETURNING {generated.name}"
+        found, _ = await fetch(session, _insert_sql(table, names) + returning, *values)
         setattr(record, generated.name, found[0][generated.name])
     persistent(record)
 
