@@ -13,14 +13,13 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy.dialects.postgresql import insert as postgresql_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlmodel import col, func, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from opsapi.notifications.messages import Message
 from opsapi.notifications.rules import NotifyRule, channels_for
 from opsapi.pagerduty.models import OutboxKind, OutboxMessage, OutboxState
+from opsapi.storage import rows
 
 # The outbox's unique `cause` is "notify:<channel>:<cause>" (at most 255 characters).
 CAUSE_LIMIT = 180
@@ -48,33 +47,38 @@ async def enqueue(
     """
     if not cause or len(cause) > CAUSE_LIMIT:
         raise ValueError(f"cause must be 1 to {CAUSE_LIMIT} characters")
-    dialect = session.bind.dialect.name if session.bind else "postgresql"
-    insert = postgresql_insert if dialect == "postgresql" else sqlite_insert
+    channels = channels_for(rules, message.event)
+    if not channels:
+        return []
     payload = {"message": message.as_dict()}
-    created: list[str] = []
-    for channel in channels_for(rules, message.event):
-        statement = (
-            insert(OutboxMessage)
-            .values(
-                kind=OutboxKind.NOTIFICATION.value,
-                cause=row_cause(cause, channel),
-                service=message.service,
-                rollout_id=message.rollout_id,
-                channel=channel,
-                dedup_key=cause,
-                routing_key="",
-                payload=payload,
-                state=OutboxState.PENDING.value,
-                attempts=0,
-                next_attempt_at=now,
-                created_at=now,
-            )
-            .on_conflict_do_nothing(index_elements=["cause"])
-        )
-        result = await session.exec(statement)
-        if result.rowcount:
-            created.append(channel)
-    return created
+    values = [
+        {
+            "kind": OutboxKind.NOTIFICATION.value,
+            "cause": row_cause(cause, channel),
+            "service": message.service,
+            "rollout_id": message.rollout_id,
+            "channel": channel,
+            "dedup_key": cause,
+            "routing_key": "",
+            "payload": payload,
+            "state": OutboxState.PENDING.value,
+            "attempts": 0,
+            "next_attempt_at": now,
+            "created_at": now,
+            "last_error": None,
+            "delivered_at": None,
+        }
+        for channel in channels
+    ]
+    # Every channel's row in one plain statement (one round trip, no ORM); a cause already
+    # enqueued is skipped, and RETURNING names the rows written now.
+    insert = await rows.pending_insert(session, OutboxMessage, values)
+    found, _ = await rows.fetch(session, insert.sql() + _ONCE_PER_CAUSE, *insert.values)
+    created = {row["channel"] for row in found}
+    return [channel for channel in channels if channel in created]
+
+
+_ONCE_PER_CAUSE = " ON CONFLICT (cause) DO NOTHING RETURNING channel"
 
 
 async def deliveries_for(session: AsyncSession, rollout_id: int | None) -> list[dict[str, Any]]:
@@ -84,7 +88,7 @@ async def deliveries_for(session: AsyncSession, rollout_id: int | None) -> list[
     """
     if rollout_id is None:
         return []
-    rows = (
+    found = (
         await session.exec(
             select(OutboxMessage)
             .where(
@@ -94,7 +98,7 @@ async def deliveries_for(session: AsyncSession, rollout_id: int | None) -> list[
             .order_by(col(OutboxMessage.id))
         )
     ).all()
-    return [delivery_view(row) for row in rows]
+    return [delivery_view(row) for row in found]
 
 
 def delivery_view(row: OutboxMessage) -> dict[str, Any]:
