@@ -19,7 +19,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from opsapi.notifications.messages import Message
 from opsapi.notifications.rules import NotifyRule, channels_for
 from opsapi.pagerduty.models import OutboxKind, OutboxMessage, OutboxState
-from opsapi.storage import rows
+from opsapi.pagerduty.outbox import insert_new
 
 # The outbox's unique `cause` is "notify:<channel>:<cause>" (at most 255 characters).
 CAUSE_LIMIT = 180
@@ -51,34 +51,17 @@ async def enqueue(
     if not channels:
         return []
     payload = {"message": message.as_dict()}
-    values = [
-        {
-            "kind": OutboxKind.NOTIFICATION.value,
-            "cause": row_cause(cause, channel),
-            "service": message.service,
-            "rollout_id": message.rollout_id,
-            "channel": channel,
-            "dedup_key": cause,
-            "routing_key": "",
-            "payload": payload,
-            "state": OutboxState.PENDING.value,
-            "attempts": 0,
-            "next_attempt_at": now,
-            "created_at": now,
-            "last_error": None,
-            "delivered_at": None,
-        }
-        for channel in channels
-    ]
-    # Every channel's row in one plain statement (one round trip, no ORM); a cause already
-    # enqueued is skipped, and RETURNING names the rows written now.
-    insert = await rows.pending_insert(session, OutboxMessage, values)
-    found, _ = await rows.fetch(session, insert.sql() + _ONCE_PER_CAUSE, *insert.values)
-    created = {row["channel"] for row in found}
-    return [channel for channel in channels if channel in created]
-
-
-_ONCE_PER_CAUSE = " ON CONFLICT (cause) DO NOTHING RETURNING channel"
+    created = await insert_new(
+        session,
+        [
+            {"kind": OutboxKind.NOTIFICATION.value, "cause": row_cause(cause, channel),
+             "service": message.service, "rollout_id": message.rollout_id, "channel": channel,
+             "dedup_key": cause, "routing_key": "", "payload": payload}
+            for channel in channels
+        ],
+        now=now,
+    )  # fmt: skip
+    return [channel for channel in channels if row_cause(cause, channel) in created]
 
 
 async def deliveries_for(session: AsyncSession, rollout_id: int | None) -> list[dict[str, Any]]:

@@ -15,8 +15,6 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy.dialects.postgresql import insert as postgresql_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlmodel import col, func, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
@@ -73,27 +71,31 @@ async def enqueue(
 
     `cause` is unique: enqueueing the same cause again does nothing and returns False.
     """
-    dialect = session.bind.dialect.name if session.bind else "postgresql"
-    insert = postgresql_insert if dialect == "postgresql" else sqlite_insert
-    statement = (
-        insert(OutboxMessage)
-        .values(
-            kind=kind.value,
-            cause=cause,
-            service=service,
-            rollout_id=rollout_id,
-            dedup_key=dedup_key,
-            routing_key=routing_key,
-            payload=payload,
-            state=OutboxState.PENDING.value,
-            attempts=0,
-            next_attempt_at=now,
-            created_at=now,
-        )
-        .on_conflict_do_nothing(index_elements=["cause"])
-    )
-    result = await session.exec(statement)
-    return bool(result.rowcount)
+    message = {"kind": kind.value, "cause": cause, "service": service, "rollout_id": rollout_id,
+               "dedup_key": dedup_key, "routing_key": routing_key, "payload": payload}  # fmt: skip
+    return cause in await insert_new(session, [message], now=now)
+
+
+async def insert_new(
+    session: AsyncSession, messages: Sequence[Mapping[str, Any]], *, now: datetime
+) -> set[str]:
+    """Add outbox rows (column -> value; pending, due `now`) to the caller's transaction in one
+    plain statement (never commits); a row whose cause is already in the outbox is skipped.
+    The causes added now."""
+    if not messages:
+        return set()
+    values = [
+        {**_NEW, "next_attempt_at": now, "created_at": now, **message} for message in messages
+    ]
+    insert = await rows.pending_insert(session, OutboxMessage, values)
+    found, _ = await rows.fetch(session, insert.sql() + _ONCE_PER_CAUSE, *insert.values)
+    return {row["cause"] for row in found}
+
+
+# A new row's columns that callers do not give.
+_NEW: dict[str, Any] = {"channel": None, "state": OutboxState.PENDING.value, "attempts": 0,
+                        "last_error": None, "delivered_at": None}  # fmt: skip
+_ONCE_PER_CAUSE = " ON CONFLICT (cause) DO NOTHING RETURNING cause"
 
 
 # What causes alerts ----------------------------------------------------------------------------
@@ -225,35 +227,25 @@ async def resolve_earlier(
     Each earlier triggered dedup key is resolved once, through the routing key it was
     triggered with. Returns the dedup keys resolved.
     """
-    triggers = (
-        await session.exec(
-            select(OutboxMessage)
-            .where(
-                OutboxMessage.service == record.service,
-                OutboxMessage.kind == OutboxKind.TRIGGER.value,
-                col(OutboxMessage.rollout_id) < (record.id or 0),
-            )
-            .order_by(col(OutboxMessage.id))
-        )
-    ).all()
-    resolved: list[str] = []
+    sql = "SELECT * FROM outbox WHERE service = $1 AND kind = $2 AND rollout_id < $3 ORDER BY id"
+    triggers = await rows.fetch_records(
+        session, OutboxMessage, sql, record.service, OutboxKind.TRIGGER.value, record.id or 0
+    )
+    # Each dedup key once, through the routing key of its first trigger.
+    first: dict[str, OutboxMessage] = {}
     for trigger in triggers:
-        if trigger.dedup_key in resolved:
-            continue
-        created = await enqueue(
-            session,
-            kind=OutboxKind.RESOLVE,
-            cause=f"resolve:{trigger.dedup_key}",
-            service=record.service,
-            rollout_id=trigger.rollout_id,
-            dedup_key=trigger.dedup_key,
-            routing_key=trigger.routing_key,
-            payload={"resolved_by_rollout": record.id},
-            now=now,
-        )
-        if created:
-            resolved.append(trigger.dedup_key)
-    return resolved
+        first.setdefault(trigger.dedup_key, trigger)
+    created = await insert_new(
+        session,
+        [
+            {"kind": OutboxKind.RESOLVE.value, "cause": f"resolve:{key}",
+             "service": record.service, "rollout_id": trigger.rollout_id, "dedup_key": key,
+             "routing_key": trigger.routing_key, "payload": {"resolved_by_rollout": record.id}}
+            for key, trigger in first.items()
+        ],
+        now=now,
+    )  # fmt: skip
+    return [key for key in first if f"resolve:{key}" in created]
 
 
 def _rollout_details(record: RolloutRecord) -> dict[str, Any]:
