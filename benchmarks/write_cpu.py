@@ -1,6 +1,7 @@
 """CPU per audited write of the application alone, in process, for one or more checkouts.
 
     .venv/bin/python benchmarks/write_cpu.py [--checkout PATH ...] [--runs 2] [--writes 3000]
+        [--idempotency-keys]
 
 Each run is a fresh process that builds the app from one checkout (its own PostgreSQL
 database, migrated at startup), opens one rollout per service, then calls the ASGI app
@@ -37,7 +38,9 @@ def _cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-async def _call(app: Any, path: str, token: str, body: dict[str, Any]) -> tuple[int, bytes]:
+async def _call(
+    app: Any, path: str, token: str, body: dict[str, Any], key: str | None = None
+) -> tuple[int, bytes]:
     raw = json.dumps(body).encode()
     scope = {
         "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
@@ -47,6 +50,8 @@ async def _call(app: Any, path: str, token: str, body: dict[str, Any]) -> tuple[
                     (b"content-type", b"application/json"),
                     (b"content-length", str(len(raw)).encode())],
     }  # fmt: skip
+    if key is not None:
+        scope["headers"].append((b"idempotency-key", key.encode()))
     sent = False
 
     async def receive() -> dict[str, Any]:
@@ -70,7 +75,7 @@ async def _call(app: Any, path: str, token: str, body: dict[str, Any]) -> tuple[
     return status, b"".join(chunks)
 
 
-async def _one_run(writes: int, concurrency: int) -> list[float]:
+async def _one_run(writes: int, concurrency: int, keyed: bool) -> list[float]:
     """In the child process: CPU ms per write over three rounds (the checkout is on sys.path)."""
     import asyncpg
     from asgi_lifespan import LifespanManager
@@ -103,7 +108,8 @@ async def _one_run(writes: int, concurrency: int) -> list[float]:
                         path, body = "/canary/rollback", {"service": service, "reason": "bench"}
                     else:
                         path, body = "/canary/promote", {"service": service, "version": f"v{n}"}
-                    status, answer = await _call(app, PREFIX + path, token, body)
+                    key = uuid.uuid4().hex if keyed else None
+                    status, answer = await _call(app, PREFIX + path, token, body, key)
                     if status != 200:
                         raise RuntimeError(f"{path}: {status} {answer[:300]!r}")
                     is_open[service] = not is_open[service]
@@ -130,6 +136,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--writes", type=int, default=3000)
     parser.add_argument("--concurrency", type=int, default=32)
+    keys_help = "each write sends a fresh Idempotency-Key, as opsctl does"
+    parser.add_argument("--idempotency-keys", action="store_true", help=keys_help)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -141,7 +149,9 @@ def main() -> None:
         assert Path(opsapi.__file__).is_relative_to(Path.cwd()), opsapi.__file__
 
         uvloop.install()
-        print(json.dumps(asyncio.run(_one_run(args.writes, args.concurrency))))
+        print(
+            json.dumps(asyncio.run(_one_run(args.writes, args.concurrency, args.idempotency_keys)))
+        )
         return
     checkouts = [path.resolve() for path in args.checkout or [ROOT]]
     figures: dict[Path, list[float]] = {path: [] for path in checkouts}
@@ -150,7 +160,8 @@ def main() -> None:
             started = time.monotonic()
             done = subprocess.run(
                 [sys.executable, str(Path(__file__).resolve()), "--child",
-                 "--writes", str(args.writes), "--concurrency", str(args.concurrency)],
+                 "--writes", str(args.writes), "--concurrency", str(args.concurrency),
+                 *(["--idempotency-keys"] if args.idempotency_keys else [])],
                 cwd=checkout,
                 capture_output=True, text=True, check=False,
             )  # fmt: skip
@@ -161,8 +172,9 @@ def main() -> None:
             shown = " ".join(f"{value:.3f}" for value in rounds)
             print(f"run {run} {checkout}: {shown} ms CPU per write "
                   f"({time.monotonic() - started:.0f} s)", flush=True)  # fmt: skip
-    print(f"\nCPU per audited write (app process only, {args.concurrency} concurrent writers, "
-          "median of rounds):")  # fmt: skip
+    keyed = ", each with an Idempotency-Key" if args.idempotency_keys else ""
+    print(f"\nCPU per audited write{keyed} (app process only, {args.concurrency} concurrent "
+          "writers, median of rounds):")  # fmt: skip
     for checkout, values in figures.items():
         print(f"  {statistics.median(values):.3f} ms  (min {min(values):.3f}, max "
               f"{max(values):.3f})  {checkout}")  # fmt: skip

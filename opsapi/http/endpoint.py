@@ -47,7 +47,7 @@ from opsapi.errors import (
 from opsapi.http.clients import client_address, is_allowed, networks
 from opsapi.http.problems import refusal_problem
 from opsapi.http.runtime import Runtime
-from opsapi.storage import rows
+from opsapi.storage import idempotency, rows
 from opsapi.storage.db import is_unavailable
 from opsapi.storage.idempotency import IdempotencyRecord
 
@@ -319,8 +319,8 @@ class _Request:
                         await audit.record(session=session, **self._audit_fields(call, response))
                     if key is not None:
                         # Completed below once the after-commit work built the final answer.
-                        self._remember(key, request_hash, response, now, session,
-                                       complete=not call.after_commit)  # fmt: skip
+                        await self._remember(key, request_hash, response, now, session,
+                                             complete=not call.after_commit)  # fmt: skip
             except Refused as refused:
                 return await self._refuse(
                     refusal_problem(refused), now, call.details, key=key,
@@ -489,13 +489,13 @@ class _Request:
         assert self.identity is not None
         for _ in range(_REPLAY_WAITS):
             async with self.runtime.sessions() as session:
-                stored = await session.get(IdempotencyRecord, (self.identity.subject, key))
+                stored = await idempotency.stored(session, self.identity.subject, key)
             if stored is None or stored.complete:
                 return stored
             await asyncio.sleep(_REPLAY_WAIT_SECONDS)
         return stored
 
-    def _remember(
+    async def _remember(
         self,
         key: str,
         request_hash: str,
@@ -506,33 +506,28 @@ class _Request:
         complete: bool = True,
     ) -> None:
         assert self.identity is not None
-        session.add(
-            IdempotencyRecord(
-                subject=self.identity.subject,
-                key=key,
-                method=self.request.method,
-                path=url_path(self.request.scope)[:512],
-                request_hash=request_hash,
-                status_code=response.status_code,
-                response_body=bytes(response.body).decode(),
-                created_at=now,
-                complete=complete,
-            )
+        await idempotency.remember(
+            session,
+            subject=self.identity.subject,
+            key=key,
+            method=self.request.method,
+            path=url_path(self.request.scope)[:512],
+            request_hash=request_hash,
+            status_code=response.status_code,
+            response_body=bytes(response.body).decode(),
+            created_at=now,
+            complete=complete,
         )
 
     async def _complete(self, key: str, response: Response) -> None:
         """Store the answer the first call got (built after the commit) for its replays."""
         assert self.identity is not None
         try:
-            async with self.runtime.sessions() as session, session.begin():
-                stored = await session.get(
-                    IdempotencyRecord, (self.identity.subject, key), with_for_update=True
-                )
-                if stored is not None:
-                    stored.status_code = response.status_code
-                    stored.response_body = bytes(response.body).decode()
-                    stored.complete = True
-                    session.add(stored)
+            async with self.runtime.sessions() as session, rows.transaction(session):
+                await idempotency.complete(
+                    session, self.identity.subject, key, status_code=response.status_code,
+                    response_body=bytes(response.body).decode(),
+                )  # fmt: skip
         except Exception as error:
             # A replay then answers what was committed (without the router's result).
             _log_failure(error, "could not store the final answer for an Idempotency-Key")
@@ -599,7 +594,7 @@ class _Request:
             async with self.runtime.sessions() as session, session.begin():
                 if writer.refusals.allow(caller, now, row):
                     await chain.append(session, [row])
-                self._remember(key, request_hash, response, now, session)
+                await self._remember(key, request_hash, response, now, session)
         except IntegrityError:
             # A concurrent request with the same Idempotency-Key won; answer what it answered.
             assert key is not None

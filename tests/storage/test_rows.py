@@ -23,6 +23,7 @@ from opsapi.canary.models import FreezeRecord, Incident, RolloutRecord, ServiceR
 from opsapi.gates.models import GateEvaluation
 from opsapi.storage import rows
 from opsapi.storage.db import SessionFactory, create_engine, is_unavailable, session_factory
+from opsapi.storage.migrate import upgrade
 
 NOW = datetime(2026, 11, 30, 6, 0, 0, 123456, tzinfo=UTC)
 
@@ -123,6 +124,33 @@ async def test_a_first_plain_read_begins_the_transaction(pg_url: str) -> None:
                     text("SELECT state FROM pg_stat_activity WHERE pid = :pid"), {"pid": pid}
                 )
             assert state == "idle in transaction"
+    finally:
+        await engine.dispose()
+
+
+async def test_a_write_alone_commits_by_itself_unless_a_transaction_is_open(pg_url: str) -> None:
+    engine = create_engine(pg_url, pool_size=2)
+    await upgrade(engine)
+    sessions = session_factory(engine)
+    update = "UPDATE service SET updated_by = $1 WHERE name = $2"
+    read = "SELECT updated_by FROM service WHERE name = $1"
+    try:
+        # given a stored service
+        async with sessions() as session, session.begin():
+            await rows.save(session, _records()[0])
+        # when a session writes alone and is closed without a commit
+        async with sessions() as session:
+            await rows.execute_alone(session, update, "bob", "checkout")
+        # then the write is kept (one statement, committed by itself)
+        async with sessions() as other:
+            assert (await rows.fetch(other, read, "checkout"))[0] == [{"updated_by": "bob"}]
+        # but inside a transaction the session began, it is that transaction's
+        async with sessions() as session:
+            await rows.fetch(session, read, "checkout")  # begins the transaction
+            await rows.execute_alone(session, update, "carol", "checkout")
+            await session.rollback()
+        async with sessions() as other:
+            assert (await rows.fetch(other, read, "checkout"))[0] == [{"updated_by": "bob"}]
     finally:
         await engine.dispose()
 
