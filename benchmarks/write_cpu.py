@@ -1,7 +1,7 @@
 """CPU per audited write of the application alone, in process, for one or more checkouts.
 
     .venv/bin/python benchmarks/write_cpu.py [--checkout PATH ...] [--runs 2] [--writes 3000]
-        [--idempotency-keys]
+        [--idempotency-keys] [--notify N]
 
 Each run is a fresh process that builds the app from one checkout (its own PostgreSQL
 database, migrated at startup), opens one rollout per service, then calls the ASGI app
@@ -39,11 +39,16 @@ def _cpu() -> float:
 
 
 async def _call(
-    app: Any, path: str, token: str, body: dict[str, Any], key: str | None = None
+    app: Any,
+    path: str,
+    token: str,
+    body: dict[str, Any],
+    key: str | None = None,
+    method: str = "POST",
 ) -> tuple[int, bytes]:
     raw = json.dumps(body).encode()
     scope = {
-        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method,
         "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
         "root_path": "", "client": ("127.0.0.1", 5555), "server": ("127.0.0.1", 80),
         "headers": [(b"host", b"bench"), (b"authorization", b"Bearer " + token.encode()),
@@ -75,7 +80,7 @@ async def _call(
     return status, b"".join(chunks)
 
 
-async def _one_run(writes: int, concurrency: int, keyed: bool) -> list[float]:
+async def _one_run(writes: int, concurrency: int, keyed: bool, notify: int) -> list[float]:
     """In the child process: CPU ms per write over three rounds (the checkout is on sys.path)."""
     import asyncpg
     from asgi_lifespan import LifespanManager
@@ -94,13 +99,39 @@ async def _one_run(writes: int, concurrency: int, keyed: bool) -> list[float]:
         "OPSAPI_LOCAL_KEY_FILE": str(key), "OPSAPI_ENV": "test",
         "OPSAPI_CONTROLLER_ENABLED": "false", "OPSAPI_PAGERDUTY_WORKER_ENABLED": "false",
     })  # fmt: skip
-    token = LocalSigner.load_or_create(key).mint(subject="bench", roles=["operator"])
+    channels = Path(f"/tmp/{name}-channels.json")
+    if notify:
+        # Webhook channels nobody delivers to (the outbox worker is off): the enqueueing is
+        # what is measured, in each transition's transaction.
+        channels.write_text(
+            json.dumps(
+                {
+                    f"hook-{i}": {
+                        "type": "webhook",
+                        "url": f"http://127.0.0.1:9/hook-{i}",
+                        "secret": "bench-secret-long-enough",
+                    }
+                    for i in range(notify)
+                }
+            )
+        )
+        os.environ["OPSAPI_NOTIFICATIONS_FILE"] = str(channels)
+    signer = LocalSigner.load_or_create(key)
+    token = signer.mint(subject="bench", roles=["operator"])
     app = create_app(Settings(), freeze_startup_objects=True)
     services = [f"svc-{i}" for i in range(concurrency)]
     results: list[float] = []
     try:
         async with LifespanManager(app, startup_timeout=60):
             is_open = dict.fromkeys(services, False)
+            if notify:
+                admin_token = signer.mint(subject="bench-admin", roles=["admin"])
+                policy = {"notify": [{"channel": f"hook-{i}"} for i in range(notify)]}
+                for service in services:
+                    status, answer = await _call(app, f"{PREFIX}/services/{service}", admin_token,
+                                                 policy, method="PUT")  # fmt: skip
+                    if status != 200:
+                        raise RuntimeError(f"policy of {service}: {status} {answer[:300]!r}")
 
             async def writer(service: str, count: int) -> None:
                 for n in range(count):
@@ -127,6 +158,7 @@ async def _one_run(writes: int, concurrency: int, keyed: bool) -> list[float]:
         await admin.execute(f'DROP DATABASE "{name}"')
         await admin.close()
         key.unlink(missing_ok=True)
+        channels.unlink(missing_ok=True)
     return results
 
 
@@ -138,6 +170,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=32)
     keys_help = "each write sends a fresh Idempotency-Key, as opsctl does"
     parser.add_argument("--idempotency-keys", action="store_true", help=keys_help)
+    notify_help = "each service's policy notifies this many channels of every transition"
+    parser.add_argument("--notify", type=int, default=0, help=notify_help)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -149,9 +183,8 @@ def main() -> None:
         assert Path(opsapi.__file__).is_relative_to(Path.cwd()), opsapi.__file__
 
         uvloop.install()
-        print(
-            json.dumps(asyncio.run(_one_run(args.writes, args.concurrency, args.idempotency_keys)))
-        )
+        measured = _one_run(args.writes, args.concurrency, args.idempotency_keys, args.notify)
+        print(json.dumps(asyncio.run(measured)))
         return
     checkouts = [path.resolve() for path in args.checkout or [ROOT]]
     figures: dict[Path, list[float]] = {path: [] for path in checkouts}
@@ -161,7 +194,8 @@ def main() -> None:
             done = subprocess.run(
                 [sys.executable, str(Path(__file__).resolve()), "--child",
                  "--writes", str(args.writes), "--concurrency", str(args.concurrency),
-                 *(["--idempotency-keys"] if args.idempotency_keys else [])],
+                 *(["--idempotency-keys"] if args.idempotency_keys else []),
+                 "--notify", str(args.notify)],
                 cwd=checkout,
                 capture_output=True, text=True, check=False,
             )  # fmt: skip
@@ -173,6 +207,7 @@ def main() -> None:
             print(f"run {run} {checkout}: {shown} ms CPU per write "
                   f"({time.monotonic() - started:.0f} s)", flush=True)  # fmt: skip
     keyed = ", each with an Idempotency-Key" if args.idempotency_keys else ""
+    keyed += f", notifying {args.notify} channels" if args.notify else ""
     print(f"\nCPU per audited write{keyed} (app process only, {args.concurrency} concurrent "
           "writers, median of rounds):")  # fmt: skip
     for checkout, values in figures.items():
