@@ -92,9 +92,11 @@ async def _transition(
     """Run `event` through the one interpreter; answer once the router has applied it."""
     if locked is None:
         locked = await call.effects.lock(name, now=call.now, session=call.session, outbox=True)
+    # Answered after the commit: the pipeline's own writes (an Idempotency-Key record as
+    # such an answer leaves it) travel with the transition's.
     applied = await call.effects.apply(
         locked, event, now=call.now, cause=call.cause(), session=call.session,
-        policy=policy, read_outbox=True,
+        policy=policy, read_outbox=True, alongside=call.take_writes(),
     )  # fmt: skip
     call.rollout_id = applied.record.id
     call.after_commit.append(lambda: _answer(call, applied))

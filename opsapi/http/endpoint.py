@@ -108,6 +108,9 @@ class Call:
     outcome: Outcome | None = None
     # The request body's bytes as received (read before parsing).
     raw_body: bytes = b""
+    # The pipeline's own write for this call's transaction (its Idempotency-Key record, as
+    # answered after the commit), until a transition takes it (`take_writes`).
+    own_writes: list[rows.Pending] = field(default_factory=list)
     _session: AsyncSession | None = None
 
     @property
@@ -149,6 +152,12 @@ class Call:
     def pending(self) -> Response:
         """The placeholder a handler returns when an after-commit hook builds the answer."""
         return Response(status_code=200)
+
+    def take_writes(self) -> list[rows.Pending]:
+        """The pipeline's writes for a transition that answers through an after-commit hook
+        (`pending`) to carry with its audit event (one round trip fewer); taken once."""
+        writes, self.own_writes = self.own_writes, []
+        return writes
 
     @property
     def effects(self) -> Effects:
@@ -309,6 +318,10 @@ class _Request:
                 return replay
         async with self.runtime.sessions() as session:
             call = self._call(lambda: session, parsed, now)
+            if key is not None:
+                # As a transition answering after its commit leaves it: completed below.
+                values = self._record(key, request_hash, call.pending(), now, complete=False)
+                call.own_writes.append(await idempotency.pending(session, **values))
             try:
                 # The session begins by itself on first use (one trip through SQLAlchemy's
                 # greenlet bridge fewer than an explicit begin); committed here, rolled back
@@ -317,8 +330,9 @@ class _Request:
                     response = await handler(call)
                     if not call.audited:
                         await audit.record(session=session, **self._audit_fields(call, response))
-                    if key is not None:
-                        # Completed below once the after-commit work built the final answer.
+                    if key is not None and call.take_writes():
+                        # Not taken by a transition: remembered as answered (completed below
+                        # once the after-commit work, if any, built the final answer).
                         await self._remember(key, request_hash, response, now, session,
                                              complete=not call.after_commit)  # fmt: skip
             except Refused as refused:
@@ -505,19 +519,25 @@ class _Request:
         *,
         complete: bool = True,
     ) -> None:
+        values = self._record(key, request_hash, response, now, complete=complete)
+        await idempotency.remember(session, **values)
+
+    def _record(
+        self, key: str, request_hash: str, response: Response, now: datetime, *, complete: bool
+    ) -> dict[str, Any]:
+        """The Idempotency-Key record of this call answered `response`."""
         assert self.identity is not None
-        await idempotency.remember(
-            session,
-            subject=self.identity.subject,
-            key=key,
-            method=self.request.method,
-            path=url_path(self.request.scope)[:512],
-            request_hash=request_hash,
-            status_code=response.status_code,
-            response_body=bytes(response.body).decode(),
-            created_at=now,
-            complete=complete,
-        )
+        return {
+            "subject": self.identity.subject,
+            "key": key,
+            "method": self.request.method,
+            "path": url_path(self.request.scope)[:512],
+            "request_hash": request_hash,
+            "status_code": response.status_code,
+            "response_body": bytes(response.body).decode(),
+            "created_at": now,
+            "complete": complete,
+        }
 
     async def _complete(self, key: str, response: Response) -> None:
         """Store the answer the first call got (built after the commit) for its replays."""

@@ -45,6 +45,11 @@ async def remember(session: AsyncSession, **values: Any) -> None:
     await rows.insert(session, IdempotencyRecord, [values])
 
 
+async def pending(session: AsyncSession, **values: Any) -> rows.Insert:
+    """`remember`'s INSERT, not yet run: to run with the writes of the change it answers."""
+    return await rows.pending_insert(session, IdempotencyRecord, [values])
+
+
 async def complete(
     session: AsyncSession, subject: str, key: str, *, status_code: int, response_body: str
 ) -> None:

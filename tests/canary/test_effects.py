@@ -73,7 +73,8 @@ async def test_a_start_writes_its_rollout_in_the_statement_of_its_audit_event(
     api: Harness,
 ) -> None:
     """The lock draws the started rollout's id, so the rollout's INSERT travels with the
-    audit append (one round trip fewer per start), and the event names the rollout stored."""
+    audit append (one round trip fewer per start), and the event names the rollout stored;
+    the caller's Idempotency-Key record travels with them."""
     # given a service whose first rollout was rolled back
     await api.post("/canary/promote", {"service": SERVICE, "version": "v2"})
     await api.post("/canary/rollback", {"service": SERVICE, "reason": "bad"})
@@ -91,22 +92,30 @@ async def test_a_start_writes_its_rollout_in_the_statement_of_its_audit_event(
 
     engine = api.runtime.engine.sync_engine
     event.listen(engine, "checkout", on_checkout)
+    body = {"service": SERVICE, "version": "v3"}
     try:
-        # when a second rollout is started
-        started = await api.post("/canary/promote", {"service": SERVICE, "version": "v3"})
+        # when a second rollout is started by a call with an Idempotency-Key
+        started = await api.post("/canary/promote", body, **{"Idempotency-Key": "start-v3"})
     finally:
         event.remove(engine, "checkout", on_checkout)
         for driver in loggers:
             driver.remove_query_logger(log)
 
-    # then its row was inserted by the statement that appended its audit event
+    # then its row and the key's record were inserted by the statement that appended its
+    # audit event
     assert started.status_code == 200
     inserts = [sql for sql in statements if "INSERT INTO rollout " in sql]
     assert len(inserts) == 1
     assert "audit_append" in inserts[0]
+    assert "INSERT INTO idempotency_key " in inserts[0]
+    assert [sql for sql in statements if "INSERT INTO idempotency_key " in sql] == inserts
     # and the event names the rollout as stored, whose id the lock drew after the first's
     first, second = await api.rollouts(SERVICE)
     assert started.json()["id"] == second.id > first.id
     events = await api.audit_events(action="canary.promote", rollout_id=second.id)
     [start] = [e for e in events if e.details.get("transition") == "rollout.started"]
     assert start.details["version"] == "v3"
+    # and a retry with the key answers exactly what the first call answered
+    again = await api.post("/canary/promote", body, **{"Idempotency-Key": "start-v3"})
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert again.json() == started.json()
