@@ -82,20 +82,22 @@ async def insert_new(
     """Add outbox rows (column -> value; pending, due `now`) to the caller's transaction in one
     plain statement (never commits); a row whose cause is already in the outbox is skipped.
     The causes added now."""
-    if not messages:
-        return set()
-    values = [
-        {**_NEW, "next_attempt_at": now, "created_at": now, **message} for message in messages
-    ]
-    insert = await rows.pending_insert(session, OutboxMessage, values)
-    found, _ = await rows.fetch(session, insert.sql() + _ONCE_PER_CAUSE, *insert.values)
-    return {row["cause"] for row in found}
+    added: set[str] = set()
+    # A few rows a statement: bounded parameters, and few statement shapes to prepare.
+    for start in range(0, len(messages), _ROWS_PER_STATEMENT):
+        values = [{**_NEW, "next_attempt_at": now, "created_at": now, **message}
+                  for message in messages[start : start + _ROWS_PER_STATEMENT]]  # fmt: skip
+        insert = await rows.pending_insert(session, OutboxMessage, values)
+        found, _ = await rows.fetch(session, insert.sql() + _ONCE_PER_CAUSE, *insert.values)
+        added.update(row["cause"] for row in found)
+    return added
 
 
 # A new row's columns that callers do not give.
 _NEW: dict[str, Any] = {"channel": None, "state": OutboxState.PENDING.value, "attempts": 0,
                         "last_error": None, "delivered_at": None}  # fmt: skip
 _ONCE_PER_CAUSE = " ON CONFLICT (cause) DO NOTHING RETURNING cause"
+_ROWS_PER_STATEMENT = 20
 
 
 # What causes alerts ----------------------------------------------------------------------------
@@ -227,7 +229,13 @@ async def resolve_earlier(
     Each earlier triggered dedup key is resolved once, through the routing key it was
     triggered with. Returns the dedup keys resolved.
     """
-    sql = "SELECT * FROM outbox WHERE service = $1 AND kind = $2 AND rollout_id < $3 ORDER BY id"
+    # Triggers whose dedup key is resolved already are left out: their resolve would be
+    # skipped anyway, and over a service's life they grow without bound.
+    sql = (
+        "SELECT * FROM outbox t WHERE service = $1 AND kind = $2 AND rollout_id < $3 "
+        "AND NOT EXISTS (SELECT 1 FROM outbox r WHERE r.cause = 'resolve:' || t.dedup_key) "
+        "ORDER BY id"
+    )
     triggers = await rows.fetch_records(
         session, OutboxMessage, sql, record.service, OutboxKind.TRIGGER.value, record.id or 0
     )
