@@ -152,10 +152,8 @@ async def _one_run(writes: int, concurrency: int, keyed: bool, notify: int) -> l
                 await asyncio.gather(*(writer(s, per_writer) for s in services))
                 results.append(1000 * (_cpu() - started) / (per_writer * concurrency))
     finally:
-        await admin.execute(
-            f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'"
-        )
-        await admin.execute(f'DROP DATABASE "{name}"')
+        # FORCE: a terminated backend may still be exiting when a plain DROP runs.
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await admin.close()
         key.unlink(missing_ok=True)
         channels.unlink(missing_ok=True)
