@@ -4,6 +4,8 @@ the backend answering "stable", slot `green` the one answering "canary" (the can
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import replace
@@ -215,6 +217,48 @@ async def test_drift_is_read_back_and_repaired(nginx: Nginx, servers: Backends) 
     await router.apply(target(servers), 25)
     assert await router.read_back(target(servers)) == 25
     assert abs(await measured(nginx) - 25) <= 3
+
+
+class LoopHold:
+    """The most CPU the event loop's thread spent between two ticks of a task that wakes every
+    few milliseconds: how long one callback kept every other request waiting. CPU, not wall
+    time, so that another process taking the core does not count."""
+
+    def __init__(self) -> None:
+        self.longest = 0.0
+        self._task: asyncio.Task[None] | None = None
+
+    async def _tick(self) -> None:
+        last = time.thread_time()
+        while True:
+            await asyncio.sleep(0.002)
+            now = time.thread_time()
+            self.longest = max(self.longest, now - last)
+            last = now
+
+    async def __aenter__(self) -> LoopHold:
+        self._task = asyncio.create_task(self._tick())
+        await asyncio.sleep(0)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+
+async def test_an_apply_never_holds_the_event_loop(nginx: Nginx, servers: Backends) -> None:
+    # Given a router that confirms each apply by probing nginx a few times
+    router = router_for(nginx)
+    await router.apply(target(servers), 10)
+    # When it applies and reads back, with a task watching the event loop
+    async with LoopHold() as hold:
+        await router.apply(target(servers), 0)
+        assert await router.read_back(target(servers)) == 0
+    # Then no step kept the loop (the API's other requests, the controller) for more than a
+    # few milliseconds of CPU: a probe client loading the CA bundle held it 25-65 ms each time.
+    assert hold.longest < 0.012, f"the event loop was held {hold.longest * 1000:.1f} ms"
 
 
 async def test_a_file_nginx_does_not_run_is_not_read_back(nginx: Nginx, servers: Backends) -> None:
