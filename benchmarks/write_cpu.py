@@ -11,6 +11,13 @@ checkouts the runs alternate between them (A B A B ...), so that a machine whose
 affects each alike: this is how a change to the write path is compared with its parent
 (`git worktree add /tmp/base HEAD~1`, then `--checkout /tmp/base --checkout .`).
 Figures are this process's CPU, not the database's; `api_throughput.py` measures the whole.
+
+With `--instructions`, each checkout instead runs twice under valgrind (cachegrind, no cache
+simulation), with `--writes` and twice as many, and the difference in instructions the process
+executed, divided by the difference in writes, is printed: instructions per write, a count that
+does not move with the machine's speed (CPU time here varies up to threefold from hour to hour),
+so a change of a few percent shows. It counts work, not time: a cache miss costs nothing in it.
+About 50 times slower than a native run: use a few hundred writes.
 """
 
 from __future__ import annotations
@@ -122,7 +129,7 @@ async def _one_run(writes: int, concurrency: int, keyed: bool, notify: int) -> l
     services = [f"svc-{i}" for i in range(concurrency)]
     results: list[float] = []
     try:
-        async with LifespanManager(app, startup_timeout=60):
+        async with LifespanManager(app, startup_timeout=600):
             is_open = dict.fromkeys(services, False)
             if notify:
                 admin_token = signer.mint(subject="bench-admin", roles=["admin"])
@@ -170,6 +177,8 @@ def main() -> None:
     parser.add_argument("--idempotency-keys", action="store_true", help=keys_help)
     notify_help = "each service's policy notifies this many channels of every transition"
     parser.add_argument("--notify", type=int, default=0, help=notify_help)
+    instructions_help = "count instructions per write under valgrind instead of CPU time"
+    parser.add_argument("--instructions", action="store_true", help=instructions_help)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -185,6 +194,9 @@ def main() -> None:
         print(json.dumps(asyncio.run(measured)))
         return
     checkouts = [path.resolve() for path in args.checkout or [ROOT]]
+    if args.instructions:
+        _count_instructions(args, checkouts)
+        return
     figures: dict[Path, list[float]] = {path: [] for path in checkouts}
     for run in range(1, args.runs + 1):
         for checkout in checkouts:
@@ -211,6 +223,54 @@ def main() -> None:
     for checkout, values in figures.items():
         print(f"  {statistics.median(values):.3f} ms  (min {min(values):.3f}, max "
               f"{max(values):.3f})  {checkout}")  # fmt: skip
+
+
+def _child_command(args: argparse.Namespace, writes: int) -> list[str]:
+    return [
+        sys.executable, str(Path(__file__).resolve()), "--child", "--writes", str(writes),
+        "--concurrency", str(args.concurrency),
+        *(["--idempotency-keys"] if args.idempotency_keys else []), "--notify", str(args.notify),
+    ]  # fmt: skip
+
+
+def _instructions(args: argparse.Namespace, checkout: Path, writes: int) -> int:
+    """Instructions one child process executes, from start to exit, making `writes` writes."""
+    out = Path(f"/tmp/write_cpu-{uuid.uuid4().hex[:8]}.cachegrind")
+    try:
+        done = subprocess.run(
+            ["valgrind", "--tool=cachegrind", "--cache-sim=no", f"--cachegrind-out-file={out}",
+             *_child_command(args, writes)],
+            cwd=checkout, capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        if done.returncode != 0:
+            sys.exit(f"{checkout}: run failed\n{done.stderr[-2000:]}")
+        for line in out.read_text().splitlines():
+            if line.startswith("summary:"):
+                return int(line.split()[1])
+        sys.exit(f"{checkout}: no summary in {out}")
+    finally:
+        out.unlink(missing_ok=True)
+
+
+def _count_instructions(args: argparse.Namespace, checkouts: list[Path]) -> None:
+    # Each child makes a warm-up of 20 writes per writer, then 3 rounds of writes // concurrency
+    # per writer: the difference between two children is 3 rounds' worth.
+    per_writer = max(1, args.writes // args.concurrency)
+    measured = 3 * per_writer * args.concurrency
+    figures: dict[Path, list[float]] = {path: [] for path in checkouts}
+    for run in range(1, args.runs + 1):
+        for checkout in checkouts:
+            started = time.monotonic()
+            small = _instructions(args, checkout, per_writer * args.concurrency)
+            large = _instructions(args, checkout, 2 * per_writer * args.concurrency)
+            figures[checkout].append((large - small) / measured)
+            print(f"run {run} {checkout}: {figures[checkout][-1] / 1e6:.3f} M instructions per "
+                  f"write ({time.monotonic() - started:.0f} s)", flush=True)  # fmt: skip
+    print(f"\nInstructions per audited write (app process only, {args.concurrency} concurrent "
+          f"writers, {measured} writes told apart, median of runs):")  # fmt: skip
+    for checkout, values in figures.items():
+        print(f"  {statistics.median(values) / 1e6:.3f} M  (min {min(values) / 1e6:.3f}, max "
+              f"{max(values) / 1e6:.3f})  {checkout}")  # fmt: skip
 
 
 if __name__ == "__main__":
