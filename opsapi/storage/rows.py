@@ -119,6 +119,14 @@ class Session(SQLModelSession):
         finally:
             self._release(invalidate=False)
 
+    def expunge_all(self) -> None:
+        """Remove every object from the session (nothing to do when it holds none)."""
+        # A hot-path session never holds an object (`rows` reads detached records); the ORM's
+        # version still builds a new identity map and looks up the detach event's listeners at
+        # every close.
+        if self.identity_map or self._new or self._deleted:
+            super().expunge_all()
+
     def _close_impl(self, invalidate: bool, is_reset: bool = False) -> None:
         try:
             super()._close_impl(invalidate, is_reset)
