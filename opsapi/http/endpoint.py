@@ -48,7 +48,7 @@ from opsapi.http.clients import client_address, is_allowed, networks
 from opsapi.http.problems import refusal_problem
 from opsapi.http.runtime import Runtime
 from opsapi.storage import idempotency, rows
-from opsapi.storage.db import is_unavailable
+from opsapi.storage.db import is_unavailable, load_json
 from opsapi.storage.idempotency import IdempotencyRecord
 
 log = logging.getLogger("opsapi.http")
@@ -721,7 +721,7 @@ def read_json(raw: bytes, *, odd_text: Literal["refuse", "replace"] = "refuse") 
     except UnicodeDecodeError:
         raise BadRequest("the request body is not UTF-8 encoded JSON") from None
     try:
-        document = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite)
+        document = load_json(text, _strict)
     except RecursionError:
         raise BadRequest(_too_deep()) from None
     except ValueError:
@@ -744,6 +744,12 @@ def read_json(raw: bytes, *, odd_text: Literal["refuse", "replace"] = "refuse") 
             "allowed in the request body"
         )
     return document
+
+
+def _strict(text: str) -> Any:
+    # What orjson leaves to the standard library (NaN, numbers past a double, lone surrogates,
+    # deep nesting, invalid text) read with the checks that refuse each in its own words.
+    return json.loads(text, parse_constant=_refuse_constant, parse_float=_finite)
 
 
 def _may_hold_non_finite(text: str) -> bool:

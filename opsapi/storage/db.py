@@ -256,16 +256,18 @@ def dump_json(value: Any) -> str:
     return text.decode()
 
 
-def load_json(text: str) -> Any:
-    """A JSON column's value: read by orjson (several times faster), or by the standard library
-    where orjson would read something else or refuses (a run of 19 or more digits: an integer
-    past 64 bits, which orjson reads as a float; NaN, nesting past its limit)."""
+def load_json(text: str, fallback: Callable[[str], Any] = json.loads) -> Any:
+    """A JSON document (a JSON column's value, a request body): read by orjson (several times
+    faster), or by `fallback` (the standard library) wherever orjson would read something else
+    or refuses (a run of 19 or more digits: an integer past 64 bits, which orjson reads as a
+    float; NaN, a number past a double's range, a lone surrogate, nesting past its limit, and
+    anything that is not JSON, which `fallback` then refuses in its own words)."""
     if _LONG_DIGITS.search(text) is None:
         try:
             return orjson.loads(text)
         except orjson.JSONDecodeError:
             pass
-    return json.loads(text)
+    return fallback(text)
 
 
 # 19 digits may already be past a signed 64-bit integer (2**63 has 19).

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import gc
+import json
 import uuid
 from collections import Counter
+from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from starlette.requests import Request
 
-from opsapi.http.endpoint import new_request_id, url_path
+from opsapi.http.endpoint import _strict, new_request_id, url_path
+from opsapi.storage.db import load_json
 from tests.support.app import Harness
 
 PATHS = [
@@ -100,3 +105,45 @@ async def test_every_request_is_counted_with_its_route_method_and_status(api: Ha
         assert f"opsapi_http_requests_total{{{labels}}} {count}.0" in exposition
     histogram = 'opsapi_http_request_duration_seconds_count{method="GET",route="canary.get"}'
     assert f"{histogram} 5.0" in exposition
+
+
+# Bodies a client may send, and what the fast reader (orjson) hands to the strict one: integers
+# past 64 bits, NaN and infinities, numbers past a double, NUL and lone surrogates, surrogate
+# pairs, duplicate keys, deep nesting, and text that is not JSON.
+BODIES = [
+    '{"service": "checkout", "version": "v2", "reason": "release 2"}',
+    '{"n": 123456789012345678901234567890, "m": -9223372036854775809, "f": 1.5e-7}',
+    '{"a": NaN}', '{"a": Infinity}', '{"a": -Infinity}', '{"a": 1e400}', '{"a": -1e400}',
+    '{"a": "\\u0000"}', '{"a": "\\ud800"}', '{"a": "\\ud83d\\ude00"}', '{"a": 1, "a": 2}',
+    "[" * 40 + "]" * 40, "[" * 2000 + "]" * 2000,
+    '{"a": -0, "b": -0.0, "c": 1E2, "d": 1e-400}',
+    '{"a": "x\ny"}', '{"a": 01}', "[1,]", "{'a': 1}", "tru", "", '"\\x41"',
+]  # fmt: skip
+
+
+def outcome(read: Any, text: str) -> tuple[str, str]:
+    """What reading `text` gives: its value written out with types (1 and 1.0 differ), or the
+    error's type and message."""
+    try:
+        # (a number that is not finite reads as a marker, named here by its type)
+        value = read(text)
+        return "value", json.dumps(value, sort_keys=True, default=lambda it: type(it).__name__)
+    except (ValueError, RecursionError) as error:
+        return type(error).__name__, str(error)
+
+
+@pytest.mark.parametrize("text", BODIES)
+def test_a_body_reads_as_the_strict_reader_alone_reads_it(text: str) -> None:
+    # The fast path must never accept, refuse or read otherwise than the standard library
+    # with the pipeline's checks (the checks after it then see the same document).
+    assert outcome(lambda body: load_json(body, _strict), text) == outcome(_strict, text)
+
+
+@given(st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=20,
+))  # fmt: skip
+def test_any_body_reads_as_the_strict_reader_alone_reads_it(value: Any) -> None:
+    text = json.dumps(value)
+    assert outcome(lambda body: load_json(body, _strict), text) == outcome(_strict, text)
