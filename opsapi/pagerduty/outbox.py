@@ -233,12 +233,13 @@ async def resolve_earlier(
     # skipped anyway, and over a service's life they grow without bound.
     sql = (
         "SELECT * FROM outbox t WHERE service = $1 AND kind = $2 AND rollout_id < $3 "
-        "AND NOT EXISTS (SELECT 1 FROM outbox r WHERE r.cause = 'resolve:' || t.dedup_key) "
+        "AND NOT EXISTS (SELECT 1 FROM outbox r WHERE r.cause = $4 || t.dedup_key) "
         "ORDER BY id"
     )
     triggers = await rows.fetch_records(
-        session, OutboxMessage, sql, record.service, OutboxKind.TRIGGER.value, record.id or 0
-    )
+        session, OutboxMessage, sql, record.service, OutboxKind.TRIGGER.value, record.id or 0,
+        _RESOLVE_CAUSE,
+    )  # fmt: skip
     # Each dedup key once, through the routing key of its first trigger.
     first: dict[str, OutboxMessage] = {}
     for trigger in triggers:
@@ -246,14 +247,18 @@ async def resolve_earlier(
     created = await insert_new(
         session,
         [
-            {"kind": OutboxKind.RESOLVE.value, "cause": f"resolve:{key}",
+            {"kind": OutboxKind.RESOLVE.value, "cause": _RESOLVE_CAUSE + key,
              "service": record.service, "rollout_id": trigger.rollout_id, "dedup_key": key,
              "routing_key": trigger.routing_key, "payload": {"resolved_by_rollout": record.id}}
             for key, trigger in first.items()
         ],
         now=now,
     )  # fmt: skip
-    return [key for key in first if f"resolve:{key}" in created]
+    return [key for key in first if _RESOLVE_CAUSE + key in created]
+
+
+# A resolve's cause: this prefix and the dedup key it resolves (one resolve per key).
+_RESOLVE_CAUSE = "resolve:"
 
 
 def _rollout_details(record: RolloutRecord) -> dict[str, Any]:
