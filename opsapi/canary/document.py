@@ -142,10 +142,13 @@ def rollout_view(
     alerts: list[dict[str, Any]] | None = None,
     notifications: list[dict[str, Any]] | None = None,
     holds: tuple[machine.Hold, ...] = (),
+    rollout: machine.Rollout | None = None,
 ) -> RolloutView:
-    """The rollout as the API shows it."""
+    """The rollout as the API shows it; `rollout`: the machine's view of `record` when the
+    caller has it (a transition's result, which `service.store` wrote into `record`)."""
     values = rows.loaded(record)  # read without a descriptor call per column
-    rollout = service.to_machine(record)
+    if rollout is None:
+        rollout = service.to_machine(record)
     ready = machine.readiness(rollout, now) if rollout.is_open else None
     assert values["id"] is not None
     return RolloutView(

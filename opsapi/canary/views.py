@@ -117,8 +117,9 @@ def _outbound(messages: list[OutboxMessage]) -> dict[str, Any]:
 async def _answer(call: Call, applied: Applied) -> Response:
     await call.effects.finish(applied)
     view = rollout_view(
-        applied.record, applied.service, call.now, **_outbound(applied.messages or [])
-    )
+        applied.record, applied.service, call.now, **_outbound(applied.messages or []),
+        rollout=applied.transition.rollout,
+    )  # fmt: skip
     return model_response(view)
 
 

@@ -308,3 +308,49 @@ async def test_the_status_shows_the_rollout_its_alerts_and_what_holds_the_servic
     assert "code freeze" in status["holds"][0]["detail"]
     assert status["alerts"] == []
     assert status["notifications"] == []
+
+
+async def test_every_write_answers_the_rollout_as_a_status_read_then_shows_it(
+    api_any_db: Harness,
+) -> None:
+    """A write's answer is built from the transition it made (not read back): through a
+    service's life, each answer is the document a status read shows at that moment."""
+    api = api_any_db
+    promote = ("/canary/promote", {"service": "checkout"}, 121)  # past any step's wait
+    # given a service released twice: v2 paused, resumed, promoted to success; v3 rolled back,
+    # released again to success and reverted (None: promote until the controller finishes it)
+    life: list[tuple[str, dict[str, object], int] | None] = [
+        ("/canary/promote", {"service": "checkout", "version": "v2"}, 0),
+        ("/canary/pause", {"service": "checkout"}, 5),
+        ("/canary/resume", {"service": "checkout"}, 7),
+        None,
+        ("/canary/promote", {"service": "checkout", "version": "v3"}, 1),
+        ("/canary/rollback", {"service": "checkout", "reason": "5xx"}, 2),
+        ("/canary/promote", {"service": "checkout", "version": "v3"}, 1),
+        None,
+        ("/canary/revert", {"service": "checkout", "reason": "slow"}, 3),
+    ]
+    states = []
+    for write in life:
+        while True:
+            path, body, minutes = write or promote
+            api.clock.advance(minutes=minutes)
+            await api.tick()
+            status = (await api.get("/canary/checkout")).json()
+            if write is None and status["state"] == "succeeded":
+                break
+            # when the write is made
+            answer = await api.post(path, body, role="admin")
+            assert answer.status_code == 200, (path, body, answer.text)
+
+            # then a status read at the same instant shows the same rollout
+            shown = await api.get("/canary/checkout")
+            assert shown.status_code == 200
+            written = answer.json()
+            assert written == shown.json(), (path, body)
+            states.append(written["state"])
+            if write is not None:
+                break
+    assert states.count("rolled_back") == 1, states
+    assert states[-1] == "reverted", states
+    assert states.count("progressing") >= 8, states
