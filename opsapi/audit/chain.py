@@ -10,7 +10,6 @@ breaks the chain at that event, which `verify` reports.
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -48,7 +47,7 @@ def _canonical(event: Mapping[str, Any]) -> tuple[str, str]:
     if not isinstance(details, values.Encoded):  # read back, or not built by `event_row`
         details = _stored_form(details)
     details_text = values.canonical_text(details)
-    outer = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    outer = values.storable_text(fields)
     # The whole, sorted, has "details" just before "outcome"; the outer fields are flat (a
     # list of roles, no object), so `,"outcome":` occurs once, as that key: in JSON a quote
     # inside a string is always escaped.

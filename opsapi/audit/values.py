@@ -32,6 +32,8 @@ from datetime import date, datetime, time
 from decimal import Decimal
 from typing import Any
 
+import orjson
+
 # Refused calls and reads: what the caller sent is kept up to this size.
 DETAILS_BUDGET = 4 * 1024
 # A successful action was authorised and its input validated (a policy change with its
@@ -61,6 +63,30 @@ def canonical_text(value: Any) -> str:
     if isinstance(value, Encoded):
         return value.text
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def storable_text(value: Any) -> str:
+    """`canonical_text` of a value as `storable` leaves it (no NaN or infinity, text without
+    lone surrogates), written by orjson (several times faster) wherever it writes exactly what
+    the standard library writes: everywhere but floats under 1e-4, which Python writes with an
+    exponent of at least two digits (`1e-05`, `1.5e-07`) and orjson in full (`0.00001`) or
+    with one digit (`1.5e-7`), and what orjson refuses (integers past 64 bits, keys that are
+    not text, other types): the standard library writes those."""
+    try:
+        written = orjson.dumps(value, option=_SORTED)
+    except TypeError:  # orjson's refusal (JSONEncodeError is one)
+        return canonical_text(value)
+    # Any such float is written "0.0000…" or "…<digit>e-…" by orjson; text that merely looks
+    # like one takes the slow way too.
+    if _TINY_FLOAT.search(written):
+        return canonical_text(value)
+    return written.decode()
+
+
+# Types the standard library refuses are refused here too (then refused by it). Subclasses of
+# text and numbers (enum members) are written as their value, as the standard library does.
+_SORTED = orjson.OPT_SORT_KEYS | orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS
+_TINY_FLOAT = re.compile(rb"0\.0000|[0-9]e-")
 
 
 class Encoded(dict[str, Any]):
@@ -143,7 +169,7 @@ def bound(details: dict[str, Any], budget: int = DETAILS_BUDGET) -> dict[str, An
     was, its sha256, which values were cut (`cut`), and how many entries were left out
     (`dropped`) of which objects (`partial`).
     """
-    text = canonical_text(details)
+    text = storable_text(details)
     whole = text.encode("utf-8", "surrogatepass")
     if len(whole) <= budget:
         return Encoded(details, text)
