@@ -389,9 +389,10 @@ def _service_state(
 ) -> machine.ServiceState:
     # A start uses the policy's router (the slots the new canary goes to); every other event
     # the router the rollout started with.
-    router = policy.router.model_dump(mode="json")
     if record is not None and not isinstance(event, Start):
         router = record.router
+    else:
+        router = policy.router.model_dump(mode="json")
     return service.service_state(name, row, router, safety)
 
 
