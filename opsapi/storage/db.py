@@ -284,8 +284,9 @@ _PLAIN_JSON_ONLY = (
 
 def session_factory(engine: AsyncEngine) -> SessionFactory:
     """Sessions that keep loaded objects usable after commit."""
-    from opsapi.storage.rows import Session  # rows uses this module's failure policy
+    # rows uses this module's failure policy
+    from opsapi.storage.rows import ClosingSession, Session
 
     return async_sessionmaker(
-        engine, class_=AsyncSession, sync_session_class=Session, expire_on_commit=False
+        engine, class_=ClosingSession, sync_session_class=Session, expire_on_commit=False
     )

@@ -641,3 +641,66 @@ async def test_inserted_rows_are_what_the_orm_reads_back_in_order(
         await rows.insert(session, GateEvaluation, evaluations)
     # then each row holds its own values, as the ORM reads them back
     assert await _stored_evaluations(sessions, evaluations[0]) == evaluations
+
+
+def _closed_in_place(session: Any) -> bool:
+    """Whether leaving the session's `async with` finished without suspending (no task, no
+    trip through the loop): what SQLAlchemy's own exit never does."""
+    exit_ = session.__aexit__(None, None, None)
+    try:
+        exit_.send(None)
+    except StopIteration:
+        return True
+    exit_.close()
+    return False
+
+
+async def test_a_session_with_nothing_open_closes_in_place_and_the_pool_stays_whole(
+    pg_url: str,
+) -> None:
+    # given a pool of one connection (+1 overflow)
+    engine = create_engine(pg_url, pool_size=2)
+    await upgrade(engine)
+    sessions = session_factory(engine)
+    service = ServiceRecord(name="checkout", policy={}, updated_at=NOW, updated_by="a")
+    try:
+        # when a session's plain SQL is committed, then a session with nothing done at all
+        session = sessions()
+        await rows.save(session, service)
+        await rows.commit(session)
+        # then each closes in place, its connection back in the pool
+        assert _closed_in_place(session)
+        assert _closed_in_place(sessions())
+        assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+
+        # when a session leaves its transaction open, or the ORM's, they close the slow way:
+        # rolled back, the connection back in the pool
+        service.updated_by = "b"
+        async with sessions() as open_plain:
+            await rows.save(open_plain, service)
+            assert not open_plain.sync_session.closes_at_once()  # type: ignore[attr-defined]
+        async with sessions() as open_orm:
+            await open_orm.exec(select(ServiceRecord))
+            assert not open_orm.sync_session.closes_at_once()  # type: ignore[attr-defined]
+        async with sessions() as session:
+            assert (await rows.fetch(session, "SELECT updated_by FROM service"))[0] == [
+                {"updated_by": "a"}
+            ]
+        assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+
+        # when three sessions hold connections (one past the pool's size) and close
+        held = [sessions() for _ in range(3)]
+        for session in held:
+            await rows.fetch(session, "SELECT 1")
+            await rows.commit(session)
+        in_place = []
+        for session in held:
+            in_place.append(session.sync_session.closes_at_once())  # type: ignore[attr-defined]
+            await session.close()
+        # then the first two go back into the pool in place; the third, for which the full pool
+        # has no room, is closed through SQLAlchemy (closing the connection waits on it)
+        assert in_place == [True, True, False]
+        assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+        assert engine.pool.checkedin() == 2  # type: ignore[attr-defined]
+    finally:
+        await engine.dispose()
