@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
@@ -163,7 +164,7 @@ def rollout_view(
         weights=slot_split(record),
         previous=previous_of(record, row),
         step_index=values["step_index"],
-        steps=[StepView(weight=s.weight, wait=format_duration(s.wait)) for s in rollout.steps],
+        steps=list(_step_views(rollout.steps)),
         desired_weight=values["desired_weight"],
         applied_weight=values["applied_weight"],
         generation=values["generation"],
@@ -216,6 +217,13 @@ def rollout_view(
         alerts=alerts or [],
         notifications=notifications or [],
     )
+
+
+@functools.lru_cache(maxsize=1024)
+def _step_views(steps: tuple[machine.Step, ...]) -> tuple[StepView, ...]:
+    # Ladders repeat (one per policy): the same steps are shown in every answer. The views are
+    # frozen, so one copy serves them all.
+    return tuple(StepView(weight=step.weight, wait=format_duration(step.wait)) for step in steps)
 
 
 def _gate_rule(record: RolloutRecord, name: str) -> dict[str, Any]:

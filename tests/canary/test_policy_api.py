@@ -610,3 +610,29 @@ async def test_bad_gate_queries_and_numbers_are_422_naming_the_field(
     assert "sum(rate(" not in response.text
     # and nothing changed
     assert await get_policy(api) == before
+
+
+async def test_each_rollout_shows_the_ladder_it_started_with(api: Harness) -> None:
+    # given two services with different ladders, and a third on the default one
+    short = [{"weight": 50, "wait": "1m30s"}, {"weight": 100, "wait": "1h30m"}]
+    assert (await api.put("/services/short", {"steps": short})).status_code == 200
+    assert (await api.put("/services/long", {"steps": DEFAULT_STEPS})).status_code == 200
+
+    # when each starts a rollout
+    shown = {}
+    for service in ("short", "long", "plain"):
+        answer = await api.post("/canary/promote", {"service": service, "version": "v2"})
+        assert answer.status_code == 200, answer.text
+        shown[service] = answer.json()["steps"]
+
+    # then each answer shows its own ladder
+    assert shown == {"short": short, "long": DEFAULT_STEPS, "plain": DEFAULT_STEPS}
+
+    # and when the short ladder changes while its rollout is open, that rollout keeps its own
+    # ladder; the next rollout shows the new one
+    changed = [{"weight": 20, "wait": "1m30s"}, {"weight": 100, "wait": "1h30m"}]
+    assert (await api.put("/services/short", {"steps": changed})).status_code == 200
+    assert (await api.get("/canary/short")).json()["steps"] == short
+    await api.post("/canary/rollback", {"service": "short", "reason": "test"})
+    answer = await api.post("/canary/promote", {"service": "short", "version": "v3"})
+    assert answer.json()["steps"] == changed
