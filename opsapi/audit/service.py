@@ -22,6 +22,8 @@ _INT32 = range(-(2**31), 2**31)  # rollout_id is a 32-bit integer on PostgreSQL
 
 def redact(value: Any) -> Any:
     """A copy of `value` with secret-looking keys replaced by a marker."""
+    if value is None or isinstance(value, str | int | float):
+        return value  # a leaf (most values): no abstract-class check
     if isinstance(value, Mapping):
         return {
             str(key): REDACTED if _is_secret(str(key)) else redact(item)

@@ -119,20 +119,22 @@ def column_text(value: str | None, limit: int) -> str | None:
 
 def storable(value: Any, depth: int = 0) -> Any:
     """A JSON value that both databases store and give back unchanged (see the module doc)."""
+    if isinstance(value, str):  # the most common value first; `text`'s check inline
+        return value if value.isascii() and "\x00" not in value else text(value)
     if value is None or isinstance(value, bool):
         return value
     if isinstance(value, int):
         return int(value) if value.bit_length() <= _INT_BITS else f"{int(value):#x}"
     if isinstance(value, float):
         return _number(value)
-    if isinstance(value, str):
-        return text(value)
     if depth >= MAX_DEPTH:
         return "[nested too deep]"
-    if isinstance(value, Mapping):
+    if type(value) is dict or isinstance(value, Mapping):  # a dict without the ABC's check
         result: dict[str, Any] = {}
         for key, item in value.items():
-            name = text(str(key))
+            name = (
+                key if type(key) is str and key.isascii() and "\x00" not in key else text(str(key))
+            )
             while name in result:  # two keys that became one text: keep both
                 name += "'"
             result[name] = storable(item, depth + 1)
