@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+import orjson
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -63,7 +64,24 @@ def policy_of(record: ServiceRecord | None, default: Policy) -> Policy:
     # A row created only to hold lifecycle state stores {}: it has no policy of its own.
     if record is None or not record.policy:
         return default
-    return Policy.model_validate(record.policy)
+    try:
+        key = orjson.dumps(record.policy, option=orjson.OPT_SORT_KEYS)
+    except TypeError:  # what orjson cannot write (an integer past 64 bits): not cached
+        return Policy.model_validate(record.policy)
+    # Every transition of a service reads its stored policy: validated once per document, not
+    # per transition (policies are frozen and never changed in place, as the default one).
+    found = _POLICIES.get(key)
+    if found is None:
+        found = Policy.model_validate(record.policy)
+        if len(_POLICIES) >= _POLICIES_KEPT:
+            _POLICIES.pop(next(iter(_POLICIES)))  # the oldest first
+        _POLICIES[key] = found
+    return found
+
+
+# Validated policies by their stored document (sorted JSON), a bounded number of them.
+_POLICIES: dict[bytes, Policy] = {}
+_POLICIES_KEPT = 1024
 
 
 async def save_policy(

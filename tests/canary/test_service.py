@@ -5,10 +5,12 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from pydantic import ValidationError
 
 from opsapi.canary import service
 from opsapi.canary.machine import State
-from opsapi.canary.models import RolloutRecord
+from opsapi.canary.models import RolloutRecord, ServiceRecord
+from opsapi.canary.policy import Policy
 from opsapi.storage import rows
 from opsapi.storage.db import SessionFactory
 
@@ -84,3 +86,40 @@ async def test_a_claim_skips_rollouts_another_replica_holds(sessions: SessionFac
     # then it gets only the one not held, without waiting for the first to commit
     assert sorted(record.service for record, _ in held) == ["b", "c"]
     assert other == {"a": 1.0}
+
+
+# --- stored policies (`service.policy_of`) -------------------------------------------------
+
+
+def _row(policy: dict[str, object]) -> ServiceRecord:
+    return ServiceRecord(name="checkout", policy=policy, updated_at=NOW, updated_by="admin")
+
+
+def test_a_stored_policy_is_validated_once_per_document_and_a_changed_one_read_anew() -> None:
+    default = Policy()
+    stored = {"steps": [{"weight": 50, "wait": "5m"}, {"weight": 100, "wait": "1h"}]}
+    # given the same document read twice (keys in another order the second time)
+    document = {**stored, "auto_promote": True}
+    first = service.policy_of(_row(document), default)
+    again = service.policy_of(_row(dict(reversed(list(document.items())))), default)
+    # then it was validated once: the same policy serves both reads
+    assert again is first
+    assert [step.weight for step in first.steps] == [50, 100]
+    assert first.auto_promote is True
+    # when the document changes, the next read gives the new policy
+    changed = service.policy_of(_row({"steps": [{"weight": 100, "wait": "2h"}]}), default)
+    assert [step.weight for step in changed.steps] == [100]
+    # a service without a policy of its own gets the default
+    assert service.policy_of(_row({}), default) is default
+    assert service.policy_of(None, default) is default
+
+
+def test_a_stored_policy_orjson_cannot_write_or_that_no_longer_validates_is_still_read() -> None:
+    default = Policy()
+    # an integer past 64 bits (orjson refuses it): validated without the cache, as before
+    huge = {"steps": [{"weight": 100, "wait": "1h"}], "router": {"name": "pull", "n": 2**70}}
+    assert service.policy_of(_row(huge), default).router.model_extra == {"n": 2**70}
+    # a document that does not validate fails every time (never cached as valid)
+    for _ in range(2):
+        with pytest.raises(ValidationError):
+            service.policy_of(_row({"steps": [{"weight": 0, "wait": "1h"}]}), default)
