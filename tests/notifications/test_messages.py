@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import asdict, fields, replace
 
 import pytest
 
+from opsapi.canary.machine import State
 from opsapi.notifications.messages import EVENTS, Message, render
 
 BASE = Message(
@@ -112,3 +113,18 @@ def test_an_unknown_event_is_refused() -> None:
 
 def test_a_message_survives_the_outbox_round_trip() -> None:
     assert Message.from_dict({**BASE.as_dict(), "added_later": 1}) == BASE
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        BASE,
+        replace(BASE, state=State.ROLLED_BACK, rollout_id=None, reason=None, stable_slot=None),
+        replace(BASE, event="reverted", reason="é \u2028 \x00", weight=0),
+    ],
+)
+def test_the_stored_form_is_every_field_as_asdict_gives_it(message: Message) -> None:
+    stored = message.as_dict()
+    assert stored == asdict(message)
+    assert list(stored) == [field.name for field in fields(Message)]
+    assert all(stored[name] is getattr(message, name) for name in stored)
