@@ -199,18 +199,19 @@ class ClosingSession(AsyncSession):
 
     async def close(self) -> None:
         """Close the session (the connection back to the pool, what is open rolled back)."""
-        sync = self.sync_session
-        if isinstance(sync, Session) and sync.closes_at_once():
-            sync.close()
-            return
-        await super().close()
+        if not self._closed_in_place():
+            await super().close()
 
     async def __aexit__(self, type_: Any, value: Any, traceback: Any) -> None:
+        if not self._closed_in_place():
+            await super().__aexit__(type_, value, traceback)
+
+    def _closed_in_place(self) -> bool:
         sync = self.sync_session
         if isinstance(sync, Session) and sync.closes_at_once():
             sync.close()
-            return
-        await super().__aexit__(type_, value, traceback)
+            return True
+        return False
 
 
 def _current_link(session: AsyncSession) -> _Link | None:
