@@ -233,8 +233,8 @@ class Effects:
         alongside: Sequence[rows.Pending] = (),
     ) -> Applied:
         service.store(record, transition.rollout, now)
-        # Whether this transition wrote to the rollout's outbox (a page, a notification).
-        enqueued = False
+        # Whether this transition paged (wrote alerts to the rollout's outbox).
+        paged = False
         if any(isinstance(e, SetWeight | SwapSlots) for e in transition.effects):
             # A new weight, or new roles for the slots (the same percentage may now mean that
             # another version is stable): the router owes a new generation.
@@ -260,36 +260,47 @@ class Effects:
             writes.append(update)
         if not _audited(transition):
             await rows.run_together(session, writes)
+            writes = []
         details = summary(transition)
+        # The transition's notifications: written with its other writes, shown in its answer.
+        notified: list[dict[str, Any]] = []
         for effect in transition.effects:
             if isinstance(effect, Page):
                 details.update(await self._page(session, record, effect, now))
-                enqueued = True
+                paged = True
             elif isinstance(effect, Reject):
                 await service.reject(record, effect.version, effect.reason, now=now,
                                      session=session)  # fmt: skip
                 details["rejected_version"] = effect.version
             elif isinstance(effect, Notify) and policy.notify:
-                channels = await notifications.enqueue(
-                    session,
+                if messages is None:
+                    messages = await pagerduty_outbox.of_rollout(session, record.id)
+                new = notifications.notices(
                     rules=policy.notify,
                     message=_message(record, effect, cause),
                     # One transition, one cause: the same event twice in a rollout (promoted
                     # at each step) are different transitions.
                     cause=f"rollout:{record.id}:{effect.kind}:{now.isoformat()}",
                     now=now,
+                    # The rollout's outbox as read under its lock: only a transition holding
+                    # the lock adds a row of one of its transitions.
+                    enqueued={row.cause for row in messages} | {row["cause"] for row in notified},
                 )
-                if channels:
-                    details.setdefault("notified", []).extend(channels)
-                    enqueued = True
+                if new:
+                    details.setdefault("notified", []).extend(row["channel"] for row in new)
+                    notified += new
+        if notified:
+            writes.append(await pagerduty_outbox.pending_new(session, notified))
+            if not _audited(transition):
+                await rows.run_together(session, writes)
         applied = Applied(record, row, transition, details)
         if read_outbox:
-            # The rows read with the lock, unless this transition added to them: then read
-            # here, before the audit chain's lock is taken, not after the commit (one round
-            # trip instead of another transaction).
-            if enqueued or messages is None:
+            # The rows read with the lock, unless this transition paged: then read here, before
+            # the audit chain's lock is taken, not after the commit (one round trip instead of
+            # another transaction). Its notifications are not written yet: shown as they will be.
+            if paged or messages is None:
                 messages = await pagerduty_outbox.of_rollout(session, record.id)
-            applied.messages = messages
+            applied.messages = [*messages, *(rows.new(OutboxMessage, **new) for new in notified)]
         if applied.changed:
             await audit.record(
                 session=session,

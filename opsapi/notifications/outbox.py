@@ -9,7 +9,7 @@ stay in the channels file and are read by the worker at delivery.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Container, Iterable
 from datetime import datetime
 from typing import Any
 
@@ -19,7 +19,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from opsapi.notifications.messages import Message
 from opsapi.notifications.rules import NotifyRule, channels_for
 from opsapi.pagerduty.models import OutboxKind, OutboxMessage, OutboxState
-from opsapi.pagerduty.outbox import insert_new
+from opsapi.pagerduty.outbox import insert_new, new_row
 
 # The outbox's unique `cause` is "notify:<channel>:<cause>" (at most 255 characters).
 CAUSE_LIMIT = 180
@@ -45,23 +45,39 @@ async def enqueue(
     channels enqueued now. A channel missing from the channels file is enqueued all the same:
     its delivery fails visibly instead of the notification vanishing.
     """
+    new = notices(rules=rules, message=message, cause=cause, now=now)
+    if not new:
+        return []
+    created = await insert_new(session, new, now=now)
+    return [row["channel"] for row in new if row["cause"] in created]
+
+
+def notices(
+    *,
+    rules: Iterable[NotifyRule],
+    message: Message,
+    cause: str,
+    now: datetime,
+    enqueued: Container[str] = (),
+) -> list[dict[str, Any]]:
+    """The outbox rows (`pagerduty.outbox.new_row`s) of `message`'s notifications: one per
+    channel whose rule hears its event, except a channel whose row for `cause` is among the
+    causes `enqueued` already. Written by `enqueue`, or carried with the transition's other
+    writes (`pagerduty.outbox.pending_new`)."""
     if not cause or len(cause) > CAUSE_LIMIT:
         raise ValueError(f"cause must be 1 to {CAUSE_LIMIT} characters")
     channels = channels_for(rules, message.event)
     if not channels:
         return []
     payload = {"message": message.as_dict()}
-    created = await insert_new(
-        session,
-        [
-            {"kind": OutboxKind.NOTIFICATION.value, "cause": row_cause(cause, channel),
-             "service": message.service, "rollout_id": message.rollout_id, "channel": channel,
-             "dedup_key": cause, "routing_key": "", "payload": payload}
-            for channel in channels
-        ],
-        now=now,
-    )  # fmt: skip
-    return [channel for channel in channels if row_cause(cause, channel) in created]
+    return [
+        new_row({"kind": OutboxKind.NOTIFICATION.value, "cause": row_cause(cause, channel),
+                 "service": message.service, "rollout_id": message.rollout_id,
+                 "channel": channel, "dedup_key": cause, "routing_key": "", "payload": payload},
+                now=now)
+        for channel in channels
+        if row_cause(cause, channel) not in enqueued
+    ]  # fmt: skip
 
 
 async def deliveries_for(session: AsyncSession, rollout_id: int | None) -> list[dict[str, Any]]:

@@ -85,18 +85,29 @@ async def insert_new(
     added: set[str] = set()
     # A few rows a statement: bounded parameters, and few statement shapes to prepare.
     for start in range(0, len(messages), _ROWS_PER_STATEMENT):
-        values = [{**_NEW, "next_attempt_at": now, "created_at": now, **message}
-                  for message in messages[start : start + _ROWS_PER_STATEMENT]]  # fmt: skip
-        insert = await rows.pending_insert(session, OutboxMessage, values)
-        found, _ = await rows.fetch(session, insert.sql() + _ONCE_PER_CAUSE, *insert.values)
+        chunk = [
+            new_row(message, now=now) for message in messages[start : start + _ROWS_PER_STATEMENT]
+        ]
+        insert = await pending_new(session, chunk)
+        found, _ = await rows.fetch(session, insert.sql() + " RETURNING cause", *insert.values)
         added.update(row["cause"] for row in found)
     return added
+
+
+def new_row(message: Mapping[str, Any], *, now: datetime) -> dict[str, Any]:
+    """A new outbox row's columns: `message`'s (column -> value), pending and due `now`."""
+    return {**_NEW, "next_attempt_at": now, "created_at": now, **message}
+
+
+async def pending_new(session: AsyncSession, new_rows: Sequence[Mapping[str, Any]]) -> rows.Insert:
+    """The INSERT of `new_rows` (`new_row`s), to carry with the other writes of their cause
+    (nothing is written until it runs); a row whose cause is already in the outbox is skipped."""
+    return await rows.pending_insert(session, OutboxMessage, new_rows, unique="cause")
 
 
 # A new row's columns that callers do not give.
 _NEW: dict[str, Any] = {"channel": None, "state": OutboxState.PENDING.value, "attempts": 0,
                         "last_error": None, "delivered_at": None}  # fmt: skip
-_ONCE_PER_CAUSE = " ON CONFLICT (cause) DO NOTHING RETURNING cause"
 _ROWS_PER_STATEMENT = 20
 
 

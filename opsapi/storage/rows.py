@@ -312,12 +312,18 @@ async def insert(target: Target, model: type[SQLModel], values: Sequence[Row]) -
     await (await pending_insert(target, model, values)).run(target)
 
 
-async def pending_insert(target: Target, model: type[SQLModel], values: Sequence[Row]) -> Insert:
+async def pending_insert(
+    target: Target, model: type[SQLModel], values: Sequence[Row], *, unique: str | None = None
+) -> Insert:
     """The INSERT of `values` into `model`'s table, to run alone or with other writes
-    (`run_together`, `chain.append`'s `alongside`); nothing is written until it runs."""
+    (`run_together`, `chain.append`'s `alongside`); nothing is written until it runs.
+    `unique`: a uniquely indexed column; a row whose value there is already stored is skipped."""
     names, binders = _binders(model, (await _link(target)).dialect)
     parameters = [tuple(_bind(names, binders, row)) for row in values]
-    return Insert(model.__table__, names, parameters)  # type: ignore[attr-defined]
+    table: Table = model.__table__  # type: ignore[attr-defined]
+    if unique is not None and unique not in table.columns:
+        raise ValueError(f"{table.name} has no column {unique}")
+    return Insert(table, names, parameters, unique)
 
 
 @dataclass(frozen=True)
@@ -327,6 +333,8 @@ class Insert:
     table: Table
     names: tuple[str, ...]
     parameters: Sequence[tuple[Any, ...]]  # one tuple of bound values per row
+    # A uniquely indexed column: a row whose value there is already stored is skipped.
+    unique: str | None = None
 
     @property
     def joinable(self) -> bool:
@@ -340,7 +348,12 @@ class Insert:
 
     def sql(self, first: int = 1) -> str:
         """The one multi-row statement, its parameters numbered from `$first`."""
-        return _insert_sql(self.table, self.names, len(self.parameters), first)
+        return _insert_sql(self.table, self.names, len(self.parameters), first) + self._skip
+
+    @property
+    def _skip(self) -> str:
+        # A column of the model's table (checked by `pending_insert`), never from input.
+        return f" ON CONFLICT ({self.unique}) DO NOTHING" if self.unique else ""
 
     async def run(self, target: Target) -> None:
         """Run it alone, in the session's transaction."""
@@ -348,7 +361,7 @@ class Insert:
             return
         link = await _link(target)
         if link.dialect.name != "postgresql":
-            sql = _for_sqlite(_insert_sql(self.table, self.names))
+            sql = _for_sqlite(_insert_sql(self.table, self.names) + self._skip)
             await _orm(link).exec_driver_sql(sql, list(self.parameters))
             return
         if self.joinable:
@@ -357,7 +370,7 @@ class Insert:
             sql, flat = self.sql(), self.values
             await _on_driver(link, sql, flat, lambda driver: driver.execute(sql, *flat))
             return
-        sql, parameters = _insert_sql(self.table, self.names), list(self.parameters)
+        sql, parameters = _insert_sql(self.table, self.names) + self._skip, list(self.parameters)
         await _on_driver(link, sql, parameters, lambda driver: driver.executemany(sql, parameters))
 
 

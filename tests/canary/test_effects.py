@@ -4,14 +4,44 @@ and audit events carry the true before and after of every step a transition took
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import event
 
-from tests.support.app import Harness
+from tests.support.app import Harness, running_app
 
 SERVICE = "checkout"
+
+
+@contextlib.asynccontextmanager
+async def logged_statements(api: Harness) -> AsyncIterator[list[str]]:
+    """The SQL of every statement the app's connections send while the block runs."""
+    statements: list[str] = []
+    loggers: list[Any] = []
+
+    def log(query: Any) -> None:
+        statements.append(query.query)
+
+    def on_checkout(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+        driver = dbapi_connection.driver_connection
+        if driver not in loggers:
+            driver.add_query_logger(log)
+            loggers.append(driver)
+
+    engine = api.runtime.engine.sync_engine
+    event.listen(engine, "checkout", on_checkout)
+    try:
+        yield statements
+        await asyncio.sleep(0.05)  # asyncpg calls its query loggers soon after, not at once
+    finally:
+        event.remove(engine, "checkout", on_checkout)
+        for driver in loggers:
+            driver.remove_query_logger(log)
 
 
 async def transitions_counted(api: Harness, action: str) -> float:
@@ -78,29 +108,10 @@ async def test_a_start_writes_its_rollout_in_the_statement_of_its_audit_event(
     # given a service whose first rollout was rolled back
     await api.post("/canary/promote", {"service": SERVICE, "version": "v2"})
     await api.post("/canary/rollback", {"service": SERVICE, "reason": "bad"})
-    statements: list[str] = []
-    loggers: list[Any] = []
-
-    def log(query: Any) -> None:
-        statements.append(query.query)
-
-    def on_checkout(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
-        driver = dbapi_connection.driver_connection
-        if driver not in loggers:
-            driver.add_query_logger(log)
-            loggers.append(driver)
-
-    engine = api.runtime.engine.sync_engine
-    event.listen(engine, "checkout", on_checkout)
     body = {"service": SERVICE, "version": "v3"}
-    try:
-        # when a second rollout is started by a call with an Idempotency-Key
+    # when a second rollout is started by a call with an Idempotency-Key
+    async with logged_statements(api) as statements:
         started = await api.post("/canary/promote", body, **{"Idempotency-Key": "start-v3"})
-        await asyncio.sleep(0.05)  # asyncpg calls its query loggers soon after, not at once
-    finally:
-        event.remove(engine, "checkout", on_checkout)
-        for driver in loggers:
-            driver.remove_query_logger(log)
 
     # then its row and the key's record were inserted by the statement that appended its
     # audit event
@@ -120,3 +131,54 @@ async def test_a_start_writes_its_rollout_in_the_statement_of_its_audit_event(
     again = await api.post("/canary/promote", body, **{"Idempotency-Key": "start-v3"})
     assert again.headers["Idempotent-Replayed"] == "true"
     assert again.json() == started.json()
+
+
+async def test_a_transitions_notifications_are_written_with_its_audit_event_and_answered(
+    pg_url: str, key_file: Path, tmp_path: Path
+) -> None:
+    """A transition's notification rows travel with its audit append (no round trip of their
+    own), and its answer shows them as the status read right after it does."""
+    channels = tmp_path / "channels.json"
+    hook = {"type": "webhook", "url": "http://127.0.0.1:9/hook", "secret": "n" * 32}
+    channels.write_text(json.dumps({"ops": hook, "release-room": hook}))
+    async with running_app(
+        pg_url, key_file, notifications_file=channels, pagerduty_worker_enabled=False
+    ) as api:
+        await _notified_life(api)
+
+
+async def _notified_life(api: Harness) -> None:
+    # given a service whose policy notifies two channels of every transition
+    policy = {"steps": [{"weight": w, "wait": "1m"} for w in (10, 50, 100)],
+              "notify": [{"channel": "ops"}, {"channel": "release-room"}]}  # fmt: skip
+    assert (await api.put(f"/services/{SERVICE}", policy)).status_code == 200
+    calls = [("/canary/promote", {"service": SERVICE, "version": "v2"}),
+             ("/canary/promote", {"service": SERVICE}),
+             ("/canary/rollback", {"service": SERVICE, "reason": "bad"}),
+             ("/canary/promote", {"service": SERVICE, "version": "v3"})]  # fmt: skip
+    for path, body in calls:
+        api.clock.advance(minutes=2)
+        await api.tick()  # the step ready to promote: also a notified transition
+        # when a write transitions the rollout
+        async with logged_statements(api) as statements:
+            answer = await api.post(path, body)
+        assert answer.status_code == 200, answer.text
+        # then its notification rows were inserted by the statement of its audit event only
+        inserts = [sql for sql in statements if "INSERT INTO outbox " in sql]
+        assert len(inserts) == 1
+        assert "audit_append" in inserts[0]
+        # and its answer shows every notification of the rollout as a status read does
+        status = (await api.get(f"/canary/{SERVICE}")).json()
+        assert answer.json()["notifications"] == status["notifications"]
+        assert status["notifications"][-2:] == [
+            {**status["notifications"][-2], "channel": channel, "state": "pending"}
+            for channel in ("ops", "release-room")
+        ]
+    # and every transition's audit event names the channels notified, once each
+    transitions = [
+        e for e in await api.audit_events(outcome="success") if "transition" in e.details
+    ]
+    assert len(transitions) >= len(calls)
+    assert [e.details.get("notified") for e in transitions] == [["ops", "release-room"]] * len(
+        transitions
+    )

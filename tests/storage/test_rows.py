@@ -21,6 +21,7 @@ from opsapi.audit.models import AuditEvent, Outcome, Source
 from opsapi.canary.machine import State
 from opsapi.canary.models import FreezeRecord, Incident, RolloutRecord, ServiceRecord
 from opsapi.gates.models import GateEvaluation
+from opsapi.pagerduty.models import OutboxMessage
 from opsapi.storage import rows
 from opsapi.storage.db import SessionFactory, create_engine, is_unavailable, session_factory
 from opsapi.storage.migrate import upgrade
@@ -704,3 +705,52 @@ async def test_a_session_with_nothing_open_closes_in_place_and_the_pool_stays_wh
         assert engine.pool.checkedin() == 2  # type: ignore[attr-defined]
     finally:
         await engine.dispose()
+
+
+def _outbox_rows(rollout_id: int, causes: list[str], text: str) -> list[dict[str, Any]]:
+    return [
+        {"kind": "notification", "cause": cause, "service": "checkout", "rollout_id": rollout_id,
+         "channel": "ops", "dedup_key": cause, "routing_key": "", "payload": {"text": text},
+         "state": "pending", "attempts": 0, "last_error": None, "next_attempt_at": NOW,
+         "created_at": NOW, "delivered_at": None}
+        for cause in causes
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("how", ["alone", "carried", "row-by-row"])
+async def test_an_insert_on_a_unique_column_skips_what_is_stored_and_goes_on(
+    sessions: SessionFactory, how: str
+) -> None:
+    # given a rollout with one outbox row stored, for cause c-0
+    rollout_id = await _stored_rollout(sessions)
+    async with sessions() as session, session.begin():
+        await rows.insert(session, OutboxMessage, _outbox_rows(rollout_id, ["c-0"], "first"))
+    # when rows for c-0 again and for new causes are inserted skipping stored causes: alone,
+    # carried by a rollout's update, or more than one statement takes (row by row)
+    causes = [f"c-{i}" for i in range(20 if how == "row-by-row" else 3)]
+    async with sessions() as session, session.begin():
+        insert = await rows.pending_insert(
+            session, OutboxMessage, _outbox_rows(rollout_id, causes, "second"), unique="cause"
+        )
+        assert insert.joinable is (how != "row-by-row")
+        if how == "carried":
+            _, update = await _changed(session, rollout_id, reason="carried")
+            await rows.run_together(session, [insert, update])
+        else:
+            await insert.run(session)
+    # then the stored row kept its content, each new cause landed once, and the transaction
+    # committed whatever else it carried
+    async with sessions() as session:
+        stored = (await session.exec(select(OutboxMessage).order_by(OutboxMessage.id))).all()
+        rollout = await session.get(RolloutRecord, rollout_id)
+    assert [(row.cause, row.payload["text"]) for row in stored] == [
+        ("c-0", "first"), *((cause, "second") for cause in causes[1:])
+    ]  # fmt: skip
+    assert rollout is not None
+    assert rollout.reason == ("carried" if how == "carried" else None)
+
+
+async def test_an_insert_refuses_a_unique_column_its_table_lacks(sessions: SessionFactory) -> None:
+    async with sessions() as session:
+        with pytest.raises(ValueError, match="no column"):
+            await rows.pending_insert(session, OutboxMessage, [], unique="cause; DROP TABLE x")
