@@ -843,6 +843,11 @@ def _converter(column_type: TypeEngine[Any], dialect: Dialect) -> Callable[[Any]
         and type(column_type).process_result_value is not TypeDecorator.process_result_value
     ):
         decorator = column_type
+        # Our types say how to convert a value in one call (no lambda, no method per value).
+        result_converter = getattr(decorator, "result_converter", None)
+        if result_converter is not None:
+            converter: Callable[[Any], Any] = result_converter()
+            return converter
         return lambda value: decorator.process_result_value(value, dialect)
     return None
 

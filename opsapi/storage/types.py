@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -25,11 +26,19 @@ class UTCDateTime(sa.TypeDecorator[datetime]):
         return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
 
     def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
-        if value is None:
-            return None
-        if value.tzinfo is None:
-            return value.replace(tzinfo=UTC)
-        return value.astimezone(UTC)
+        return None if value is None else _in_utc(value)
+
+    def result_converter(self) -> Callable[[datetime], datetime]:
+        """`process_result_value` of a stored (non-null) value, as one plain call."""
+        return _in_utc
+
+
+def _in_utc(value: datetime) -> datetime:
+    if value.tzinfo is UTC:
+        return value  # as PostgreSQL's driver gives every timestamptz
+    if value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value.astimezone(UTC)
 
 
 JSONDocument: Any = sa.JSON().with_variant(JSONB(), "postgresql")
@@ -50,3 +59,14 @@ class StrEnumText(sa.TypeDecorator[Any]):
 
     def process_result_value(self, value: str | None, dialect: Dialect) -> Any:
         return None if value is None else self.enum(value)
+
+    def result_converter(self) -> Callable[[str], Any]:
+        """`process_result_value` of a stored (non-null) value, as one plain call."""
+        members = {member.value: member for member in self.enum}
+        enum = self.enum
+
+        def member(value: str) -> Any:
+            found = members.get(value)
+            return enum(value) if found is None else found  # not a member: the enum's error
+
+        return member
