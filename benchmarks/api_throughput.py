@@ -1351,7 +1351,7 @@ async def main() -> None:
 
         if not args.skip_profile:
             record["profiles"] = {}
-            for kind in [k for k in ("status", "writes", "weight304") if k in kinds]:
+            for kind in [k for k in ("status", "writes", "weight", "weight304") if k in kinds]:
                 print(f"\nprofiling opsapi under {kind} (py-spy, 100 Hz, {args.seconds:.0f} s):")
                 result = await profile(ops, kind, services, seconds=args.seconds, args=args,
                                        workdir=workdir)  # fmt: skip

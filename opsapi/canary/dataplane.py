@@ -234,7 +234,15 @@ class Poll:
     @property
     def key(self) -> tuple[str, str, str]:
         """The (caller, service, minute) it is counted under."""
-        return (self.caller, self.service, self.at.strftime("%Y-%m-%dT%H:%M"))
+        return (self.caller, self.service, minute_of(self.at))
+
+
+def minute_of(at: datetime) -> str:
+    """The minute of `at` as polls are counted under it: `at.strftime("%Y-%m-%dT%H:%M")`."""
+    if at.year < 1000:
+        return at.strftime("%Y-%m-%dT%H:%M")  # the format below pads the year; strftime not
+    # A third of strftime's cost (1.5 against 5.3 us here), on every poll.
+    return f"{at.year}-{at.month:02}-{at.day:02}T{at.hour:02}:{at.minute:02}"
 
 
 @dataclass
@@ -255,9 +263,10 @@ class PollAudit:
 
     def count(self, poll: Poll) -> None:
         """Count one poll."""
-        polls = self._polls.get(poll.key)
+        key = poll.key
+        polls = self._polls.get(key)
         if polls is None:
-            self._polls[poll.key] = _Polls(1, poll.at, poll.at, poll.address,
+            self._polls[key] = _Polls(1, poll.at, poll.at, poll.address,
                                            sorted(poll.roles), poll.rollout_id)  # fmt: skip
             return
         if polls.count == 0:
@@ -269,8 +278,9 @@ class PollAudit:
     def repeat(self, poll: Poll) -> bool:
         """Whether this read repeats one the caller made of the service this minute (then it is
         counted); the first of each minute is not (it is audited on its own)."""
-        if poll.key not in self._polls:
-            self._polls[poll.key] = _Polls(0, poll.at, poll.at, poll.address,
+        key = poll.key
+        if key not in self._polls:
+            self._polls[key] = _Polls(0, poll.at, poll.at, poll.address,
                                            sorted(poll.roles), poll.rollout_id)  # fmt: skip
             return False
         self.count(poll)
@@ -278,7 +288,7 @@ class PollAudit:
 
     def drain(self, now: datetime | None = None) -> list[dict[str, Any]]:
         """Audit-event fields for every minute before `now`'s (all minutes when None)."""
-        current = now.strftime("%Y-%m-%dT%H:%M") if now is not None else None
+        current = minute_of(now) if now is not None else None
         rows = []
         for key in sorted(self._polls):
             caller, service, minute = key

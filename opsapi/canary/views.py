@@ -32,7 +32,7 @@ from opsapi.canary.policy import (
 )
 from opsapi.durations import parse_duration
 from opsapi.errors import Conflict, NotFound, Unprocessable
-from opsapi.http.endpoint import Call, endpoint, model_response, validation_errors
+from opsapi.http.endpoint import Call, endpoint, header, model_response, validation_errors
 from opsapi.http.params import INT32_MAX, id_param, int_param
 from opsapi.notifications import outbox as notifications
 from opsapi.notifications.rules import check_rules
@@ -303,7 +303,7 @@ async def rollout_weight(call: Call) -> Response:
             return await weight_document(service_name, session)
 
     document = await cache.get(name, load)
-    etag = call.request.headers.get("if-none-match")
+    etag = header(call.request, b"if-none-match")
     if etag == document.etag and wait > 0:
         await cache.wait_change(name, etag, wait, load)
         document = await cache.get(name, load)
@@ -330,6 +330,8 @@ def _poll(call: Call, service_name: str, rollout_id: int | None) -> Poll:
 
 
 def _wait_param(call: Call) -> float:
+    if not call.request.scope["query_string"]:
+        return 0.0  # most polls: no query to parse
     raw = call.request.query_params.get("wait")
     if raw is None:
         return 0.0

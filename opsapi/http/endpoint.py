@@ -56,6 +56,17 @@ log = logging.getLogger("opsapi.http")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 
 
+def header(request: Request, name: bytes) -> str | None:
+    """The request's first `name` header (a lowercase name, as ASGI servers give them), as
+    `request.headers.get` gives it, without building the headers or raising for a missing one
+    (several lookups of every request)."""
+    for key, value in request.scope["headers"]:
+        if key == name:
+            text: str = value.decode("latin-1")
+            return text
+    return None
+
+
 def new_request_id() -> str:
     """A random version-4 UUID in hex, as `uuid.uuid4().hex` writes one."""
     # From the process's pseudo-random generator, not the OS's: a request id correlates, it
@@ -251,12 +262,12 @@ class _Request:
         self.role = spec.role
         self.body_model = spec.body
         self.mutating = spec.mutating
-        supplied = request.headers.get("x-request-id", "")
+        supplied = header(request, b"x-request-id") or ""
         self.request_id = supplied if _REQUEST_ID.fullmatch(supplied) else new_request_id()
         settings = runtime.settings
         self.client_address = client_address(
             request.client.host if request.client else None,
-            request.headers.get("x-forwarded-for"),
+            header(request, b"x-forwarded-for"),
             networks(settings.trusted_proxies),
         )
         self.client_allowed = is_allowed(self.client_address, networks(settings.allowed_cidrs))
@@ -303,7 +314,7 @@ class _Request:
             return await self._refuse(problem, now, {})
         if not self.mutating:
             return await self._serve_read(handler, parsed, now)
-        key = self.request.headers.get("idempotency-key")
+        key = header(self.request, b"idempotency-key")
         if key is not None and not _IDEMPOTENCY_KEY.fullmatch(key):
             return await self._refuse(
                 BadRequest("Idempotency-Key must be 1-255 visible ASCII characters"), now, {}
@@ -448,7 +459,7 @@ class _Request:
             return self.raw_body or b"", None
         raw = await self.read_body()
         # curl's default form content type is tolerated; the body must still be JSON.
-        content_type = self.request.headers.get("content-type", "")
+        content_type = header(self.request, b"content-type") or ""
         if content_type.startswith("multipart/"):
             raise UnsupportedMediaType("the request body must be application/json")
         if not raw.strip():
@@ -628,8 +639,8 @@ class _Request:
 
 
 async def _bearer(pipeline: _Request) -> Identity:
-    header = pipeline.request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
+    authorization = header(pipeline.request, b"authorization") or ""
+    scheme, _, token = authorization.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise Unauthorized("a bearer token is required")
     try:
@@ -812,7 +823,7 @@ def _replace_odd_text(value: Any) -> Any:
 
 async def read_limited(request: Request, limit: int) -> bytes:
     """The request body, refused (413) past `limit` bytes, declared or streamed."""
-    declared = request.headers.get("content-length")
+    declared = header(request, b"content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"the request body is larger than {limit} bytes")
     chunks: list[bytes] = []

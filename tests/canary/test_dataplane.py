@@ -6,15 +6,17 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import httpx
+import pytest
 from sqlalchemy import event
 
 from opsapi.auth.tokens import LocalSigner
-from opsapi.canary.dataplane import WeightCache, WeightDocument
+from opsapi.canary.dataplane import WeightCache, WeightDocument, minute_of
 from opsapi.runtime import flush_polls
 from tests.support.app import API, Harness
 from tests.support.processes import free_ports, start_server, stop
@@ -240,3 +242,19 @@ async def test_a_change_announced_while_the_copy_loads_is_not_hidden_by_that_loa
 
 def _weight(percent: int) -> WeightDocument:
     return WeightDocument.of({"weight": percent}, generation=percent, pull=True)
+
+
+@pytest.mark.parametrize(
+    "at",
+    [
+        datetime(2026, 12, 1, 19, 5, 59, 999999, tzinfo=UTC),
+        datetime(2026, 1, 2, 3, 4, tzinfo=timezone(timedelta(hours=-5))),
+        datetime(2026, 12, 1, 0, 0),  # naive
+        datetime(9999, 12, 31, 23, 59, tzinfo=UTC),
+        datetime(1000, 1, 1, tzinfo=UTC),
+        datetime(999, 1, 1, tzinfo=UTC),  # strftime does not pad the year
+        datetime(1, 1, 1),
+    ],
+)
+def test_a_polls_minute_is_the_minute_strftime_writes(at: datetime) -> None:
+    assert minute_of(at) == at.strftime("%Y-%m-%dT%H:%M")

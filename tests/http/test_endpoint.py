@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from starlette.requests import Request
 
-from opsapi.http.endpoint import _strict, new_request_id, url_path
+from opsapi.http.endpoint import _strict, header, new_request_id, url_path
 from opsapi.storage.db import load_json
 from tests.support.app import Harness
 
@@ -147,3 +147,23 @@ def test_a_body_reads_as_the_strict_reader_alone_reads_it(text: str) -> None:
 def test_any_body_reads_as_the_strict_reader_alone_reads_it(value: Any) -> None:
     text = json.dumps(value)
     assert outcome(lambda body: load_json(body, _strict), text) == outcome(_strict, text)
+
+
+HEADER_SCOPES: list[list[tuple[bytes, bytes]]] = [
+    [],
+    [(b"authorization", b"Bearer abc"), (b"x-request-id", b"r-1")],
+    [(b"x-request-id", b"first"), (b"x-request-id", b"second")],  # the first, as Starlette
+    [(b"x-request-id", b"")],  # present and empty
+    [(b"x-request-idx", b"longer name"), (b"x-request", b"shorter name")],
+    [(b"if-none-match", b'"\xe9t\xe9"')],  # latin-1 bytes
+    [(b"X-Request-Id", b"not lowercased by the server")],  # Starlette does not find it either
+]
+
+
+@pytest.mark.parametrize("headers", HEADER_SCOPES)
+@pytest.mark.parametrize("name", ["x-request-id", "authorization", "if-none-match"])
+def test_a_header_reads_as_starlettes_headers_read_it(
+    headers: list[tuple[bytes, bytes]], name: str
+) -> None:
+    request = Request({"type": "http", "method": "GET", "path": "/", "headers": headers})
+    assert header(request, name.encode()) == request.headers.get(name)
