@@ -348,12 +348,14 @@ class Insert:
 
     def sql(self, first: int = 1) -> str:
         """The one multi-row statement, its parameters numbered from `$first`."""
-        return _insert_sql(self.table, self.names, len(self.parameters), first) + self._skip
+        return self._statement(len(self.parameters), first)
 
-    @property
-    def _skip(self) -> str:
-        # A column of the model's table (checked by `pending_insert`), never from input.
-        return f" ON CONFLICT ({self.unique}) DO NOTHING" if self.unique else ""
+    def _statement(self, rows: int = 1, first: int = 1) -> str:
+        skip = ""
+        if self.unique:
+            # A column of the model's table (checked by `pending_insert`), never from input.
+            skip = f" ON CONFLICT ({self.unique}) DO NOTHING"
+        return _insert_sql(self.table, self.names, rows, first) + skip
 
     async def run(self, target: Target) -> None:
         """Run it alone, in the session's transaction."""
@@ -361,7 +363,7 @@ class Insert:
             return
         link = await _link(target)
         if link.dialect.name != "postgresql":
-            sql = _for_sqlite(_insert_sql(self.table, self.names) + self._skip)
+            sql = _for_sqlite(self._statement())
             await _orm(link).exec_driver_sql(sql, list(self.parameters))
             return
         if self.joinable:
@@ -370,7 +372,7 @@ class Insert:
             sql, flat = self.sql(), self.values
             await _on_driver(link, sql, flat, lambda driver: driver.execute(sql, *flat))
             return
-        sql, parameters = _insert_sql(self.table, self.names) + self._skip, list(self.parameters)
+        sql, parameters = self._statement(), list(self.parameters)
         await _on_driver(link, sql, parameters, lambda driver: driver.executemany(sql, parameters))
 
 
