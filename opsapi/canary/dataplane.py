@@ -33,6 +33,9 @@ log = logging.getLogger("opsapi.dataplane")
 CHANNEL = "opsapi_weights"
 UNLISTENED_TTL = 1.0  # seconds a copy lives while no listener keeps it fresh
 _LOADS = 3  # loads of one copy while changes keep landing during them
+# Pauses before recording a fetch again after a failure (a deadlock broken by PostgreSQL, a
+# connection lost): a client that fetched once and keeps its copy may not fetch again soon.
+RECORD_RETRY_DELAYS = (0.2, 0.5, 1.0, 2.0)
 
 
 @dataclass(frozen=True)
@@ -68,7 +71,7 @@ FetchRecorder = Callable[[int, int], Awaitable[bool]]
 class WeightCache:
     """Each service's current weight document, loaded once per change."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, record_retry_delays: tuple[float, ...] = RECORD_RETRY_DELAYS) -> None:
         self._entries: dict[str, _Entry] = {}
         self._changed: dict[str, asyncio.Event] = {}
         self._loading: dict[str, asyncio.Future[WeightDocument]] = {}
@@ -79,6 +82,7 @@ class WeightCache:
         # The (rollout, generation) of each service whose first fetch this replica recorded.
         self._fetched: dict[str, tuple[int, int]] = {}
         self._recording: set[asyncio.Task[None]] = set()
+        self._record_retry_delays = record_retry_delays
 
     async def get(self, service: str, load: Loader) -> WeightDocument:
         """The current document (loaded once even when many polls ask at the same moment)."""
@@ -115,7 +119,8 @@ class WeightCache:
     def fetched(self, service: str, document: WeightDocument, record: FetchRecorder) -> None:
         """A client now holds `document`: for the pull router, its generation is applied
         (DESIGN §11). Recorded once per generation and replica, in the background (the poll
-        does not wait for a write); a failed recording is retried by the next fetch."""
+        does not wait for a write); a failed recording is tried again a few times, then by the
+        next fetch."""
         if not document.pull or document.rollout_id is None or document.generation is None:
             return
         key = (document.rollout_id, document.generation)
@@ -134,12 +139,20 @@ class WeightCache:
     async def _record_fetch(
         self, service: str, key: tuple[int, int], record: FetchRecorder
     ) -> None:
-        try:
-            await record(*key)
-        except Exception as error:
-            log.warning("recording a fetch of %s failed: %s", service, error.__class__.__name__)
-            if self._fetched.get(service) == key:
-                del self._fetched[service]
+        for delay in (*self._record_retry_delays, None):
+            try:
+                await record(*key)
+                return
+            except Exception as error:
+                log.warning(
+                    "recording a fetch of %s failed: %s: %s",
+                    service, error.__class__.__name__, str(error)[:200],
+                )  # fmt: skip
+            if delay is None or self._fetched.get(service) != key:
+                break  # out of attempts, or a newer generation is being recorded instead
+            await asyncio.sleep(delay)
+        if self._fetched.get(service) == key:
+            del self._fetched[service]  # the next fetch tries again
 
     def invalidate(self, service: str) -> None:
         """The service's document changed: drop the copy, wake its long polls."""

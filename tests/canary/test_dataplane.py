@@ -258,3 +258,38 @@ def _weight(percent: int) -> WeightDocument:
 )
 def test_a_polls_minute_is_the_minute_strftime_writes(at: datetime) -> None:
     assert minute_of(at) == at.strftime("%Y-%m-%dT%H:%M")
+
+
+@pytest.mark.parametrize(
+    ("failures", "recorded", "calls"),
+    [
+        (0, True, 1),
+        (2, True, 3),  # a deadlock or a lost connection: tried again without another fetch
+        (9, False, 4),  # bounded: then left to the next fetch
+    ],
+)
+async def test_a_fetch_whose_recording_fails_is_recorded_again(
+    failures: int, recorded: bool, calls: int
+) -> None:
+    # given a recorder that fails `failures` times before it works
+    cache = WeightCache(record_retry_delays=(0.01, 0.01, 0.01))
+    attempts: list[tuple[int, int]] = []
+
+    async def record(rollout_id: int, generation: int) -> bool:
+        attempts.append((rollout_id, generation))
+        if len(attempts) <= failures:
+            raise ConnectionResetError("connection lost")
+        return True
+
+    document = WeightDocument.of({"weight": 10, "rollout_id": 7}, generation=3, pull=True)
+
+    # when one client fetches the document once
+    cache.fetched("checkout", document, record)
+    await cache.settle()
+
+    # then it was recorded without another fetch, unless every attempt failed
+    assert attempts == [(7, 3)] * calls
+    # and a second fetch of that generation tries again only when no attempt worked
+    cache.fetched("checkout", document, record)
+    await cache.settle()
+    assert len(attempts) == calls + (0 if recorded else calls)

@@ -67,6 +67,7 @@ class Server:
     signer: LocalSigner
     config_home: Path
     edge: Edge | None = None
+    log: Path | None = None
 
     def require_edge(self) -> Edge:
         """The nginx router instance (skipped locally, failed in CI, without nginx)."""
@@ -143,7 +144,10 @@ class Server:
             rollout = self.rollout(service)
             if predicate(rollout):
                 return rollout
-            assert time.monotonic() < deadline, f"gave up waiting; last: {rollout}"
+            if time.monotonic() >= deadline:
+                # What the server said meanwhile (a failed background write is only logged).
+                said = self.log.read_text()[-3000:] if self.log is not None else ""
+                raise AssertionError(f"gave up waiting; last: {rollout}\nserver log:\n{said}")
             time.sleep(0.1)
 
     def require_route(self, method: str, path: str, role: str) -> None:
@@ -206,7 +210,9 @@ def running_server(
     port = free_port()
     process = start_server(port, env, directory / "server.log")
     try:
-        yield Server(f"http://127.0.0.1:{port}", signer, directory / "config", edge)
+        yield Server(
+            f"http://127.0.0.1:{port}", signer, directory / "config", edge, directory / "server.log"
+        )
     finally:
         stop(process)
 
