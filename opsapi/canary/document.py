@@ -1,8 +1,10 @@
-"""The rollout as every route answers it (DESIGN §4 and §9): one model, also the OpenAPI schema."""
+"""The rollout as every route answers it (DESIGN §4 and §9): one model, the OpenAPI schema,
+and `rollout_document`, its fields as plain JSON values, from which answers are written."""
 
 from __future__ import annotations
 
 import functools
+import math
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
@@ -136,7 +138,7 @@ def previous_of(record: RolloutRecord, row: ServiceRecord | None) -> VersionInSl
     return VersionInSlot(version=row.previous_version, slot=row.previous_slot)
 
 
-def rollout_view(
+def rollout_document(
     record: RolloutRecord,
     row: ServiceRecord | None,
     now: datetime,
@@ -144,92 +146,105 @@ def rollout_view(
     notifications: list[dict[str, Any]] | None = None,
     holds: tuple[machine.Hold, ...] = (),
     rollout: machine.Rollout | None = None,
-) -> RolloutView:
-    """The rollout as the API shows it; `rollout`: the machine's view of `record` when the
-    caller has it (a transition's result, which `service.store` wrote into `record`)."""
+) -> dict[str, Any]:
+    """The rollout as the API shows it: `RolloutView`'s fields, in its order, as the JSON
+    values its serialisation writes (answers are written from this without building the
+    model); `rollout`: the machine's view of `record` when the caller has it (a
+    transition's result, which `service.store` wrote into `record`)."""
     values = rows.loaded(record)  # read without a descriptor call per column
     if rollout is None:
         rollout = service.to_machine(record)
     ready = machine.readiness(rollout, now) if rollout.is_open else None
     assert values["id"] is not None
-    return RolloutView(
-        id=values["id"],
-        service=values["service"],
-        state=rollout.state,
-        canary_version=values["canary_version"],
-        stable_version=values["stable_version"],
-        stable_slot=values["stable_slot"],
-        canary_slot=values["canary_slot"],
-        targets=targets_of(values["router"]),
-        weights=slot_split(record),
-        previous=previous_of(record, row),
-        step_index=values["step_index"],
-        steps=list(_step_views(rollout.steps)),
-        desired_weight=values["desired_weight"],
-        applied_weight=values["applied_weight"],
-        generation=values["generation"],
-        applied_generation=values["applied_generation"],
+    previous = previous_of(record, row)
+    lease_seconds = values["lease_seconds"]
+    return {
+        "id": values["id"],
+        "service": values["service"],
+        "state": rollout.state.value,
+        "canary_version": values["canary_version"],
+        "stable_version": values["stable_version"],
+        "stable_slot": values["stable_slot"],
+        "canary_slot": values["canary_slot"],
+        "targets": targets_of(values["router"]),
+        "weights": slot_split(record),
+        "previous": None if previous is None else {"version": previous.version,
+                                                   "slot": previous.slot},
+        "step_index": values["step_index"],
+        "steps": _step_documents(rollout.steps),
+        "desired_weight": values["desired_weight"],
+        "applied_weight": values["applied_weight"],
+        "generation": values["generation"],
+        "applied_generation": values["applied_generation"],
         # Whether no request can reach the canary any more (what a rollback waits for).
-        traffic_at_zero=values["applied_weight"] == 0,
-        step_started_at=iso(values["step_started_at"]),
-        ready=bool(ready and ready.ready),
-        blocked_by=list(ready.blocking_gates) if ready else [],
-        ready_at=iso(ready.ready_at) if ready and ready.ready_at else None,
-        time_left=format_duration(whole_seconds(ready.time_left)) if ready else None,
-        waited=format_duration(ready.waited) if ready else None,
-        paused_at=iso(values["paused_at"]),
-        paused_for=format_duration(rollout.paused_for),
-        auto_promote=values["auto_promote"],
-        interval=format_duration(timedelta(seconds=values["interval_seconds"])),
-        triggered_by=values["triggered_by"],
-        gates=[
-            GateView.model_validate(
-                {
-                    "name": gate.name,
-                    "phase": gate.phase.value,
-                    "value": gate.value,
-                    "threshold": gate.threshold,
-                    "failing_since": iso(gate.failing_since),
-                    "breached": gate.breached,
-                    "detail": gate.detail,
-                    **_gate_rule(record, gate.name),
-                }
-            )
+        "traffic_at_zero": values["applied_weight"] == 0,
+        "step_started_at": iso(values["step_started_at"]),
+        "ready": bool(ready and ready.ready),
+        "blocked_by": list(ready.blocking_gates) if ready else [],
+        "ready_at": iso(ready.ready_at) if ready and ready.ready_at else None,
+        "time_left": format_duration(whole_seconds(ready.time_left)) if ready else None,
+        "waited": format_duration(ready.waited) if ready else None,
+        "paused_at": iso(values["paused_at"]),
+        "paused_for": format_duration(rollout.paused_for),
+        "auto_promote": values["auto_promote"],
+        "interval": format_duration(timedelta(seconds=values["interval_seconds"])),
+        "triggered_by": values["triggered_by"],
+        "gates": [
+            {
+                "name": gate.name,
+                "phase": gate.phase.value,
+                "value": _number(gate.value),
+                "threshold": _number(gate.threshold),
+                "failing_since": iso(gate.failing_since),
+                "breached": gate.breached,
+                "detail": gate.detail,
+                **_gate_rule(record, gate.name),
+            }
             for gate in rollout.gates
         ],
-        reason=values["reason"],
-        router=values["router"],
-        router_error=values["router_error"],
-        router_attempts=values["router_attempts"],
-        router_retry_at=iso(values["router_retry_at"]),
-        created_by=values["created_by"],
-        created_at=iso(values["created_at"]),
-        updated_at=iso(values["updated_at"]),
-        finished_at=iso(values["finished_at"]),
-        next_evaluation_at=iso(values["next_evaluation_at"]),
-        lease_seconds=values["lease_seconds"],
-        lease_until=iso(values["lease_until"]),
-        time_to_safe=values["time_to_safe"],
-        holds=[
+        "reason": values["reason"],
+        "router": values["router"],
+        "router_error": values["router_error"],
+        "router_attempts": values["router_attempts"],
+        "router_retry_at": iso(values["router_retry_at"]),
+        "created_by": values["created_by"],
+        "created_at": iso(values["created_at"]),
+        "updated_at": iso(values["updated_at"]),
+        "finished_at": iso(values["finished_at"]),
+        "next_evaluation_at": iso(values["next_evaluation_at"]),
+        "lease_seconds": _number(lease_seconds),
+        "lease_until": iso(values["lease_until"]),
+        "time_to_safe": values["time_to_safe"],
+        "holds": [
             {"kind": hold.kind.value, "detail": hold.detail, "until": iso(hold.until)}
             for hold in holds
         ],
-        alerts=alerts or [],
-        notifications=notifications or [],
-    )
+        "alerts": alerts or [],
+        "notifications": notifications or [],
+    }  # fmt: skip
+
+
+def _number(value: float | None) -> float | None:
+    # What a `float | None` field writes: an integer as a float (1.0, not 1), and null for
+    # NaN and the infinities (a Prometheus ratio over no requests is NaN).
+    return None if value is None or not math.isfinite(value) else float(value)
 
 
 @functools.lru_cache(maxsize=1024)
-def _step_views(steps: tuple[machine.Step, ...]) -> tuple[StepView, ...]:
-    # Ladders repeat (one per policy): the same steps are shown in every answer. The views are
-    # frozen, so one copy serves them all.
-    return tuple(StepView(weight=step.weight, wait=format_duration(step.wait)) for step in steps)
+def _step_documents(steps: tuple[machine.Step, ...]) -> tuple[dict[str, Any], ...]:
+    # Ladders repeat (one per policy): the same steps are shown in every answer. Documents are
+    # only written out, never changed, so one copy serves them all.
+    return tuple({"weight": step.weight, "wait": format_duration(step.wait)} for step in steps)
 
 
 def _gate_rule(record: RolloutRecord, name: str) -> dict[str, Any]:
-    # The comparison the gate was started with, so that a value and threshold read on their own.
+    # The comparison the gate was started with, so that a value and threshold read on their own
+    # (none for a gate no longer in the rollout's policy).
     for gate in (record.gate_policy or {}).get("gates", []):
         if gate.get("name") == name:
             return {"op": gate.get("op"), "for": gate.get("for"),
                     "on_no_data": gate.get("on_no_data", "hold")}  # fmt: skip
-    return {}
+    return _NO_RULE
+
+
+_NO_RULE: dict[str, Any] = {"op": None, "for": None, "on_no_data": None}

@@ -16,7 +16,7 @@ from opsapi.canary.dataplane import Poll, WeightDocument
 from opsapi.canary.document import (
     RolloutView,
     VersionInSlot,
-    rollout_view,
+    rollout_document,
     slot_split,
     targets_of,
 )
@@ -32,7 +32,13 @@ from opsapi.canary.policy import (
 )
 from opsapi.durations import parse_duration
 from opsapi.errors import Conflict, NotFound, Unprocessable
-from opsapi.http.endpoint import Call, endpoint, header, model_response, validation_errors
+from opsapi.http.endpoint import (
+    Call,
+    document_response,
+    endpoint,
+    header,
+    validation_errors,
+)
 from opsapi.http.params import INT32_MAX, id_param, int_param
 from opsapi.notifications import outbox as notifications
 from opsapi.notifications.rules import check_rules
@@ -116,11 +122,11 @@ def _outbound(messages: list[OutboxMessage]) -> dict[str, Any]:
 
 async def _answer(call: Call, applied: Applied) -> Response:
     await call.effects.finish(applied)
-    view = rollout_view(
+    document = rollout_document(
         applied.record, applied.service, call.now, **_outbound(applied.messages or []),
         rollout=applied.transition.rollout,
     )  # fmt: skip
-    return model_response(view)
+    return document_response(document, RolloutView)
 
 
 @endpoint(action="canary.promote", role=Role.OPERATOR, body=PromoteBody, mutating=True)
@@ -235,10 +241,7 @@ async def _views(
     for record in records:
         if record.service not in services:
             services[record.service] = await service.service_row(record.service, session=session)
-    return [
-        rollout_view(record, services[record.service], call.now).model_dump(mode="json")
-        for record in records
-    ]
+    return [rollout_document(record, services[record.service], call.now) for record in records]
 
 
 @endpoint(action="canary.list", role=Role.VIEWER)
@@ -269,12 +272,12 @@ async def get_rollout(call: Call) -> Response:
         raise NotFound(f"{name} has no rollout")
     call.rollout_id = record.id
     outbound = _outbound(status.messages)
-    view = rollout_view(record, status.row, call.now, **outbound, holds=status.holds)
+    document = rollout_document(record, status.row, call.now, **outbound, holds=status.holds)
     # Watching a rollout (`opsctl status --watch`, the console) reads it every few seconds:
     # each caller's first read of a service in a minute is audited on its own, the repeats in
     # that minute are counted into one event (DESIGN §11).
     call.audited = call.runtime.repeats.repeat(_poll(call, name, record.id))
-    return model_response(view)
+    return document_response(document, RolloutView)
 
 
 @endpoint(action="canary.history", role=Role.VIEWER)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal, TypeVar
 
+import orjson
 from pydantic import BaseModel, ValidationError
 from sqlalchemy.exc import IntegrityError
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -182,6 +183,17 @@ Handler = Callable[[Call], Awaitable[Response]]
 def model_response(model: BaseModel) -> Response:
     """A JSON answer serialised by pydantic in one pass (no intermediate dict)."""
     return Response(model.model_dump_json(), media_type="application/json")
+
+
+def document_response(document: dict[str, Any], model: type[BaseModel]) -> Response:
+    """A JSON answer from `document`, which holds `model`'s fields as the JSON values its
+    serialisation writes: written by orjson without building the model, or, for what orjson
+    refuses (an integer past 64 bits, a lone surrogate), by the model as before."""
+    try:
+        body = orjson.dumps(document)
+    except TypeError:  # orjson's refusal (JSONEncodeError is one)
+        return model_response(model.model_validate(document))
+    return Response(body, media_type="application/json")
 
 
 def problem_response(problem: Problem, headers: dict[str, str] | None = None) -> JSONResponse:
