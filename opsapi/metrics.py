@@ -13,6 +13,7 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self._served: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+        self._transitions: dict[tuple[str, str], Any] = {}
         self.requests = Counter(
             "opsapi_http_requests",
             "API requests by route, method and status",
@@ -135,3 +136,10 @@ class Metrics:
             )
         children[0].inc()
         children[1].observe(seconds)
+
+    def transitioned(self, action: str, trigger: str) -> None:
+        """Count one rollout transition by its action and what triggered it."""
+        child = self._transitions.get((action, trigger))
+        if child is None:  # (looked up once per pair, as `served` does)
+            child = self._transitions[(action, trigger)] = self.transitions.labels(action, trigger)
+        child.inc()

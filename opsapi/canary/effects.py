@@ -332,7 +332,7 @@ class Effects:
         seconds when given; the apply goes on, and reconcile finishes what fails)."""
         for effect in applied.transition.effects:
             if isinstance(effect, Audit):
-                self.metrics.transitions.labels(effect.action, applied.record.triggered_by).inc()
+                self.metrics.transitioned(effect.action, applied.record.triggered_by)
         if self.weights is not None and applied.changed:
             self.weights.invalidate(applied.record.service)
         record = applied.record

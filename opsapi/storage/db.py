@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import re
 import time
 from collections.abc import Callable
@@ -249,11 +250,22 @@ def dump_json(value: Any) -> str:
         text = orjson.dumps(value, option=_PLAIN_JSON_ONLY)
     except TypeError:
         return json.dumps(value)
-    if b"null" in text:
+    if b"null" in text and _holds_non_finite(value):
         # orjson writes NaN and the infinities as null; the standard library writes them as
         # text PostgreSQL refuses, and an audit event's hash covers what was meant, not null.
         return json.dumps(value)
     return text.decode()
+
+
+def _holds_non_finite(value: Any) -> bool:
+    # Only what orjson wrote without refusing reaches here: plain JSON data.
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, dict):
+        return any(_holds_non_finite(item) for item in value.values())
+    if isinstance(value, list | tuple):
+        return any(_holds_non_finite(item) for item in value)
+    return False
 
 
 def load_json(text: str, fallback: Callable[[str], Any] = json.loads) -> Any:

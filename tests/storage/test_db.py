@@ -28,6 +28,7 @@ class Slot(enum.StrEnum):
 # or write otherwise: integers past 64 bits, a lone surrogate, an enum, non-string keys.
 VALUES: list[Any] = [
     {"name": "pull", "nested": {"a": [1, None, "ü", 1.5, True]}},
+    {"applied_at": None, "confirmed_at": None, "values": (0.5, None, 1e300)},
     [{"weight": 10, "wait": 30.0}, {"weight": 100, "wait": 0}],
     {"threshold": 2**70, "negative": -(2**64)},
     {"text": "lone \ud800 surrogate"},
@@ -43,7 +44,15 @@ def test_a_json_column_gets_what_the_standard_library_writes(value: Any) -> None
     assert json.loads(dump_json(value)) == json.loads(json.dumps(value))
 
 
-@pytest.mark.parametrize("value", [{"n": math.nan}, [math.inf, None], {"n": -math.inf}])
+@pytest.mark.parametrize(
+    "value",
+    [
+        {"n": math.nan},
+        [math.inf, None],
+        {"n": -math.inf},
+        {"applied_at": None, "deep": [1, {"at": None, "x": (2.5, math.nan)}]},
+    ],
+)
 def test_what_is_not_json_is_written_as_the_standard_library_writes_it(value: Any) -> None:
     # (text PostgreSQL refuses: never silently null, as orjson would write it)
     assert dump_json(value) == json.dumps(value)
