@@ -304,14 +304,20 @@ class Traffic:
                         session, record, error=error, weight=weight or 0, now=now
                     )
                     await _notify_router_failed(session, record, error, now)
-            await rows.save(session, record)
+            # The rollout's UPDATE travels with the apply's audit event (one round trip fewer
+            # before a rollback through a router is answered), or runs alone when none is due.
+            update = await rows.pending_update(session, record)
+            writes = [update] if update is not None else []
             self.metrics.router_applies.labels("ok" if error is None else "error").inc()
             self.metrics.router_errors.labels(record.service).set(1 if error else 0)
             # Every apply that changes traffic is audited; repeated identical failures are not,
             # so a long outage does not flood the log (attempts are on the rollout).
-            if (error is None and not renewal) or first_failure or recovered:
+            if not ((error is None and not renewal) or first_failure or recovered):
+                await rows.run_together(session, writes)
+            else:
                 await audit.record(
                     session=session,
+                    alongside=writes,
                     at=now,
                     actor=ACTOR,
                     source=Source.SYSTEM,

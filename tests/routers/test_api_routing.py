@@ -33,6 +33,7 @@ from tests.support.proxies import (
     running_nginx,
     split,
 )
+from tests.support.statements import logged_statements
 
 
 @pytest.fixture(scope="module")
@@ -134,6 +135,37 @@ async def test_rollback_answer_arrives_after_traffic_is_at_zero(
     counts = await asyncio.to_thread(split, proxy.port, 500)
     assert counts["canary"] == 0
     assert counts["stable"] == 500
+
+
+async def test_a_rollbacks_apply_is_recorded_with_its_audit_events_in_one_transaction(
+    routed: Harness, proxy: Proxy
+) -> None:
+    # given a canary at 10 %
+    await routed.post("/canary/promote", {"service": "checkout", "version": "v2"})
+
+    # when an operator rolls back, the SQL sent on the way logged
+    async with logged_statements(routed) as statements:
+        response = await routed.post("/canary/rollback", {"service": "checkout", "reason": "5xx"})
+
+    # then the applied 0 % is written by the statement that appends the apply's audit event
+    # (one round trip fewer before the answer), after the time-to-safe event
+    assert response.status_code == 200, response.text
+    updates = [sql for sql in statements if "UPDATE rollout " in sql]
+    assert len(updates) == 2, updates  # the rollback's own, then the apply's
+    assert "audit_append" in updates[0]
+    assert "audit_append" in updates[1]
+    assert "applied_weight" in updates[1]
+    # and what the answer says is what is stored, with both events chained
+    shown = await routed.get("/canary/checkout")
+    assert response.json()["applied_weight"] == shown.json()["applied_weight"] == 0
+    assert response.json()["time_to_safe"] == shown.json()["time_to_safe"]
+    assert shown.json()["time_to_safe"]["applied_at"] is not None
+    safe = await routed.audit_events(action="rollout.safe")
+    applies = await routed.audit_events(action="router.apply")
+    assert [e.details["weight"] for e in applies] == [10, 0]
+    assert len(safe) == 1
+    assert safe[0].id < applies[-1].id
+    assert (await routed.get("/audit/verify", role="auditor")).json()["intact"] is True
 
 
 async def test_router_down_never_blocks_a_rollback_and_reconcile_finishes_it(
