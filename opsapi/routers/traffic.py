@@ -112,7 +112,9 @@ class Traffic:
         that made it live), unless `force` (a person's sync, a drift repair)."""
         async with self._exclusive(service):
             async with self.sessions() as session:
-                found = await rows.fetch_records(session, RolloutRecord, _ROLLOUT, rollout_id)
+                found = await rows.fetch_records(
+                    session, RolloutRecord, _ROLLOUT, rollout_id, alone=True
+                )
             record = found[0] if found else None
             if record is None:
                 return ApplyOutcome(None, "no such rollout")
@@ -251,7 +253,10 @@ class Traffic:
         """A pull client fetched `generation` of the rollout's weight: record it as applied
         (audited, and a rollback's time to safe), once; whether this call recorded it."""
         async with self.sessions() as session:
-            record = await session.get(RolloutRecord, rollout_id)
+            found = await rows.fetch_records(
+                session, RolloutRecord, _ROLLOUT, rollout_id, alone=True
+            )
+        record = found[0] if found else None
         if record is None or record.generation != generation or record.converged:
             return False
         outcome = await self._record(
@@ -427,15 +432,16 @@ class Traffic:
             if self.engine.dialect.name != "postgresql":
                 yield
                 return
+            # A session lock, taken and released outside any transaction (no BEGIN, no
+            # ROLLBACK: two round trips fewer for each apply, a rollback's among them).
             async with self.engine.connect() as connection:
                 take = "SELECT pg_advisory_lock($1, hashtext($2))"
-                await rows.execute(connection, take, _APPLY_LOCK, service)
+                await rows.execute_alone(connection, take, _APPLY_LOCK, service)
                 try:
                     yield
                 finally:
                     unlock = "SELECT pg_advisory_unlock($1, hashtext($2))"
-                    await rows.execute(connection, unlock, _APPLY_LOCK, service)
-                    await connection.commit()
+                    await rows.execute_alone(connection, unlock, _APPLY_LOCK, service)
 
 
 _ROLLOUT = "SELECT * FROM rollout WHERE id = $1"

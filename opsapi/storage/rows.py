@@ -288,7 +288,7 @@ async def fetch_alone(session: AsyncSession, sql: str, *args: Any) -> tuple[list
     return [dict(record) for record in records], dialect
 
 
-async def execute_alone(session: AsyncSession, sql: str, *args: Any) -> None:
+async def execute_alone(session: Target, sql: str, *args: Any) -> None:
     """Run a write that is whole in one statement: on PostgreSQL on its own, outside any
     transaction, when the session has not begun one (the statement commits by itself: one
     round trip instead of three); otherwise as `execute`, in the transaction the caller
@@ -684,10 +684,11 @@ def _statement_error(
 
 
 async def fetch_records(
-    session: AsyncSession, model: type[ModelT], sql: str, *args: Any
+    session: AsyncSession, model: type[ModelT], sql: str, *args: Any, alone: bool = False
 ) -> list[ModelT]:
-    """The rows `sql` returns (every column of `model`'s table), as records of `model`."""
-    rows, dialect = await fetch(session, sql, *args)
+    """The rows `sql` returns (every column of `model`'s table), as records of `model`;
+    `alone`: read as `fetch_alone` reads (one statement, outside any transaction)."""
+    rows, dialect = await (fetch_alone if alone else fetch)(session, sql, *args)
     return [record_of(model, row, dialect) for row in rows]
 
 

@@ -137,7 +137,7 @@ async def test_rollback_answer_arrives_after_traffic_is_at_zero(
     assert counts["stable"] == 500
 
 
-async def test_a_rollbacks_apply_is_recorded_with_its_audit_events_in_one_transaction(
+async def test_a_rollbacks_apply_is_recorded_in_one_transaction_with_its_audit_events(
     routed: Harness, proxy: Proxy
 ) -> None:
     # given a canary at 10 %
@@ -155,6 +155,10 @@ async def test_a_rollbacks_apply_is_recorded_with_its_audit_events_in_one_transa
     assert "audit_append" in updates[0]
     assert "audit_append" in updates[1]
     assert "applied_weight" in updates[1]
+    # and the apply's lock and its read of the rollout are statements on their own (no
+    # transaction begun and rolled back around either)
+    assert "SELECT pg_advisory_lock($1, hashtext($2))" in statements
+    assert "ROLLBACK;" not in statements
     # and what the answer says is what is stored, with both events chained
     shown = await routed.get("/canary/checkout")
     assert response.json()["applied_weight"] == shown.json()["applied_weight"] == 0
