@@ -12,8 +12,9 @@ echoing its value.
 from __future__ import annotations
 
 import re
-from datetime import datetime
+from datetime import UTC, datetime
 
+import orjson
 from starlette.requests import Request
 
 from opsapi.errors import Unprocessable
@@ -76,4 +77,11 @@ def path_id(request: Request, name: str, *, high: int) -> int:
 
 def iso(value: datetime | None) -> str | None:
     """An RFC 3339 UTC timestamp with a Z suffix."""
-    return value.isoformat().replace("+00:00", "Z") if value else None
+    if not value:
+        return None
+    if value.tzinfo is UTC:
+        # What the line below writes, by orjson: a fifth of the time (3 µs per timestamp, a
+        # dozen in every rollout answer). Other offsets take the slow way: orjson drops an
+        # offset's seconds.
+        return orjson.dumps(value, option=orjson.OPT_UTC_Z)[1:-1].decode()
+    return value.isoformat().replace("+00:00", "Z")
