@@ -125,8 +125,9 @@ def slot_split(record: RolloutRecord) -> dict[str, int]:
     return {record.canary_slot: record.desired_weight, other: 100 - record.desired_weight}
 
 
-def previous_of(record: RolloutRecord, row: ServiceRecord | None) -> VersionInSlot | None:
-    """What a revert of `record` would go back to, when it is the service's revertible one."""
+def previous_of(record: RolloutRecord, row: ServiceRecord | None) -> dict[str, str] | None:
+    """What a revert of `record` would go back to (`VersionInSlot`'s fields), when it is the
+    service's revertible one."""
     if (
         row is None
         or record.state != State.SUCCEEDED
@@ -135,7 +136,7 @@ def previous_of(record: RolloutRecord, row: ServiceRecord | None) -> VersionInSl
         or row.stable_version != record.canary_version
     ):
         return None
-    return VersionInSlot(version=row.previous_version, slot=row.previous_slot)
+    return {"version": row.previous_version, "slot": row.previous_slot}
 
 
 def rollout_document(
@@ -156,8 +157,6 @@ def rollout_document(
         rollout = service.to_machine(record)
     ready = machine.readiness(rollout, now) if rollout.is_open else None
     assert values["id"] is not None
-    previous = previous_of(record, row)
-    lease_seconds = values["lease_seconds"]
     return {
         "id": values["id"],
         "service": values["service"],
@@ -168,8 +167,7 @@ def rollout_document(
         "canary_slot": values["canary_slot"],
         "targets": targets_of(values["router"]),
         "weights": slot_split(record),
-        "previous": None if previous is None else {"version": previous.version,
-                                                   "slot": previous.slot},
+        "previous": previous_of(record, row),
         "step_index": values["step_index"],
         "steps": _step_documents(rollout.steps),
         "desired_weight": values["desired_weight"],
@@ -212,7 +210,7 @@ def rollout_document(
         "updated_at": iso(values["updated_at"]),
         "finished_at": iso(values["finished_at"]),
         "next_evaluation_at": iso(values["next_evaluation_at"]),
-        "lease_seconds": _number(lease_seconds),
+        "lease_seconds": _number(values["lease_seconds"]),
         "lease_until": iso(values["lease_until"]),
         "time_to_safe": values["time_to_safe"],
         "holds": [

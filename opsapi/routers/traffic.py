@@ -111,11 +111,7 @@ class Traffic:
         Nothing is sent when that generation is already live (an apply queued behind another
         that made it live), unless `force` (a person's sync, a drift repair)."""
         async with self._exclusive(service):
-            async with self.sessions() as session:
-                found = await rows.fetch_records(
-                    session, RolloutRecord, _ROLLOUT, rollout_id, alone=True
-                )
-            record = found[0] if found else None
+            record = await self._read(rollout_id)
             if record is None:
                 return ApplyOutcome(None, "no such rollout")
             if record.converged and not force:
@@ -252,11 +248,7 @@ class Traffic:
     async def fetched(self, rollout_id: int, generation: int, *, caller: str) -> bool:
         """A pull client fetched `generation` of the rollout's weight: record it as applied
         (audited, and a rollback's time to safe), once; whether this call recorded it."""
-        async with self.sessions() as session:
-            found = await rows.fetch_records(
-                session, RolloutRecord, _ROLLOUT, rollout_id, alone=True
-            )
-        record = found[0] if found else None
+        record = await self._read(rollout_id)
         if record is None or record.generation != generation or record.converged:
             return False
         outcome = await self._record(
@@ -264,6 +256,14 @@ class Traffic:
             reason=f"fetched by {caller}", only_generation=generation,
         )  # fmt: skip
         return outcome.generation == generation
+
+    async def _read(self, rollout_id: int) -> RolloutRecord | None:
+        # One statement outside any transaction: no BEGIN or ROLLBACK around it.
+        async with self.sessions() as session:
+            found = await rows.fetch_records(
+                session, RolloutRecord, _ROLLOUT, rollout_id, alone=True
+            )
+        return found[0] if found else None
 
     async def _record(
         self,
@@ -317,7 +317,8 @@ class Traffic:
             self.metrics.router_errors.labels(record.service).set(1 if error else 0)
             # Every apply that changes traffic is audited; repeated identical failures are not,
             # so a long outage does not flood the log (attempts are on the rollout).
-            if not ((error is None and not renewal) or first_failure or recovered):
+            audited = (error is None and not renewal) or first_failure or recovered
+            if not audited:
                 await rows.run_together(session, writes)
             else:
                 await audit.record(

@@ -27,7 +27,7 @@ from sqlalchemy.exc import DBAPIError, StatementError
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.orm import configure_mappers, make_transient_to_detached
 from sqlalchemy.orm.attributes import (
-    instance_state,
+    instance_state,  # what `inspect` gives for a record, at a sixth of its cost
     manager_of_class,
     set_attribute,
     set_committed_value,
@@ -42,8 +42,6 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from opsapi.storage.db import is_broken_connection
 
 ModelT = TypeVar("ModelT", bound=SQLModel)
-# Records' states are read with `instance_state` (what `inspect` returns for a mapped
-# instance, at a sixth of its cost: a dozen reads per write).
 Row = Mapping[str, Any]
 
 _PARAMETER = re.compile(r"\$(\d+)")
