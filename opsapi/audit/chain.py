@@ -165,7 +165,7 @@ async def append(
         with_clause = rows.carried(alongside, len(parameters) + 1)
         if with_clause is not None:
             prefix, values = with_clause
-            await rows.execute(target, prefix + _APPEND, *parameters, *values)
+            await rows.execute_last(target, prefix + _APPEND, *parameters, *values)
             return
     await rows.run_together(target, alongside)
     if postgresql:

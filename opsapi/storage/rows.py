@@ -15,12 +15,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import math
 import re
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, TypeVar, cast
 
+from asyncpg.transaction import TransactionState  # type: ignore[import-untyped]
 from sqlalchemy import Table, TypeDecorator
 from sqlalchemy.engine import Connection, Dialect, Engine
 from sqlalchemy.exc import DBAPIError, StatementError
@@ -34,7 +37,7 @@ from sqlalchemy.orm.attributes import (
 )
 from sqlalchemy.pool import QueuePool
 from sqlalchemy.types import TypeEngine
-from sqlalchemy.util import greenlet_spawn
+from sqlalchemy.util import await_only, greenlet_spawn
 from sqlmodel import Session as SQLModelSession
 from sqlmodel import SQLModel
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -62,6 +65,9 @@ class _Link:
     connection: AsyncConnection | None  # None: a pool connection the session checked out
     dialect: Dialect
     adapted: Any = None
+    # A write held back to travel with the transaction's COMMIT (`execute_last`): its SQL and
+    # parameters; sent before any other statement that comes first.
+    last: tuple[str, Sequence[Any]] | None = field(default=None, kw_only=True)
 
 
 @dataclass
@@ -76,6 +82,9 @@ class _Checkout(_Link):
 
 _LINK = "opsapi.rows.link"
 _CHECKOUT = "opsapi.rows.checkout"
+# Set while a `transaction` block runs: its commit is `commit`, which sends a held-back last
+# write with the COMMIT.
+_COMMITS_HERE = "opsapi.rows.commits_here"
 
 
 class Session(SQLModelSession):
@@ -88,6 +97,7 @@ class Session(SQLModelSession):
 
     def get_bind(self, mapper: Any = None, **kw: Any) -> Any:
         """The checked-out connection when there is one (the ORM joins its transaction)."""
+        self._send_held()
         checkout: _Checkout | None = self.info.get(_CHECKOUT)
         if checkout is None:
             return super().get_bind(mapper, **kw)
@@ -99,6 +109,7 @@ class Session(SQLModelSession):
 
     def commit(self) -> None:
         """Commit the ORM's work and the plain SQL's, one transaction."""
+        self._send_held()
         checkout: _Checkout | None = self.info.get(_CHECKOUT)
         if checkout is None or self._transaction is not None or _pending(self):
             super().commit()
@@ -110,6 +121,13 @@ class Session(SQLModelSession):
             super().rollback()
         finally:
             self._end_checkout("ROLLBACK")
+
+    def _send_held(self) -> None:
+        # An ORM statement after a write held back for the commit (`execute_last`) comes after
+        # it, as it was written. In a greenlet, as every ORM statement of an async session.
+        link: _Link | None = self.info.get(_CHECKOUT) or self.info.get(_LINK)
+        if link is not None and link.last is not None:
+            await_only(_send_held(link))
 
     def _end_checkout(self, sql: str) -> None:
         # The checked-out connection's transaction ended (if the ORM's did not end it), and
@@ -581,31 +599,140 @@ def _bind(names: Iterable[str], binders: Mapping[str, Binder], values: Row) -> l
 async def transaction(session: AsyncSession) -> AsyncIterator[AsyncSession]:
     """The session's transaction around the block: begun by its first statement, committed
     (`commit`) when the block ends, rolled back (even when cancelled) when it raises."""
+    session.info[_COMMITS_HERE] = True
     try:
         yield session
         await commit(session)
     except BaseException:
+        link = _current_link(session)
+        if link is not None:
+            link.last = None  # never sent: nothing to undo
         await asyncio.shield(session.rollback())
         raise
+    finally:
+        session.info.pop(_COMMITS_HERE, None)
+
+
+async def execute_last(session: Target, sql: str, *args: Any) -> None:
+    """Run `sql` (no rows wanted) as the last write of the session's transaction: on
+    PostgreSQL, in a `transaction` block, it is held back and sent with the block's COMMIT in
+    one message, so that the locks it takes are held for no round trip to this process (the
+    audit chain's lock, which every write waits for); a statement that comes before the commit
+    sends it first. Elsewhere, as `execute`."""
+    if isinstance(session, AsyncSession) and session.info.get(_COMMITS_HERE):
+        link = await _link(session)
+        adapted = link.adapted
+        if (
+            link.dialect.name == "postgresql"
+            and link.last is None
+            and adapted is not None
+            and adapted._transaction is not None
+        ):
+            link.last = (sql, args)
+            return
+    await execute(session, sql, *args)
 
 
 async def commit(session: AsyncSession) -> None:
     """Commit the session's transaction. On PostgreSQL, when everything was written here (the
-    ORM has nothing to flush), the COMMIT goes to the driver directly, and the session is left
-    with nothing to do but close: one trip through SQLAlchemy's greenlet bridge fewer."""
+    ORM has nothing to flush), the COMMIT goes to the driver directly, with the write held
+    back for it (`execute_last`) in the same message, and the session is left with nothing to
+    do but close: one trip through SQLAlchemy's greenlet bridge fewer."""
     link = _current_link(session)
     sync = session.sync_session
     if link is None or link.adapted is None or link.dialect.name != "postgresql" or _pending(sync):
+        if link is not None and link.last is not None:
+            await _send_held(link)
         await session.commit()
         return
     adapted = link.adapted
     try:
         async with adapted._execute_mutex:
+            if link.last is not None:
+                message = await _with_commit(adapted._connection, *link.last)
+                if message is not None and adapted._transaction is not None:
+                    await _commit_with(link, message)
+                    return
+                await _send_last(link)
             if adapted._transaction is not None:
                 # As the adapter's own commit: the transaction is over whatever COMMIT answers.
                 await adapted._call_and_discard(adapted._transaction.commit)
+    except StatementError:
+        raise
     except Exception as error:
         raise await _failure(link, error, "COMMIT", ()) from None
+
+
+async def _commit_with(link: _Link, message: str) -> None:
+    """Send `message` (the held-back write, then COMMIT) as the commit of the link's
+    transaction. When it fails the transaction stays open, for the rollback that follows."""
+    assert link.last is not None
+    (sql, args), link.last = link.last, None
+    adapted = link.adapted
+    transaction = adapted._transaction
+    driver = adapted._connection
+    try:
+        await driver.execute(message)
+    except Exception as error:
+        raise await _failure(link, error, sql, args) from None
+    # As asyncpg's commit and the adapter's (`_call_and_discard`) leave them.
+    if driver._top_xact is transaction:
+        driver._top_xact = None
+    transaction._state = TransactionState.COMMITTED
+    adapted._transaction = None
+
+
+async def _with_commit(driver: Any, sql: str, args: Sequence[Any]) -> str | None:
+    """`sql` with `args` and a COMMIT as one message: the statement the connection prepared
+    for `sql` EXECUTEd with the arguments written as literals (its plan is reused), then
+    COMMIT. None when the statement has no name or an argument has no literal here."""
+    statement = await driver._get_statement(sql, None)
+    name = statement.name
+    # Literals are quoted for standard strings (a backslash is itself), as they are by default.
+    if not name or driver.get_settings().standard_conforming_strings != "on":
+        return None
+    literals = []
+    for value in args:
+        literal = literal_of(value)
+        if literal is None:
+            return None
+        literals.append(literal)
+    return f"EXECUTE {name}({', '.join(literals)});\nCOMMIT"
+
+
+def literal_of(value: Any) -> str | None:
+    """`value` as a quoted SQL literal that PostgreSQL reads, with standard strings, as the
+    value of a parameter of its type; None for a value written no such way here (a naive
+    timestamp, a list, text holding NUL or a lone surrogate)."""
+    if value is None:
+        return "NULL"
+    if isinstance(value, str):
+        text = str.__str__(value)  # a str enum's own text, as the driver sends it
+    elif isinstance(value, bool):
+        return "true" if value else "false"
+    elif isinstance(value, int):
+        return str(int(value))
+    elif isinstance(value, float):
+        text = repr(value) if math.isfinite(value) else _NOT_FINITE[str(value)]
+    elif isinstance(value, datetime):
+        if value.tzinfo is None:
+            return None
+        text = value.isoformat()
+    elif isinstance(value, bytes):
+        return "'\\x" + value.hex() + "'"
+    else:
+        return None
+    if "\x00" in text:
+        return None
+    if not text.isascii():
+        try:
+            text.encode()
+        except UnicodeEncodeError:
+            return None
+    return "'" + text.replace("'", "''") + "'"
+
+
+_NOT_FINITE = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
 
 
 async def _on_driver(
@@ -626,9 +753,31 @@ async def _on_driver(
         # The adapter begins its transaction on its first statement: begin it here too, so
         # that what runs here belongs to the session's transaction.
         async with adapted._execute_mutex:
+            if link.last is not None:
+                await _send_last(link)
             if transaction and adapted._transaction is None:
                 await adapted._start_transaction()
             return await work(adapted._connection)
+    except StatementError:
+        raise  # the held-back write's failure, already told as its own
+    except Exception as error:
+        raise await _failure(link, error, sql, args) from None
+
+
+async def _send_held(link: _Link) -> None:
+    """The held-back write sent on its own, now (under the driver's mutex)."""
+    async with link.adapted._execute_mutex:
+        if link.last is not None:
+            await _send_last(link)
+
+
+async def _send_last(link: _Link) -> None:
+    """The held-back write sent on its own, in the transaction (something else must follow
+    it before the commit). The caller holds the driver's mutex."""
+    assert link.last is not None
+    (sql, args), link.last = link.last, None
+    try:
+        await link.adapted._connection.execute(sql, *args)
     except Exception as error:
         raise await _failure(link, error, sql, args) from None
 

@@ -75,7 +75,7 @@ async def test_a_start_writes_its_rollout_in_the_statement_of_its_audit_event(
 ) -> None:
     """The lock draws the started rollout's id, so the rollout's INSERT travels with the
     audit append (one round trip fewer per start), and the event names the rollout stored;
-    the caller's Idempotency-Key record travels with them."""
+    the caller's Idempotency-Key record travels with them, and all with the COMMIT."""
     # given a service whose first rollout was rolled back
     await api.post("/canary/promote", {"service": SERVICE, "version": "v2"})
     await api.post("/canary/rollback", {"service": SERVICE, "reason": "bad"})
@@ -91,6 +91,9 @@ async def test_a_start_writes_its_rollout_in_the_statement_of_its_audit_event(
     assert len(inserts) == 1
     assert "audit_append" in inserts[0]
     assert "INSERT INTO idempotency_key " in inserts[0]
+    # and that statement went with the COMMIT, in one message (`rows.execute_last`)
+    assert inserts[0].endswith(";\nCOMMIT")
+    assert "COMMIT;" not in statements
     assert [sql for sql in statements if "INSERT INTO idempotency_key " in sql] == inserts
     # and the event names the rollout as stored, whose id the lock drew after the first's
     first, second = await api.rollouts(SERVICE)

@@ -1,9 +1,14 @@
-"""The SQL an in-process app sends to PostgreSQL, as its driver sends it."""
+"""The SQL an in-process app sends to PostgreSQL, as its driver sends it.
+
+A write sent with its transaction's COMMIT (`rows.execute_last`) goes as `EXECUTE <prepared
+statement>(<literals>);` + `COMMIT`: it is logged as the prepared statement's own SQL followed
+by `;\nCOMMIT` (one message), so that a test reads what the statement does."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -29,6 +34,7 @@ async def logged_statements(api: Harness) -> AsyncIterator[list[str]]:
 
     engine = api.runtime.engine.sync_engine
     event.listen(engine, "checkout", on_checkout)
+    sent: list[str] = []
     try:
         yield statements
         await asyncio.sleep(0.05)  # asyncpg calls its query loggers soon after, not at once
@@ -36,3 +42,17 @@ async def logged_statements(api: Harness) -> AsyncIterator[list[str]]:
         event.remove(engine, "checkout", on_checkout)
         for driver in loggers:
             driver.remove_query_logger(log)
+        sent, statements[:] = statements[:], []
+    prepared = {
+        entry._statement.name: query
+        for driver in loggers
+        for (query, *_), entry in driver._stmt_cache._entries.items()
+    }
+    for sql in sent:
+        executed = _EXECUTE.fullmatch(sql)
+        if executed is not None and executed["name"] in prepared:
+            sql = prepared[executed["name"]] + ";\nCOMMIT"
+        statements.append(sql)
+
+
+_EXECUTE = re.compile(r"EXECUTE (?P<name>\w+)\(.*\);\nCOMMIT", re.DOTALL)
