@@ -624,10 +624,11 @@ async def execute_last(session: Target, sql: str, *args: Any) -> None:
         adapted = link.adapted
         if (
             link.dialect.name == "postgresql"
-            and link.last is None
             and adapted is not None
             and adapted._transaction is not None
         ):
+            if link.last is not None:
+                await _send_held(link)  # an earlier last write: this one comes after it
             link.last = (sql, args)
             return
     await execute(session, sql, *args)

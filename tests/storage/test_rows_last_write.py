@@ -124,6 +124,30 @@ def _event(action: str) -> dict[str, Any]:
     }  # fmt: skip
 
 
+async def test_of_two_last_writes_the_first_goes_alone_and_the_second_with_the_commit(
+    pg_sessions: SessionFactory,
+) -> None:
+    # given a transaction that appends two audit events (a webhook rolling back two services)
+    async with pg_sessions() as session:
+        async with rows.transaction(session):
+            messages, _ = await _logged(session)
+            await audit.record(session=session, **_event("first"))
+            await audit.record(session=session, **_event("second"))
+            await asyncio.sleep(0.05)
+            # then the first was sent when the second came, as prepared
+            assert len(messages) == 1
+            assert "audit_append" in messages[0]
+        await asyncio.sleep(0.05)  # asyncpg calls its query loggers soon after, not at once
+    # and the second went with the COMMIT
+    assert len(messages) == 2
+    assert messages[1].endswith(";\nCOMMIT")
+    # and both are chained in the order they were written
+    async with pg_sessions() as reader:
+        events = (await reader.exec(select(AuditEvent).order_by(AuditEvent.id))).all()
+    assert [e.action for e in events] == ["first", "second"]
+    assert events[1].prev_hash == events[0].hash
+
+
 FOLLOWERS = ["plain read", "plain write", "orm read", "orm flush"]
 
 
