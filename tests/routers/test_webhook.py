@@ -69,12 +69,14 @@ class _Handler(BaseHTTPRequestHandler):
         # Verified independently of the router's own helper: HMAC of "<timestamp>.<body>".
         expected = hmac.new(receiver.secret, f"{timestamp}.".encode() + body, hashlib.sha256)
         signature = self.headers.get("X-Opsapi-Signature", "")
+        # What was received is noted before answering: the client may look once it has the
+        # answer.
         if not hmac.compare_digest(signature, "sha256=" + expected.hexdigest()):
-            self._answer(401, "bad signature")
             receiver.rejected.append("signature")
+            self._answer(401, "bad signature")
         elif not timestamp.isdigit() or abs(time.time() - int(timestamp)) > 300:
-            self._answer(401, "stale timestamp")
             receiver.rejected.append("timestamp")
+            self._answer(401, "stale timestamp")
         else:
             time.sleep(receiver.delay)
             status = receiver.statuses.pop(0) if receiver.statuses else 204
