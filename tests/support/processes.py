@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -19,12 +20,35 @@ def free_port() -> int:
 
 def free_ports(count: int) -> list[int]:
     """`count` distinct free loopback ports (all held at once while chosen: two separate picks
-    may return the same port, and HAProxy would share it silently between two listeners)."""
+    may return the same port, and HAProxy would share it silently between two listeners).
+
+    Picked below the kernel's ephemeral range: a port the kernel hands to another test's
+    server (bound to port 0) or to a connection can never be the one picked here, between the
+    pick and the child process binding it (a test once met another worker's server on the
+    admin port it had picked for nginx)."""
+    low, high = _pickable()
     with contextlib.ExitStack() as held:
-        sockets = [held.enter_context(socket.socket()) for _ in range(count)]
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [int(sock.getsockname()[1]) for sock in sockets]
+        ports: list[int] = []
+        while len(ports) < count:
+            port = random.randrange(low, high)
+            if port in ports:
+                continue
+            sock = held.enter_context(socket.socket())
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue  # in use, or in TIME_WAIT: another
+            ports.append(port)
+        return ports
+
+
+def _pickable() -> tuple[int, int]:
+    """The ports to pick from: below the kernel's ephemeral range when it leaves room."""
+    try:
+        first = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        first = 32768  # Linux's default
+    return (10000, first) if first > 12000 else (first, 65536)
 
 
 def start_server(port: int, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
