@@ -117,17 +117,29 @@ class Session(SQLModelSession):
 
     def rollback(self) -> None:
         """Roll back the ORM's work and the plain SQL's."""
+        self._drop_held()
         try:
             super().rollback()
         finally:
             self._end_checkout("ROLLBACK")
 
-    def _send_held(self) -> None:
-        # An ORM statement after a write held back for the commit (`execute_last`) comes after
-        # it, as it was written. In a greenlet, as every ORM statement of an async session.
+    def _held(self) -> _Link | None:
+        """The link holding back a write for the commit (`execute_last`), if any."""
         link: _Link | None = self.info.get(_CHECKOUT) or self.info.get(_LINK)
-        if link is not None and link.last is not None:
+        return link if link is not None and link.last is not None else None
+
+    def _send_held(self) -> None:
+        # An ORM statement or commit after a write held back for the commit comes after it,
+        # as it was written. In a greenlet, as every ORM statement of an async session.
+        link = self._held()
+        if link is not None:
             await_only(_send_held(link))
+
+    def _drop_held(self) -> None:
+        # A transaction that ends without its commit never sends its held-back write.
+        link = self._held()
+        if link is not None:
+            link.last = None
 
     def _end_checkout(self, sql: str) -> None:
         # The checked-out connection's transaction ended (if the ORM's did not end it), and
@@ -166,6 +178,7 @@ class Session(SQLModelSession):
         return isinstance(pool, QueuePool) and pool.checkedin() < pool.size()
 
     def _close_impl(self, invalidate: bool, is_reset: bool = False) -> None:
+        self._drop_held()
         try:
             super()._close_impl(invalidate, is_reset)
         finally:
@@ -604,10 +617,7 @@ async def transaction(session: AsyncSession) -> AsyncIterator[AsyncSession]:
         yield session
         await commit(session)
     except BaseException:
-        link = _current_link(session)
-        if link is not None:
-            link.last = None  # never sent: nothing to undo
-        await asyncio.shield(session.rollback())
+        await asyncio.shield(session.rollback())  # drops a held-back write, never sent
         raise
     finally:
         session.info.pop(_COMMITS_HERE, None)
@@ -642,9 +652,7 @@ async def commit(session: AsyncSession) -> None:
     link = _current_link(session)
     sync = session.sync_session
     if link is None or link.adapted is None or link.dialect.name != "postgresql" or _pending(sync):
-        if link is not None and link.last is not None:
-            await _send_held(link)
-        await session.commit()
+        await session.commit()  # which sends a held-back write first (`Session.commit`)
         return
     adapted = link.adapted
     try:
